@@ -1,0 +1,142 @@
+"""The buffer script's ordering rules, run on fakeredis and on a real Redis."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from worker.buffer import Change, JobBuffer, merge_records
+
+
+@pytest.fixture(params=["fake", "real"])
+def redis_client(request: pytest.FixtureRequest) -> Any:
+    return request.getfixturevalue("fake_redis" if request.param == "fake" else "real_redis")
+
+
+def change(user: str, audience: str, at: int, flag: bool = True, **extra: Any) -> Change:
+    record = {"identifiers": {"email": user}, "attributes": {"custom": {audience: flag, **extra}}}
+    return Change(user, audience, at, json.dumps(record))
+
+
+def flags(batch_records: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    return [merge_records(recs)["attributes"]["custom"] for recs in batch_records]
+
+
+def test_full_batch_is_sealed_at_batch_size(redis_client: Any) -> None:
+    buf = JobBuffer(redis_client, "j1", batch_size=3)
+    out = buf.ingest([change(f"u{i}@x.io", "vip", 1) for i in range(4)])
+    assert out.accepted == 4
+    assert out.sealed == [1]
+    assert buf.open_size() == 1
+    claimed = buf.claim(lease_ms=10_000)
+    assert claimed is not None
+    assert claimed.users == ["u0@x.io", "u1@x.io", "u2@x.io"]
+
+
+def test_stale_and_duplicate_transitions_are_dropped(redis_client: Any) -> None:
+    buf = JobBuffer(redis_client, "j1")
+    assert buf.ingest([change("a@x.io", "vip", 100)]).accepted == 1
+    out = buf.ingest([change("a@x.io", "vip", 100), change("a@x.io", "vip", 99, flag=False)])
+    assert (out.accepted, out.stale) == (0, 2)
+
+
+def test_change_for_other_audience_merges_into_pending_entry(redis_client: Any) -> None:
+    buf = JobBuffer(redis_client, "j1")
+    out = buf.ingest([change("a@x.io", "vip", 1), change("a@x.io", "lapsed", 2, flag=False)])
+    assert (out.accepted, out.merged, out.sealed) == (1, 1, [])
+    buf.seal_now()
+    claimed = buf.claim(10_000)
+    assert claimed is not None and claimed.users == ["a@x.io"]
+    assert flags(claimed.records) == [{"vip": True, "lapsed": False}]
+
+
+def test_second_change_same_audience_seals_first_and_waits_for_completion(redis_client: Any) -> None:
+    buf = JobBuffer(redis_client, "j1")
+    out = buf.ingest(
+        [change("a@x.io", "vip", 1), change("b@x.io", "vip", 1), change("a@x.io", "vip", 2, False)]
+    )
+    assert out.sealed == [1] and out.queued == 1
+    first = buf.claim(10_000)
+    assert first is not None and flags(first.records) == [{"vip": True}, {"vip": True}]
+    # The exit waits: it is in no batch until batch 1 completes at Attentive.
+    assert buf.seal_now() == []
+    # Other users are not held back.
+    buf.ingest([change("c@x.io", "vip", 3)])
+    assert buf.seal_now() == [2]
+    assert buf.mark_submitted(first, ["job-1"], poll_deadline_ms=10**13)
+    buf.complete(first.batch_id)
+    assert buf.waiting_users() == 0
+    assert buf.open_size() == 1
+    buf.seal_now()
+    second = buf.claim(10_000)
+    third = buf.claim(10_000)
+    assert second is not None and third is not None
+    assert (second.users, third.users) == (["c@x.io"], ["a@x.io"])
+    assert flags(third.records) == [{"vip": False}]
+
+
+def test_waiting_changes_keep_their_order_across_completions(redis_client: Any) -> None:
+    buf = JobBuffer(redis_client, "j1")
+    buf.ingest([change("a@x.io", "vip", t, flag=bool(t % 2)) for t in range(1, 5)])
+    seen = []
+    for _ in range(4):
+        buf.seal_now()
+        b = buf.claim(10_000)
+        assert b is not None and b.users == ["a@x.io"]
+        seen.append(flags(b.records)[0]["vip"])
+        buf.mark_submitted(b, ["j"], 10**13)
+        buf.complete(b.batch_id)
+    assert seen == [True, False, True, False]
+    assert buf.claim(10_000) is None
+
+
+def test_time_based_seal_waits_for_interval(redis_client: Any) -> None:
+    buf = JobBuffer(redis_client, "j1")
+    buf.ingest([change("a@x.io", "vip", 1)], now=1_000)
+    assert buf.seal_due(30_000, now=30_999) == []
+    assert buf.seal_due(30_000, now=31_000) == [1]
+
+
+def test_expired_lease_is_requeued_and_completed_batch_deleted(redis_client: Any) -> None:
+    buf = JobBuffer(redis_client, "j1")
+    buf.ingest([change("a@x.io", "vip", 1)])
+    buf.seal_now()
+    claimed = buf.claim(lease_ms=1_000, now=10_000)
+    assert claimed is not None
+    assert buf.claim(1_000, now=10_500) is None
+    requeued, _overdue = buf.reap(60_000, now=11_001)
+    assert requeued == 1
+    again = buf.claim(1_000, now=11_002)
+    assert again is not None and again.batch_id == claimed.batch_id
+    # The first owner lost its lease: its late report is refused.
+    assert not buf.mark_submitted(claimed, ["j-old"], 10**13)
+    assert buf.mark_submitted(again, ["j-new"], 10**13)
+    buf.complete(again.batch_id, {"users_delivered": 1})
+    assert buf.batch(again.batch_id) == {}
+    assert buf.outstanding_users() == 0
+
+
+def test_resend_puts_batch_back_first(redis_client: Any) -> None:
+    buf = JobBuffer(redis_client, "j1", batch_size=1)
+    buf.ingest([change("a@x.io", "vip", 1), change("b@x.io", "vip", 1)])
+    first = buf.claim(10_000)
+    assert first is not None
+    buf.mark_submitted(first, ["j"], 10**13)
+    assert buf.resend(first.batch_id, "FAILED")
+    again = buf.claim(10_000)
+    assert again is not None and again.batch_id == first.batch_id and again.attempts == 1
+
+
+def test_merge_records_deep_merges_later_wins() -> None:
+    a = {"identifiers": {"email": "a@x.io"}, "attributes": {"firstName": "A", "custom": {"vip": True}}}
+    b = {
+        "identifiers": {"email": "a@x.io", "phone": "+15005550006"},
+        "attributes": {"custom": {"lapsed": False}},
+    }
+    assert merge_records([a, b]) == {
+        "identifiers": {"email": "a@x.io", "phone": "+15005550006"},
+        "attributes": {"firstName": "A", "custom": {"vip": True, "lapsed": False}},
+    }
+    assert a["attributes"]["custom"] == {"vip": True}

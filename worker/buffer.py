@@ -1,0 +1,208 @@
+"""A job's Redis buffer: open batch, sealed batches, leases, and per-user ordering.
+
+All the logic that decides where a change goes lives in ``lua/buffer.lua`` so each step is atomic;
+this module is its typed front door. A batch's data stays in Redis until Attentive reports its job
+finished (:meth:`JobBuffer.complete`), so a worker killed anywhere loses nothing (DESIGN.md §2.1).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import redis
+
+from worker import keys
+
+
+@cache
+def _script_source() -> str:
+    return resources.files("worker").joinpath("lua/buffer.lua").read_text()
+
+
+_scripts: dict[int, Any] = {}
+
+
+def _script(client: redis.Redis) -> Any:
+    """The registered buffer script for this client (register once per connection pool)."""
+    sid = id(client.connection_pool)
+    script = _scripts.get(sid)
+    if script is None:
+        script = client.register_script(_script_source())
+        _scripts[sid] = script
+    return script
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One audience change for one user, already mapped to an Attentive record (JSON text)."""
+
+    user_key: str
+    audience: str
+    at_ms: int
+    record_json: str
+
+
+@dataclass(frozen=True, slots=True)
+class IngestOutcome:
+    accepted: int
+    merged: int
+    queued: int
+    stale: int
+    sealed: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedBatch:
+    """A sealed batch a flush owns under a lease: one entry per user, each a list of records."""
+
+    batch_id: int
+    users: list[str]
+    records: list[list[dict[str, Any]]]
+    attempts: int
+    token: str
+
+
+class JobBuffer:
+    """Buffer operations for one export job. Cheap to construct; holds no state of its own."""
+
+    def __init__(self, client: redis.Redis, job_id: str, batch_size: int = 256) -> None:
+        self._redis = client
+        self.job_id = job_id
+        self.batch_size = batch_size
+        self._keys = [
+            keys.open_users(job_id),
+            keys.open_records(job_id),
+            keys.open_audiences(job_id),
+            keys.last_writer(job_id),
+            keys.outstanding(job_id),
+            keys.waiting(job_id),
+            keys.sealed(job_id),
+            keys.batch_seq(job_id),
+            keys.job_status(job_id),
+            keys.leases(job_id),
+            keys.polls(job_id),
+        ]
+        self._batch_prefix = keys.batch(job_id, "")
+
+    def _run(self, op: str, *args: Any, now: int | None = None) -> Any:
+        argv = [op, now if now is not None else now_ms(), self._batch_prefix, self.batch_size, *args]
+        return _script(self._redis)(keys=self._keys, args=argv)
+
+    # --- ingest side ----------------------------------------------------------------------------
+    def ingest(self, changes: Sequence[Change], now: int | None = None) -> IngestOutcome:
+        """Add changes atomically: stale ones dropped, conflicts sealed first, busy users queued."""
+        if not changes:
+            return IngestOutcome(0, 0, 0, 0, [])
+        args: list[Any] = []
+        for c in changes:
+            args += [c.user_key, c.audience, c.at_ms, c.record_json]
+        accepted, merged, queued, stale, sealed = self._run("ingest", *args, now=now)
+        return IngestOutcome(int(accepted), int(merged), int(queued), int(stale), [int(b) for b in sealed])
+
+    def seal_due(self, interval_ms: int, now: int | None = None) -> list[int]:
+        """Seal the open batch if its oldest entry has waited ``interval_ms``; returns sealed ids."""
+        return [int(b) for b in self._run("seal_due", interval_ms, now=now)]
+
+    def seal_now(self) -> list[int]:
+        return [int(b) for b in self._run("seal_now")]
+
+    # --- flush side -----------------------------------------------------------------------------
+    def claim(self, lease_ms: int, now: int | None = None) -> ClaimedBatch | None:
+        """Take the oldest sealed batch under a lease; None when nothing is ready."""
+        token = secrets.token_hex(8)
+        got = self._run("claim", token, lease_ms, now=now)
+        if got is None:
+            return None
+        bid, users, records, attempts = got
+        return ClaimedBatch(int(bid), json.loads(users), json.loads(records), int(attempts or 0), token)
+
+    def release(self, batch: ClaimedBatch) -> bool:
+        """Give a claimed batch back, unsent, to the front of the queue."""
+        return bool(self._run("release", batch.batch_id, batch.token))
+
+    def mark_submitted(
+        self, batch: ClaimedBatch, attentive_jobs: Iterable[str], poll_deadline_ms: int
+    ) -> bool:
+        """Record the Attentive job ids; False if the lease was lost meanwhile (the batch is re-sent)."""
+        return bool(
+            self._run(
+                "submitted", batch.batch_id, batch.token, json.dumps(list(attentive_jobs)), poll_deadline_ms
+            )
+        )
+
+    def expect_poll_by(self, batch_id: int, deadline_ms: int) -> None:
+        """Tell the sweep when this batch's next poll must have happened by."""
+        self._run("poll_due", batch_id, deadline_ms)
+
+    def resend(self, batch_id: int, reason: str) -> bool:
+        """Put a submitted batch back at the front of the queue (Attentive failed or lost its job)."""
+        return bool(self._run("resend", batch_id, reason))
+
+    def complete(self, batch_id: int, counters: dict[str, int] | None = None) -> list[int]:
+        """Finish a batch: delete its data, free its users, move their waiting changes on.
+
+        Returns ids of batches sealed as a result (waiting changes can fill the open batch).
+        """
+        args: list[Any] = [batch_id]
+        for name, value in (counters or {}).items():
+            args += [name, value]
+        _done, sealed = self._run("complete", *args)
+        return [int(b) for b in sealed]
+
+    def reap(self, poll_grace_ms: int, now: int | None = None) -> tuple[int, list[int]]:
+        """Re-queue batches whose flush lease expired; return (count, ids of batches overdue a poll)."""
+        requeued, overdue = self._run("reap", poll_grace_ms, now=now)
+        return int(requeued), [int(b) for b in overdue]
+
+    # --- reads ----------------------------------------------------------------------------------
+    def batch(self, batch_id: int) -> dict[str, str]:
+        raw = self._redis.hgetall(keys.batch(self.job_id, batch_id))
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    def open_size(self) -> int:
+        return int(self._redis.zcard(keys.open_users(self.job_id)))
+
+    def sealed_count(self) -> int:
+        return int(self._redis.llen(keys.sealed(self.job_id)))
+
+    def waiting_users(self) -> int:
+        return int(self._redis.hlen(keys.waiting(self.job_id)))
+
+    def outstanding_users(self) -> int:
+        return int(self._redis.hlen(keys.outstanding(self.job_id)))
+
+
+def merge_records(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One request entry from a user's pending records, later values winning.
+
+    Records of one entry touch different audiences (the buffer guarantees it), so merging only
+    combines independent attributes; profile fields take the newest values.
+    """
+    if len(records) == 1:
+        return records[0]
+    merged: dict[str, Any] = {}
+    for record in records:
+        _deep_update(merged, record)
+    return merged
+
+
+def _deep_update(target: dict[str, Any], source: dict[str, Any]) -> None:
+    for key, value in source.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _deep_update(target[key], value)
+        elif isinstance(value, dict):
+            target[key] = {}
+            _deep_update(target[key], value)
+        else:
+            target[key] = value
