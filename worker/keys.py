@@ -26,12 +26,15 @@ def jobs() -> str:
 
 
 def ratelimit(key_hash: str) -> str:
-    """String: GCRA theoretical arrival time for one Attentive API key (hashed, never the key)."""
+    """String: GCRA theoretical arrival time (integer microseconds, Redis clock) for one Attentive API key.
+
+    ``key_hash`` is :func:`worker.ratelimit.api_key_hash` of the key, never the key itself.
+    """
     return f"{PREFIX}:{{rl:{key_hash}}}:tat"
 
 
 def ratelimit_backoff(key_hash: str) -> str:
-    """String: epoch-ms until which every worker holds off this API key after a 429."""
+    """String: epoch microseconds (Redis clock) until which every worker holds off this API key after a 429."""
     return f"{PREFIX}:{{rl:{key_hash}}}:backoff"
 
 
@@ -49,3 +52,58 @@ def job_skips(job_id: str) -> str:
 def job_deadletters(job_id: str) -> str:
     """List of JSON dead-letter records (user key, reason, record) an operator can read."""
     return _job(job_id, "deadletters")
+
+
+def open_users(job_id: str) -> str:
+    """ZSET: users in the open (unsealed) batch, scored by first arrival (ms)."""
+    return _job(job_id, "open:users")
+
+
+def open_records(job_id: str) -> str:
+    """HASH: user -> JSON array text of the user's pending records in the open batch."""
+    return _job(job_id, "open:records")
+
+
+def open_audiences(job_id: str) -> str:
+    """HASH: user -> ``|aud|aud|`` audiences pending for the user in the open batch."""
+    return _job(job_id, "open:audiences")
+
+
+def last_writer(job_id: str) -> str:
+    """HASH: ``audience|user`` -> newest accepted event time (ms), for last-writer-wins."""
+    return _job(job_id, "lww")
+
+
+def outstanding(job_id: str) -> str:
+    """HASH: user -> id of the unfinished (sealed, submitting or submitted) batch carrying the user."""
+    return _job(job_id, "outstanding")
+
+
+def waiting(job_id: str) -> str:
+    """HASH: user -> changes held until the user's unfinished batch completes at Attentive."""
+    return _job(job_id, "waiting")
+
+
+def sealed(job_id: str) -> str:
+    """LIST: ids of sealed batches ready to submit, oldest first."""
+    return _job(job_id, "sealed")
+
+
+def batch_seq(job_id: str) -> str:
+    """STRING: batch id counter."""
+    return _job(job_id, "batch:seq")
+
+
+def batch(job_id: str, batch_id: int | str) -> str:
+    """HASH: one batch (users, records, state, attempts, owner, Attentive job ids)."""
+    return _job(job_id, f"batch:{batch_id}")
+
+
+def leases(job_id: str) -> str:
+    """ZSET: batch id -> lease expiry (ms) while a flush task owns the batch."""
+    return _job(job_id, "leases")
+
+
+def polls(job_id: str) -> str:
+    """ZSET: batch id -> time (ms) by which its next poll must have run; the sweep re-drives late ones."""
+    return _job(job_id, "polls")
