@@ -1,0 +1,277 @@
+"""Unit tests for the shared GCRA rate limiter, on fakeredis with its Redis ``TIME`` under test control."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+import fakeredis
+import pytest
+from fakeredis.commands_mixins import server_mixin
+
+from worker import keys, ratelimit
+from worker.ratelimit import RateLimiter, api_key_hash, backoff_delay, parse_retry_after
+
+API_KEY = "sk_live_ABCDEF0123456789secret"
+
+
+class FakeClock:
+    """Stands in for the ``time`` module inside fakeredis (Redis ``TIME``) and inside worker.ratelimit."""
+
+    def __init__(self) -> None:
+        self.now_us = 1_700_000_000 * 1_000_000
+
+    def time(self) -> float:
+        return self.now_us / 1_000_000
+
+    def monotonic(self) -> float:
+        return self.now_us / 1_000_000
+
+    def sleep(self, seconds: float) -> None:
+        self.advance(seconds)
+
+    def advance(self, seconds: float) -> None:
+        self.now_us += round(seconds * 1_000_000)
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeClock]:
+    fake = FakeClock()
+    monkeypatch.setattr(server_mixin, "time", fake)
+    monkeypatch.setattr(ratelimit, "time", fake)
+    yield fake
+
+
+def limiter(r: fakeredis.FakeRedis, rate: float = 10.0, burst: int = 3, key: str = API_KEY) -> RateLimiter:
+    return RateLimiter(r, api_key_hash(key), rate_per_second=rate, burst=burst)
+
+
+# --- naming -------------------------------------------------------------------------------------------
+def test_api_key_hash_is_stable_short_hex_and_not_the_key() -> None:
+    h = api_key_hash(API_KEY)
+    assert h == api_key_hash(API_KEY)
+    assert len(h) == ratelimit.KEY_HASH_LENGTH
+    int(h, 16)
+    assert h != api_key_hash(API_KEY + "x")
+    assert API_KEY not in keys.ratelimit(h) and API_KEY not in keys.ratelimit_backoff(h)
+
+
+def test_redis_keys_never_contain_the_api_key(fake_redis: fakeredis.FakeRedis, clock: FakeClock) -> None:
+    rl = limiter(fake_redis)
+    rl.try_acquire()
+    rl.penalize(1.0)
+    names = [k.decode() if isinstance(k, bytes) else k for k in fake_redis.keys("*")]
+    assert names and all(API_KEY not in name for name in names)
+    assert API_KEY not in repr(rl)
+
+
+def test_interval_is_rounded_up_so_the_rate_is_never_exceeded(fake_redis: fakeredis.FakeRedis) -> None:
+    assert RateLimiter(fake_redis, "k", 90.0).interval_us == 11_112
+    assert RateLimiter(fake_redis, "k", 3.0).interval_us == 333_334
+    assert RateLimiter(fake_redis, "k", 100.0).interval_us == 10_000
+
+
+@pytest.mark.parametrize(
+    ("rate", "burst"), [(0.0, 1), (-1.0, 1), (float("inf"), 1), (float("nan"), 1), (10, 0)]
+)
+def test_invalid_rate_or_burst_is_refused(fake_redis: fakeredis.FakeRedis, rate: float, burst: int) -> None:
+    with pytest.raises(ValueError):
+        RateLimiter(fake_redis, "k", rate, burst)
+
+
+# --- GCRA maths ---------------------------------------------------------------------------------------
+def test_burst_goes_at_once_then_one_token_per_interval(
+    fake_redis: fakeredis.FakeRedis, clock: FakeClock
+) -> None:
+    rl = limiter(fake_redis, rate=10.0, burst=3)
+    assert [rl.try_acquire() for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert rl.last_granted_at == clock.time()
+    assert rl.try_acquire() == pytest.approx(0.1)
+    clock.advance(0.04)
+    assert rl.try_acquire() == pytest.approx(0.06)
+    clock.advance(0.06)
+    assert rl.try_acquire() == 0.0
+    assert rl.try_acquire() == pytest.approx(0.1)
+
+
+def test_refused_attempts_take_nothing(fake_redis: fakeredis.FakeRedis, clock: FakeClock) -> None:
+    rl = limiter(fake_redis, rate=10.0, burst=1)
+    assert rl.try_acquire() == 0.0
+    waits = [rl.try_acquire() for _ in range(50)]
+    assert waits == [pytest.approx(0.1)] * 50
+    clock.advance(0.1)
+    assert rl.try_acquire() == 0.0
+
+
+def test_idle_time_refills_only_up_to_the_burst(fake_redis: fakeredis.FakeRedis, clock: FakeClock) -> None:
+    rl = limiter(fake_redis, rate=10.0, burst=3)
+    rl.try_acquire()
+    clock.advance(60.0)
+    granted = 0
+    while rl.try_acquire() == 0.0:
+        granted += 1
+    assert granted == 3
+
+
+@pytest.mark.parametrize(("rate", "burst"), [(90.0, 5), (90.0, 10), (50.0, 5), (7.0, 2)])
+def test_any_one_second_window_holds_at_most_rate_plus_burst(
+    fake_redis: fakeredis.FakeRedis, clock: FakeClock, rate: float, burst: int
+) -> None:
+    """A greedy client polling at random small steps for 5 s; the closed-window bound b + floor(r·W)."""
+    rng = random.Random(7)
+    rl = limiter(fake_redis, rate=rate, burst=burst)
+    grants: list[int] = []
+    end = clock.now_us + 5_000_000
+    while clock.now_us < end:
+        if rl.try_acquire() == 0.0:
+            grants.append(clock.now_us)
+        else:
+            clock.advance(rng.uniform(0.0, 0.004))
+    most = max(sum(1 for t in grants if start <= t <= start + 1_000_000) for start in grants)
+    assert most <= burst + int(rate)
+    assert most >= int(rate)  # the limiter is not needlessly stingy either
+    # the long-run rate is the configured one (burst amortised away)
+    assert len(grants) == pytest.approx(rate * 5 + burst, abs=2)
+
+
+def test_default_rate_and_burst_keep_every_second_at_or_under_100(fake_redis: fakeredis.FakeRedis) -> None:
+    rl = RateLimiter(fake_redis, "k")
+    assert rl.rate_per_second == 90.0
+    assert rl.burst + int(rl.rate_per_second) <= 100
+
+
+def test_instances_with_the_same_key_share_one_budget(
+    fake_redis: fakeredis.FakeRedis, clock: FakeClock
+) -> None:
+    a, b = limiter(fake_redis, burst=2), limiter(fake_redis, burst=2)
+    other = limiter(fake_redis, burst=2, key="another-key")
+    assert a.try_acquire() == 0.0
+    assert b.try_acquire() == 0.0
+    assert a.try_acquire() > 0 and b.try_acquire() > 0
+    assert other.try_acquire() == 0.0  # a different API key has its own budget
+
+
+# --- penalize / back-off ------------------------------------------------------------------------------
+def test_penalize_holds_off_every_instance_sharing_the_key(
+    fake_redis: fakeredis.FakeRedis, clock: FakeClock
+) -> None:
+    a, b, c = (limiter(fake_redis, rate=10.0, burst=3) for _ in range(3))
+    a.penalize(2.0)
+    assert b.try_acquire() == pytest.approx(2.0)
+    assert c.try_acquire() == pytest.approx(2.0)
+    assert c.backoff_remaining() == pytest.approx(2.0)
+    clock.advance(1.999)
+    assert b.try_acquire() == pytest.approx(0.001)
+    clock.advance(0.001)
+    # the hold ends with one request, then the steady rate: no burst straight back into the limit
+    assert b.try_acquire() == 0.0
+    assert c.try_acquire() == pytest.approx(0.1)
+    assert a.backoff_remaining() == 0.0
+
+
+def test_penalize_never_pulls_the_schedule_back(fake_redis: fakeredis.FakeRedis, clock: FakeClock) -> None:
+    a, b = limiter(fake_redis), limiter(fake_redis)
+    a.penalize(5.0)
+    b.penalize(1.0)
+    assert a.backoff_remaining() == pytest.approx(5.0)
+    assert b.try_acquire() == pytest.approx(5.0)
+    clock.advance(1.0)
+    b.penalize(6.0)  # a longer hold does extend it
+    assert a.backoff_remaining() == pytest.approx(6.0)
+
+
+def test_penalize_zero_or_negative_delay_changes_nothing_in_force(
+    fake_redis: fakeredis.FakeRedis, clock: FakeClock
+) -> None:
+    rl = limiter(fake_redis, rate=10.0, burst=3)
+    rl.penalize(-1.0)
+    rl.penalize(0.0)
+    assert rl.backoff_remaining() == 0.0
+    assert rl.try_acquire() == 0.0
+
+
+def test_backoff_remaining_counts_down_on_the_redis_clock(
+    fake_redis: fakeredis.FakeRedis, clock: FakeClock
+) -> None:
+    rl = limiter(fake_redis)
+    assert rl.backoff_remaining() == 0.0
+    rl.penalize(3.0)
+    clock.advance(1.25)
+    assert rl.backoff_remaining() == pytest.approx(1.75)
+    clock.advance(2.0)
+    assert rl.backoff_remaining() == 0.0
+
+
+# --- acquire ------------------------------------------------------------------------------------------
+def test_acquire_sleeps_the_waits_and_records_time_spent(
+    fake_redis: fakeredis.FakeRedis, clock: FakeClock
+) -> None:
+    rl = limiter(fake_redis, rate=10.0, burst=1)
+    assert rl.acquire(timeout=1.0)
+    assert rl.last_wait == 0.0
+    start = clock.now_us
+    assert rl.acquire(timeout=1.0)
+    assert clock.now_us - start == 100_000
+    assert rl.last_wait == pytest.approx(0.1)
+    assert rl.total_wait == pytest.approx(0.1)
+
+
+def test_acquire_gives_up_when_the_token_is_due_after_the_deadline(
+    fake_redis: fakeredis.FakeRedis, clock: FakeClock
+) -> None:
+    rl = limiter(fake_redis, rate=10.0, burst=1)
+    rl.penalize(5.0)
+    start = clock.now_us
+    assert not rl.acquire(timeout=1.0)
+    assert clock.now_us == start  # did not sleep out a timeout that could not succeed
+    assert rl.next_wait == pytest.approx(5.0)
+    assert not rl.acquire(timeout=0.0)
+
+
+def test_acquire_with_zero_timeout_is_a_single_attempt(
+    fake_redis: fakeredis.FakeRedis, clock: FakeClock
+) -> None:
+    rl = limiter(fake_redis, rate=10.0, burst=1)
+    assert rl.acquire(timeout=0.0)
+    assert not rl.acquire(timeout=0.0)
+    assert rl.next_wait == pytest.approx(0.1)
+
+
+def test_acquire_works_on_real_time_too(fake_redis: fakeredis.FakeRedis) -> None:
+    rl = RateLimiter(fake_redis, "k", rate_per_second=100.0, burst=1)
+    assert all(rl.acquire(timeout=1.0) for _ in range(5))
+    assert rl.total_wait > 0.02
+
+
+# --- backoff_delay / Retry-After ----------------------------------------------------------------------
+def test_backoff_delay_is_full_jitter_within_the_exponential_bound() -> None:
+    random.seed(1)
+    for attempt in range(12):
+        bound = min(30.0, 0.5 * 2**attempt)
+        samples = [backoff_delay(attempt) for _ in range(200)]
+        assert all(0.0 <= s <= bound for s in samples)
+        assert max(samples) > bound * 0.8  # spread over the whole range, not a fixed value
+        assert min(samples) < bound * 0.2
+
+
+def test_backoff_delay_is_capped_and_survives_huge_attempts() -> None:
+    assert all(0.0 <= backoff_delay(10_000, cap=7.0) <= 7.0 for _ in range(100))
+    assert all(0.0 <= backoff_delay(-3) <= 0.5 for _ in range(100))
+
+
+def test_retry_after_wins_over_the_jitter() -> None:
+    assert backoff_delay(0, retry_after=12.5) == 12.5
+    assert backoff_delay(9, retry_after=0.0) == 0.0
+    assert backoff_delay(2, retry_after=-4.0) == 0.0
+
+
+def test_parse_retry_after_reads_seconds_and_http_dates() -> None:
+    now = datetime(2026, 11, 26, 17, 0, 0, tzinfo=UTC)
+    assert parse_retry_after("3") == 3.0
+    assert parse_retry_after(" 1.5 ") == 1.5
+    assert parse_retry_after("-2") == 0.0
+    assert parse_retry_after("Thu, 26 Nov 2026 17:00:07 GMT", now=now) == 7.0
+    assert parse_retry_after("Thu, 26 Nov 2026 16:59:00 GMT", now=now) == 0.0
+    for unreadable in (None, "", "soon", "nan", "inf"):
+        assert parse_retry_after(unreadable) is None

@@ -1,0 +1,212 @@
+"""One request budget per Attentive API key, shared by every worker process and pod.
+
+Attentive allows 100 requests/s per key on the bulk and job-status endpoints (CONTRACT.md §4) and
+answers 429 above that. Celery's own ``rate_limit`` is per worker, so it cannot keep the promise "all
+pods together stay under the limit" (DESIGN.md invariant 4). Instead every request — bulk POSTs and
+job-status polls alike — first takes a token from a GCRA schedule kept in Redis:
+
+* The schedule is one integer per API key (the *theoretical arrival time*, TAT) updated by a Lua
+  script (``lua/ratelimit_acquire.lua``) that reads Redis ``TIME``, so workers' clocks never matter and
+  the check-and-take is atomic across all workers. Workers keep no state (invariant 7).
+* The key is named after :func:`api_key_hash`, never the API key itself (invariant 5).
+* After a 429, :meth:`RateLimiter.penalize` pushes the shared schedule forward, so every worker holds
+  off, not just the one that saw it.
+
+Burst and the one-second window
+-------------------------------
+With rate ``r`` (emission interval ``T = 1/r``) and burst ``b``, GCRA allows a request at time ``t``
+iff ``t >= TAT - (b - 1)·T``. For such a schedule the number of grants in any closed window of length
+``W`` is at most ``b + floor(W·r)`` (the classic GCRA(T, τ) bound ``1 + floor((W + τ)/T)`` with
+``τ = (b - 1)·T``): ``b`` at the window's start, then one per ``T``. For the sandbox's "highest
+requests in any one-second window" that is ``b + 90`` at the default 90/s, so ``b <= 10`` keeps every
+sliding second ≤ 100. We use ``b = 5``: the 5 requests of slack (≈55 ms at 90/s) absorb the jitter
+between the moment Redis grants a token and the moment the request reaches Attentive (a request
+granted early but delayed in the network can land in the same server-side second as later ones).
+``T`` is rounded *up* to whole microseconds, so the effective rate never exceeds the configured one.
+
+Example::
+
+    limiter = RateLimiter(redis, api_key_hash(api_key))
+    if limiter.acquire(timeout=5.0):
+        response = client.post_bulk(...)
+    else:
+        ...  # reschedule the task; limiter.next_wait says roughly when a token is due
+"""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import math
+import random
+import time
+from datetime import UTC, datetime
+from importlib import resources
+
+import redis
+
+from worker import keys
+from worker.settings import DEFAULT_RATE_LIMIT_PER_SECOND
+
+#: Requests that may go at once after an idle spell. ``rate + burst`` must stay ≤ 100 (see module doc).
+DEFAULT_BURST = 5
+#: Hex characters of sha256 kept in key names: 64 bits, plenty to tell a deployment's few keys apart.
+KEY_HASH_LENGTH = 16
+
+_US = 1_000_000
+
+
+def _lua(name: str) -> str:
+    return (resources.files("worker") / "lua" / name).read_text(encoding="utf-8")
+
+
+# Read once per process; each RateLimiter registers them on its client (EVALSHA, NOSCRIPT-safe).
+_ACQUIRE_LUA = _lua("ratelimit_acquire.lua")
+_PENALIZE_LUA = _lua("ratelimit_penalize.lua")
+_BACKOFF_LUA = _lua("ratelimit_backoff.lua")
+
+
+def api_key_hash(api_key: str) -> str:
+    """Stable, non-reversible name for an API key, used in Redis key names and status.
+
+    Args:
+        api_key: the Attentive API key (a high-entropy token, so an unsalted hash reveals nothing).
+
+    Returns:
+        The first :data:`KEY_HASH_LENGTH` hex characters of its sha256.
+    """
+    return hashlib.sha256(api_key.encode("utf-8")).hexdigest()[:KEY_HASH_LENGTH]
+
+
+class RateLimiter:
+    """GCRA token schedule in Redis for one API key; every instance with the same ``key_hash`` shares it.
+
+    Cheap to build (no Redis round trip), so a task may build one per run. Instances also record the
+    time they spent waiting, for job status: :attr:`last_wait` (the latest :meth:`acquire`) and
+    :attr:`total_wait` (since construction), in seconds.
+    """
+
+    def __init__(
+        self,
+        redis: redis.Redis,
+        key_hash: str,
+        rate_per_second: float = DEFAULT_RATE_LIMIT_PER_SECOND,
+        burst: int = DEFAULT_BURST,
+    ) -> None:
+        if not rate_per_second > 0 or math.isinf(rate_per_second):
+            raise ValueError(f"rate_per_second must be a positive number, got {rate_per_second!r}")
+        if burst < 1:
+            raise ValueError(f"burst must be at least 1, got {burst!r}")
+        self.key_hash = key_hash
+        self.rate_per_second = rate_per_second
+        self.burst = burst
+        #: Emission interval in whole microseconds, rounded up so the rate is never exceeded.
+        self.interval_us = max(1, math.ceil(_US / rate_per_second))
+        self._keys = [keys.ratelimit(key_hash), keys.ratelimit_backoff(key_hash)]
+        self._acquire = redis.register_script(_ACQUIRE_LUA)
+        self._penalize = redis.register_script(_PENALIZE_LUA)
+        self._backoff = redis.register_script(_BACKOFF_LUA)
+        #: Redis-clock epoch seconds of the latest token this instance took (None before the first).
+        self.last_granted_at: float | None = None
+        #: Seconds the latest :meth:`acquire` spent sleeping for the limit (granted or not).
+        self.last_wait = 0.0
+        #: Seconds all :meth:`acquire` calls on this instance spent sleeping for the limit.
+        self.total_wait = 0.0
+        #: After a refused :meth:`acquire`: seconds until a token was due (a countdown hint), else 0.
+        self.next_wait = 0.0
+
+    def __repr__(self) -> str:
+        return f"RateLimiter(key_hash={self.key_hash!r}, rate={self.rate_per_second}/s, burst={self.burst})"
+
+    def try_acquire(self) -> float:
+        """Take a token if one is due now.
+
+        Returns:
+            0.0 if a token was taken; otherwise the seconds to wait before trying again (nothing taken).
+        """
+        wait_us, now_us = self._acquire(keys=self._keys, args=[self.interval_us, self.burst])
+        if int(wait_us) == 0:
+            self.last_granted_at = int(now_us) / _US
+            return 0.0
+        return int(wait_us) / _US
+
+    def acquire(self, timeout: float) -> bool:
+        """Block, sleeping the waits Redis hands out, until a token is taken or ``timeout`` seconds pass.
+
+        Gives up early (returns False without sleeping out the rest) once the next token is due after the
+        deadline; :attr:`next_wait` then says when it is due. ``timeout=0`` makes a single attempt.
+
+        Returns:
+            True if a token was taken.
+        """
+        deadline = time.monotonic() + max(0.0, timeout)
+        slept = 0.0
+        self.next_wait = 0.0
+        granted = False
+        # Each pass either ends the loop or sleeps a positive wait, so the loop ends by the deadline.
+        while True:
+            wait = self.try_acquire()
+            if wait == 0.0:
+                granted = True
+                break
+            if wait > deadline - time.monotonic():
+                self.next_wait = wait
+                break
+            before = time.monotonic()
+            time.sleep(wait)
+            slept += time.monotonic() - before
+        self.last_wait = slept
+        self.total_wait += slept
+        return granted
+
+    def penalize(self, delay: float) -> None:
+        """Hold off every worker sharing this key for ``delay`` seconds (after a 429).
+
+        Never shortens a hold already further out. The first request after the hold is allowed when it
+        ends and the rest follow at the steady rate (no burst into a limit that just answered 429).
+        """
+        delay_us = max(0, math.ceil(delay * _US))
+        self._penalize(keys=self._keys, args=[delay_us, self.interval_us, self.burst])
+
+    def backoff_remaining(self) -> float:
+        """Seconds of 429 back-off still in force for this key (0.0 if none), on the Redis clock."""
+        return int(self._backoff(keys=self._keys[1:])) / _US
+
+
+def backoff_delay(
+    attempt: int, *, base: float = 0.5, cap: float = 30.0, retry_after: float | None = None
+) -> float:
+    """Seconds to wait before retry number ``attempt`` (0-based): full-jitter exponential back-off.
+
+    A uniform draw from ``[0, min(cap, base * 2**attempt)]``, as Attentive recommends "randomness" in
+    the back-off (CONTRACT.md §4). A server-given ``retry_after`` (seconds) wins when present.
+    """
+    if retry_after is not None:
+        return max(0.0, retry_after)
+    exponent = min(max(attempt, 0), 60)  # 2**60 * base is far past any cap; avoids float overflow
+    return random.uniform(0.0, min(cap, base * 2.0**exponent))
+
+
+def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
+    """Seconds from a ``Retry-After`` header, which may be delta-seconds or an HTTP date.
+
+    Returns:
+        Non-negative seconds, or None when the header is absent or unreadable (then fall back to
+        :func:`backoff_delay`'s jitter).
+    """
+    if value is None or not value.strip():
+        return None
+    text = value.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        pass
+    else:
+        return max(0.0, seconds) if math.isfinite(seconds) else None
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
