@@ -1,0 +1,40 @@
+"""Attentive client: the only code that talks HTTP to Attentive (CONTRACT.md).
+
+Import from here, not from the submodules::
+
+    from worker.attentive import AttentiveClient, RateLimited
+"""
+
+from worker.attentive.client import MAX_USERS_PER_REQUEST, AttentiveClient, parse_retry_after
+from worker.attentive.errors import (
+    AttentiveError,
+    Forbidden,
+    InvalidRequest,
+    NotFound,
+    RateLimited,
+    ServerError,
+    TransportError,
+    Unauthorized,
+    UnexpectedResponse,
+)
+from worker.attentive.models import BulkJobStatus, BulkSuccess, BulkUser, MeResponse, ResultLine
+
+__all__ = [
+    "MAX_USERS_PER_REQUEST",
+    "AttentiveClient",
+    "AttentiveError",
+    "BulkJobStatus",
+    "BulkSuccess",
+    "BulkUser",
+    "Forbidden",
+    "InvalidRequest",
+    "MeResponse",
+    "NotFound",
+    "RateLimited",
+    "ResultLine",
+    "ServerError",
+    "TransportError",
+    "Unauthorized",
+    "UnexpectedResponse",
+    "parse_retry_after",
+]

@@ -1,0 +1,532 @@
+"""Synchronous client for Attentive's Bulk User Attributes API (CONTRACT.md).
+
+One :class:`AttentiveClient` per API key, reused across calls so connections stay alive. Celery tasks are
+synchronous, so this is a plain ``httpx.Client``.
+
+Retry policy (in-process, tenacity): only connection-level failures are retried, at most
+:data:`DEFAULT_MAX_ATTEMPTS` attempts with jittered exponential waits capped so that all waits together
+stay around one second:
+
+- connect errors and connect timeouts: the request never left, retrying is always safe;
+- dropped connections (``RemoteProtocolError``, ``ReadError``, ``WriteError``): the usual cause is a
+  keep-alive connection the server closed while idle. For the POST the server *may* have created a job;
+  CONTRACT.md §0 says replaying the upsert is harmless in effect, and the Celery task would resend the same
+  batch anyway, so retrying here only makes the common case cheaper;
+- read/write/pool timeouts are **not** retried: a server that took 30 s once is not having a blip, and
+  three more attempts would block a worker for minutes. They raise :class:`TransportError` at once.
+
+Status errors are never retried or slept on here: 4xx are not transient, and for 429/5xx the caller (a
+task sharing one rate limiter across all workers) decides how long everyone waits (DESIGN.md invariant 4).
+
+Secrets: the key lives only inside the ``httpx.Client`` default headers. It is never logged, is not part
+of ``repr``, and any error text echoed by a server is scrubbed of it before it reaches an exception.
+Bodies are never logged (personal data); DEBUG lines carry method, path, status and elapsed time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from importlib import metadata
+from types import TracebackType
+from typing import Any, NoReturn, TypeVar
+from urllib.parse import quote
+
+import httpx
+import pydantic
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+)
+
+from worker.attentive.errors import (
+    MAX_ATTENTIVE_MESSAGE,
+    AttentiveError,
+    Forbidden,
+    InvalidRequest,
+    NotFound,
+    RateLimited,
+    ServerError,
+    TransportError,
+    Unauthorized,
+    UnexpectedResponse,
+)
+from worker.attentive.models import BulkJobStatus, BulkSuccess, MeResponse, ResultLine
+
+logger = logging.getLogger(__name__)
+
+_Model = TypeVar("_Model", bound=pydantic.BaseModel)
+
+#: Attentive's documented bounds on ``users`` (CONTRACT.md §1: minItems 1, maxItems 256).
+MAX_USERS_PER_REQUEST = 256
+
+#: Connect fast (a dead host should fail quickly and be retried), but give Attentive time to read a
+#: 256-user body and answer. The pool timeout only matters when threads share the client.
+DEFAULT_TIMEOUT = httpx.Timeout(connect=5.0, read=30.0, write=30.0, pool=5.0)
+#: Keep a few connections warm per key; 30 s outlives a flush interval so bursts reuse connections.
+DEFAULT_LIMITS = httpx.Limits(max_connections=10, max_keepalive_connections=10, keepalive_expiry=30.0)
+
+#: Total attempts for connection-level failures (1 try + 2 retries).
+DEFAULT_MAX_ATTEMPTS = 3
+
+
+def _retry_wait(state: RetryCallState) -> float:
+    """About 0.2 s then 0.4 s, plus up to 0.2 s jitter, never over 0.5 s: at most 1 s with 3 attempts."""
+    base = 0.2 * 2.0 ** (state.attempt_number - 1)
+    return min(0.5, base + random.uniform(0.0, 0.2))  # jitter, not cryptography
+
+
+#: Failures where no response arrived and retrying soon is reasonable (see the module docstring).
+_RETRYABLE: tuple[type[BaseException], ...] = (
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.RemoteProtocolError,
+    httpx.ReadError,
+    httpx.WriteError,
+)
+#: Failures that certainly happened before the request was sent.
+_NOT_SENT: tuple[type[BaseException], ...] = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
+
+def _user_agent() -> str:
+    try:
+        version = metadata.version("attentive-audience-export")
+    except metadata.PackageNotFoundError:
+        version = "0"
+    return f"attentive-audience-export/{version} (+audience export worker) httpx/{httpx.__version__}"
+
+
+USER_AGENT = _user_agent()
+
+
+class AttentiveClient:
+    """Calls to Attentive with one API key: validate the key, submit bulk jobs, poll them, read results."""
+
+    def __init__(
+        self,
+        api_key: str,
+        base_url: str | None = None,
+        *,
+        timeout: httpx.Timeout | float | None = None,
+        transport: httpx.BaseTransport | None = None,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    ) -> None:
+        """Create a client; no request is made.
+
+        Args:
+            api_key: the private app's API key, sent as ``Authorization: Bearer <key>``.
+            base_url: Attentive's host, without ``/v2``. None reads ``ATTENTIVE_API_URL`` through
+                :meth:`worker.settings.Settings.from_env`.
+            timeout: an ``httpx.Timeout``, or one number for every phase. None means
+                :data:`DEFAULT_TIMEOUT` (connect 5 s, read 30 s, write 30 s, pool 5 s).
+            transport: an httpx transport, for tests (``httpx.MockTransport``).
+            max_attempts: attempts for connection-level failures, 1 disables retries.
+
+        Raises:
+            ValueError: the key is empty or not a valid header value (the key is not echoed).
+        """
+        if not isinstance(api_key, str) or not api_key.strip():
+            raise ValueError("api_key must be a non-empty string")
+        key = api_key.strip()
+        if not key.isascii() or not key.isprintable() or any(c.isspace() for c in key):
+            # httpx/h11 would raise an error that echoes the header value; refuse before that.
+            raise ValueError("api_key contains characters that cannot be sent in an HTTP header")
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        if base_url is None:
+            from worker.settings import Settings
+
+            base_url = Settings.from_env().attentive_api_url
+        self._base_url = base_url.rstrip("/")
+        self._max_attempts = max_attempts
+        self._sleep: Callable[[float], None] = time.sleep
+        if timeout is None:
+            timeout = DEFAULT_TIMEOUT
+        self._http = httpx.Client(
+            base_url=self._base_url,
+            headers={
+                "Authorization": f"Bearer {key}",
+                "User-Agent": USER_AGENT,
+                "Accept": "application/json",
+            },
+            timeout=timeout,
+            limits=DEFAULT_LIMITS,
+            transport=transport,
+            follow_redirects=False,
+        )
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close pooled connections. Safe to call twice."""
+        self._http.close()
+
+    def __enter__(self) -> AttentiveClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"AttentiveClient(base_url={self._base_url!r})"
+
+    __str__ = __repr__
+
+    @property
+    def base_url(self) -> str:
+        """The host this client talks to."""
+        return self._base_url
+
+    # --- API -------------------------------------------------------------------------------------------
+
+    def me(self) -> MeResponse:
+        """Check a key with ``GET /v2/me``. /me does not report permissions; a 403 shows up on writes.
+
+        Returns:
+            The account the key belongs to.
+
+        Raises:
+            Unauthorized: unknown or revoked key. Other :class:`AttentiveError` subclasses otherwise.
+        """
+        response = self._send(self._http.build_request("GET", "/v2/me"))
+        return self._parse(MeResponse, response)
+
+    def submit_bulk(self, users: Sequence[Mapping[str, Any]]) -> str:
+        """Submit up to 256 user records with ``POST /v2/bulk/user/attributes``.
+
+        Records are serialized as given (no pydantic round trip on the hot path): the mapping layer has
+        already built and validated them.
+
+        Args:
+            users: 1 to 256 ``CreateUserAttributesRequestDtoV21`` dicts.
+
+        Returns:
+            The ``batchJobId`` to poll with :meth:`job_status`.
+
+        Raises:
+            ValueError: empty, over 256 users, a non-mapping item, or a value JSON cannot encode
+                (raised locally, nothing is sent).
+            InvalidRequest: Attentive answered 400. Other :class:`AttentiveError` subclasses otherwise.
+        """
+        if isinstance(users, str | bytes) or not isinstance(users, Sequence):
+            raise ValueError("users must be a sequence of user records")
+        if not users:
+            raise ValueError("users is empty; Attentive requires 1 to 256 users per request")
+        if len(users) > MAX_USERS_PER_REQUEST:
+            raise ValueError(f"{len(users)} users; Attentive accepts at most {MAX_USERS_PER_REQUEST}")
+        for i, user in enumerate(users):
+            if not isinstance(user, Mapping):
+                raise ValueError(f"users[{i}] is a {type(user).__name__}, not a mapping")
+        try:
+            content = json.dumps(
+                {"users": [dict(u) for u in users]},
+                separators=(",", ":"),
+                ensure_ascii=False,
+                allow_nan=False,
+            ).encode("utf-8")
+        except (TypeError, ValueError) as exc:
+            # The exception text names a type or "Out of range float", never the value itself.
+            raise ValueError(f"users cannot be encoded as JSON: {exc}") from None
+        request = self._http.build_request(
+            "POST",
+            "/v2/bulk/user/attributes",
+            content=content,
+            headers={"Content-Type": "application/json"},
+        )
+        response = self._send(request)
+        return self._parse(BulkSuccess, response).batchJobId
+
+    def job_status(self, job_id: str) -> BulkJobStatus:
+        """Poll one job with ``GET /v2/bulk/job/{id}``.
+
+        Args:
+            job_id: the ``batchJobId`` returned by :meth:`submit_bulk` (URL-encoded here).
+
+        Returns:
+            The job's status. A body without ``bulkJobId`` gets the id asked for.
+
+        Raises:
+            ValueError: empty id, or ``.``/``..`` (URL normalisation would change the path).
+            NotFound: unknown or expired job (14 days). Other :class:`AttentiveError` subclasses.
+        """
+        if not isinstance(job_id, str) or job_id.strip() in ("", ".", ".."):
+            raise ValueError("job_id must be a non-empty id")
+        path = "/v2/bulk/job/" + quote(job_id, safe="")
+        response = self._send(self._http.build_request("GET", path))
+        data = self._json_object(response)
+        data.setdefault("bulkJobId", job_id)
+        return self._parse(BulkJobStatus, response, data)
+
+    def iter_results(self, url: str) -> Iterator[ResultLine]:
+        """Stream a completed job's results file (JSON Lines), one record at a time.
+
+        The URL is fetched **without** the Authorization header: it is (probably) a pre-signed object
+        store URL (CONTRACT.md §2), and our key must not travel to another host. Redirects are followed.
+        Blank lines are skipped. A line that is not a JSON object is yielded with ``parse_error`` set
+        rather than raised, so one bad line does not hide the other records' outcomes. Connection
+        failures before the first byte are retried like any call; a failure mid-stream raises
+        :class:`TransportError` (lines already yielded stay valid; the caller re-reads the whole file).
+
+        Args:
+            url: the job status ``url``; an absolute URL, or a path on the API host.
+
+        Yields:
+            One :class:`ResultLine` per non-blank line, in file order.
+
+        Raises:
+            NotFound: expired or unknown file. Other :class:`AttentiveError` subclasses.
+        """
+        request = self._http.build_request("GET", url)
+        request.headers.pop("Authorization", None)
+        request.headers["Accept"] = "application/x-ndjson, application/jsonl, application/json, */*"
+        response = self._send(request, stream=True)
+        number = 0
+        try:
+            for raw in response.iter_lines():
+                line = raw.strip()
+                if not line:
+                    continue
+                yield ResultLine.from_line(line, number)
+                number += 1
+        except httpx.TransportError as exc:
+            raise self._transport_error(request, exc) from exc
+        finally:
+            response.close()
+
+    # --- plumbing ----------------------------------------------------------------------------------
+
+    def _send(self, request: httpx.Request, *, stream: bool = False) -> httpx.Response:
+        """Send with connection-level retries; return a 2xx response or raise a typed error."""
+        retrying = Retrying(
+            stop=stop_after_attempt(self._max_attempts),
+            wait=_retry_wait,
+            retry=retry_if_exception_type(_RETRYABLE),
+            sleep=self._sleep,
+            before_sleep=self._log_retry(request),
+            reraise=True,
+        )
+        started = time.perf_counter()
+        try:
+            response: httpx.Response = retrying(
+                self._http.send, request, stream=stream, follow_redirects=stream
+            )
+        except httpx.TransportError as exc:
+            logger.debug(
+                "attentive %s %s failed after %.1f ms: %s",
+                request.method,
+                request.url.path,
+                (time.perf_counter() - started) * 1000,
+                type(exc).__name__,
+            )
+            raise self._transport_error(request, exc) from exc
+        logger.debug(
+            "attentive %s %s -> %d in %.1f ms",
+            request.method,
+            request.url.path,
+            response.status_code,
+            (time.perf_counter() - started) * 1000,
+        )
+        if response.is_success:
+            return response
+        try:
+            if stream:
+                response.read()
+        except httpx.TransportError:
+            pass  # the status alone is enough to classify the failure
+        finally:
+            response.close()
+        self._raise_for_status(request, response)
+
+    def _log_retry(self, request: httpx.Request) -> Callable[[RetryCallState], None]:
+        def log(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            wait = state.next_action.sleep if state.next_action else 0.0
+            logger.info(
+                "attentive %s %s: %s, attempt %d/%d, retrying in %.2f s",
+                request.method,
+                request.url.path,
+                type(exc).__name__,
+                state.attempt_number,
+                self._max_attempts,
+                wait,
+            )
+
+        return log
+
+    def _transport_error(self, request: httpx.Request, exc: httpx.TransportError) -> TransportError:
+        sent = not isinstance(exc, _NOT_SENT)
+        attempts = self._max_attempts if isinstance(exc, _RETRYABLE) else 1
+        detail = self._scrub(str(exc))[:MAX_ATTENTIVE_MESSAGE] or "no detail"
+        return TransportError(
+            f"Attentive {request.method} {request.url.path}: {type(exc).__name__} ({detail}) "
+            f"after {attempts} attempt(s)",
+            method=request.method,
+            path=request.url.path,
+            may_have_reached_server=sent,
+        )
+
+    def _raise_for_status(self, request: httpx.Request, response: httpx.Response) -> NoReturn:
+        status = response.status_code
+        error_id, text = _parse_error_body(response)
+        text = self._scrub(text)[:MAX_ATTENTIVE_MESSAGE] if text else None
+        headers = response.headers
+        cls: type[AttentiveError]
+        if status in (400, 413, 422):
+            cls = InvalidRequest
+        elif status == 401:
+            cls = Unauthorized
+        elif status == 403:
+            cls = Forbidden
+        elif status == 404:
+            cls = NotFound
+        elif status == 429:
+            cls = RateLimited
+        elif status >= 500:
+            cls = ServerError
+        else:
+            cls = UnexpectedResponse
+        reason = response.reason_phrase or "HTTP error"
+        message = f"Attentive {request.method} {request.url.path} -> {status} {reason}"
+        if text:
+            message += f": {text}"
+        raise cls(
+            message,
+            status_code=status,
+            method=request.method,
+            path=request.url.path,
+            attentive_message=text,
+            error_id=error_id,
+            retry_after=parse_retry_after(headers.get("retry-after")),
+            limit=_header_int(headers.get("x-ratelimit-limit")),
+            remaining=_header_int(headers.get("x-ratelimit-remaining")),
+        )
+
+    def _json_object(self, response: httpx.Response) -> dict[str, Any]:
+        try:
+            data = response.json()
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            raise self._unexpected(response, "body is not a JSON object")
+        return data
+
+    def _parse(
+        self, model: type[_Model], response: httpx.Response, data: dict[str, Any] | None = None
+    ) -> _Model:
+        if data is None:
+            data = self._json_object(response)
+        try:
+            return model.model_validate(data)
+        except pydantic.ValidationError as exc:
+            fields = ", ".join(sorted({".".join(map(str, e["loc"])) for e in exc.errors()}))
+            raise self._unexpected(response, f"body does not match {model.__name__} ({fields})") from None
+
+    def _unexpected(self, response: httpx.Response, why: str) -> UnexpectedResponse:
+        request = response.request
+        return UnexpectedResponse(
+            f"Attentive {request.method} {request.url.path} -> {response.status_code}: {why}",
+            status_code=response.status_code,
+            method=request.method,
+            path=request.url.path,
+        )
+
+    def _scrub(self, text: str) -> str:
+        """Remove the API key from text a server sent back (defence in depth)."""
+        auth = self._http.headers.get("Authorization", "")
+        key = auth.removeprefix("Bearer ")
+        return text.replace(key, "[redacted]") if key and key in text else text
+
+
+def _parse_error_body(response: httpx.Response) -> tuple[str | None, str | None]:
+    """``(error_id, message)`` from ``{"error":{"id","message"}}``, ``{"error":"..."}``,
+    ``{"message":"..."}``, a JSON string, plain text, or nothing."""
+    try:
+        raw = response.text
+    except (httpx.ResponseNotRead, httpx.StreamError, UnicodeDecodeError):
+        return None, None
+    raw = raw.strip()
+    if not raw:
+        return None, None
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        # Plain text (or HTML from a proxy): keep the first line, it is usually the summary.
+        return None, raw.splitlines()[0].strip() or None
+    if isinstance(data, str):
+        return None, data.strip() or None
+    if not isinstance(data, dict):
+        return None, None
+    error = data.get("error")
+    error_id: str | None = None
+    message: str | None = None
+    if isinstance(error, dict):
+        raw_id = error.get("id")
+        error_id = str(raw_id) if isinstance(raw_id, str | int) and not isinstance(raw_id, bool) else None
+        inner = error.get("message")
+        message = inner if isinstance(inner, str) else None
+    elif isinstance(error, str):
+        message = error
+    if not message:
+        for key in ("message", "detail", "error_description"):
+            value = data.get(key)
+            if isinstance(value, str) and value:
+                message = value
+                break
+    return error_id, (message.strip() or None) if message else None
+
+
+def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP-date).
+
+    Args:
+        value: the header value, or None.
+        now: the current time, for tests; defaults to the system clock (UTC).
+
+    Returns:
+        Seconds (0.0 for a date in the past), or None when absent or unparseable.
+    """
+    if value is None:
+        return None
+    value = value.strip()
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        pass
+    else:
+        return seconds if math.isfinite(seconds) and seconds >= 0 else None
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    current = now or datetime.now(UTC)
+    return max(0.0, (when - current).total_seconds())
+
+
+def _header_int(value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(value.strip())
+    except ValueError:
+        try:
+            number = float(value)
+        except ValueError:
+            return None
+        return int(number) if math.isfinite(number) else None

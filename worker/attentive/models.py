@@ -1,0 +1,275 @@
+"""Typed views of Attentive's responses, and an optional model of a bulk user record.
+
+Response models ignore unknown fields: the job-status description promises "metadata such as timestamps
+and error messages" that its schema does not list (CONTRACT.md §2), and Attentive may add fields at any
+time. Field names follow the wire format (camelCase) so they read like the contract.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+#: Job states after which a job never changes again (CONTRACT.md §2 client policy).
+TERMINAL_STATUSES = frozenset({"COMPLETED", "FAILED", "CANCELLED"})
+#: Status values seen in Attentive's docs. Others are legal (``status`` is a plain string).
+KNOWN_STATUSES = frozenset({"PENDING", "IN_PROGRESS", "NEEDS_REVIEW", *TERMINAL_STATUSES})
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class MeResponse(_Response):
+    """``GET /v2/me``: who the key belongs to. It says nothing about permissions (CONTRACT.md §3)."""
+
+    applicationName: str | None = None
+    attentiveDomainName: str | None = None
+    companyName: str | None = None
+    contactEmail: str | None = None
+    companyId: str | None = None
+
+
+class BulkSuccess(_Response):
+    """202 body of ``POST /v2/bulk/user/attributes``."""
+
+    message: str | None = None
+    batchJobId: str = Field(min_length=1)
+
+
+class BulkJobStatus(_Response):
+    """``GET /v2/bulk/job/{id}``. ``status`` stays a plain string: the contract lists no enum."""
+
+    bulkJobId: str
+    status: str
+    totalRecords: int | None = None
+    url: str | None = None
+
+    @property
+    def normalized_status(self) -> str:
+        """Upper-cased, trimmed status, for comparisons."""
+        return self.status.strip().upper()
+
+    @property
+    def is_terminal(self) -> bool:
+        """COMPLETED, FAILED or CANCELLED. NEEDS_REVIEW, PENDING and unknown values keep polling."""
+        return self.normalized_status in TERMINAL_STATUSES
+
+    @property
+    def is_success(self) -> bool:
+        """COMPLETED: the results file (``url``) lists per-record outcomes, which may still be failures."""
+        return self.normalized_status == "COMPLETED"
+
+    @property
+    def is_known_status(self) -> bool:
+        """False for a value the docs never mention; the poller logs and surfaces it."""
+        return self.normalized_status in KNOWN_STATUSES
+
+
+class ResultLine(BaseModel):
+    """One line of a job's results file.
+
+    The line format is undocumented (CONTRACT.md §2), so it is parsed defensively: the status code is
+    looked up under ``response.statusCode``, ``response.status``, ``response.code`` (then the same keys at
+    the top level). A line that is not a JSON object does not stop the stream: it comes back with
+    ``parse_error`` set and no status, so one bad line cannot hide the outcome of the other 255 records.
+
+    ``request`` and ``body`` contain personal data; they are left out of ``repr``.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    line_number: int
+    index: int | None = None
+    request: dict[str, Any] | None = Field(default=None, repr=False)
+    status_code: int | None = None
+    message: str | None = None
+    body: Any = Field(default=None, repr=False)
+    parse_error: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        """Attentive reported an error (status >= 400) for this record."""
+        return self.status_code is not None and self.status_code >= 400
+
+    @property
+    def succeeded(self) -> bool:
+        """Attentive reported a 2xx for this record."""
+        return self.status_code is not None and 200 <= self.status_code < 300
+
+    @property
+    def unparseable(self) -> bool:
+        """The line was not a JSON object; its record's outcome is unknown."""
+        return self.parse_error is not None
+
+    @classmethod
+    def from_line(cls, line: str, line_number: int) -> ResultLine:
+        """Parse one JSONL line; never raises.
+
+        Args:
+            line: the text of the line, without its newline.
+            line_number: 0-based position among the non-blank lines of the file.
+
+        Returns:
+            The parsed line, or one with ``parse_error`` set.
+        """
+        try:
+            obj = json.loads(line)
+        except ValueError as exc:
+            return cls(line_number=line_number, parse_error=f"invalid JSON: {type(exc).__name__}")
+        if not isinstance(obj, dict):
+            return cls(line_number=line_number, parse_error=f"not a JSON object: {type(obj).__name__}")
+        return cls.from_obj(obj, line_number)
+
+    @classmethod
+    def from_obj(cls, obj: dict[str, Any], line_number: int) -> ResultLine:
+        """Build from a decoded line object; never raises.
+
+        Args:
+            obj: the decoded JSON object.
+            line_number: 0-based position among the non-blank lines of the file.
+
+        Returns:
+            The parsed line.
+        """
+        response = obj.get("response")
+        body: Any = None
+        status: int | None = None
+        message: str | None = None
+        if isinstance(response, dict):
+            body = response.get("body")
+            status = _first_status(response)
+            message = _message_of(response) or _message_of(body)
+        elif response is not None:
+            status = _as_status(response)
+        if status is None:
+            status = _first_status(obj)
+        if message is None:
+            message = _message_of(obj)
+        request = obj.get("request")
+        return cls(
+            line_number=line_number,
+            index=_as_int(obj.get("index")),
+            request=request if isinstance(request, dict) else None,
+            status_code=status,
+            message=message,
+            body=body,
+        )
+
+
+def _as_int(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value.strip())
+    return None
+
+
+def _as_status(value: Any) -> int | None:
+    """An HTTP status from ``413``, ``"413"`` or ``"413 Payload Too Large"``; None for anything else."""
+    if isinstance(value, str):
+        head = value.strip().split(" ", 1)[0]
+        value = head if head.isdigit() else None
+    number = _as_int(value)
+    return number if number is not None and 100 <= number <= 599 else None
+
+
+def _first_status(obj: dict[str, Any]) -> int | None:
+    for key in ("statusCode", "status", "code"):
+        status = _as_status(obj.get(key))
+        if status is not None:
+            return status
+    return None
+
+
+def _message_of(value: Any) -> str | None:
+    """Error text from ``{"message"}``, ``{"error": "..."}``, ``{"error": {"message"}}`` or a string."""
+    if isinstance(value, str):
+        return value or None
+    if not isinstance(value, dict):
+        return None
+    message = value.get("message")
+    if isinstance(message, str) and message:
+        return message
+    error = value.get("error")
+    if isinstance(error, str) and error:
+        return error
+    if isinstance(error, dict):
+        inner = error.get("message")
+        if isinstance(inner, str) and inner:
+            return inner
+    return None
+
+
+# --- Request side: an optional typed model of CreateUserAttributesRequestDtoV21 ----------------------
+# The client serializes plain dicts (the mapping layer builds them); these models exist for typing and
+# for tests that want to check a record's shape. They forbid unknown keys, so a typo fails loudly.
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CustomIdentifier(_Request):
+    key: str
+    value: str
+
+
+class Identifiers(_Request):
+    email: str | None = None
+    phone: str | None = None
+    shopifyId: str | None = None
+    klaviyoId: str | None = None
+    clientUserId: str | None = Field(default=None, max_length=100)
+    customIdentifiers: list[CustomIdentifier] | None = None
+
+
+class Demographic(_Request):
+    language: str | None = None
+    dateOfBirth: str | None = Field(default=None, pattern=r"^\d{4}-\d{2}-\d{2}$")
+    age: int | None = None
+    organization: str | None = None
+    title: str | None = None
+    website: str | None = None
+
+
+class Location(_Request):
+    address1: str | None = None
+    address2: str | None = None
+    city: str | None = None
+    state: str | None = None
+    zip: str | None = None
+    latitude: str | None = None
+    longitude: str | None = None
+    country: str | None = None
+    region: str | None = None
+    timezone: str | None = None
+
+
+class Locale(_Request):
+    language: str | None = None
+    country: str | None = None
+
+
+class Attributes(_Request):
+    firstName: str | None = None
+    lastName: str | None = None
+    demographic: Demographic | None = None
+    location: Location | None = None
+    locale: Locale | None = None
+    custom: dict[str, str | int | float | bool] | None = None
+
+
+class BulkUser(_Request):
+    """One ``users[]`` item. No ``subscriptions``: membership export never subscribes anyone."""
+
+    identifiers: Identifiers
+    attributes: Attributes | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        """The dict to pass to :meth:`AttentiveClient.submit_bulk` (None fields omitted, per §1)."""
+        return self.model_dump(exclude_none=True)
