@@ -587,6 +587,53 @@ def test_iter_results_empty_file(make_client: Any) -> None:
     assert list(client.iter_results("https://files.test/r.jsonl")) == []
 
 
+class _BrokenStream(httpx.SyncByteStream):
+    def __iter__(self) -> Iterator[bytes]:
+        yield b'{"index":0,"response":{"statusCode":202}}\n{"index":1,"resp'
+        raise httpx.ReadError("[Errno 104] Connection reset by peer")
+
+
+def test_iter_results_mid_stream_failure(make_client: Any) -> None:
+    client, rec, _ = make_client(httpx.Response(200, stream=_BrokenStream()))
+    got: list[ResultLine] = []
+    with pytest.raises(TransportError, match="1 attempt") as info:
+        got.extend(client.iter_results("https://files.test/r.jsonl"))
+    assert [ln.index for ln in got] == [0] and len(rec.requests) == 1
+    assert info.value.may_have_reached_server
+
+
+def test_iter_results_refuses_empty_url_eagerly(make_client: Any) -> None:
+    client, rec, _ = make_client(resp(200, text=""))
+    with pytest.raises(ValueError):
+        client.iter_results("  ")
+    assert rec.requests == []
+
+
+def test_iter_results_is_lazy_and_closes_early(make_client: Any) -> None:
+    client, rec, _ = make_client(resp(200, text=RESULTS))
+    lines = client.iter_results("https://files.test/r.jsonl")
+    assert rec.requests == []
+    assert next(lines).index == 0
+    lines.close()  # type: ignore[attr-defined]
+    assert len(rec.requests) == 1
+
+
+def test_job_status_tolerates_odd_values(make_client: Any) -> None:
+    client, _, _ = make_client(
+        resp(200, {"bulkJobId": 12345, "status": "PENDING", "totalRecords": "many", "url": ""}),
+        resp(200, {"bulkJobId": None, "status": "COMPLETED", "totalRecords": 3.0, "url": "u"}),
+    )
+    first = client.job_status("12345")
+    assert (first.bulkJobId, first.totalRecords, first.url) == ("12345", None, None)
+    second = client.job_status(JOB_ID)
+    assert (second.bulkJobId, second.totalRecords, second.url) == (JOB_ID, 3, "u")
+
+
+def test_me_coerces_numeric_ids(make_client: Any) -> None:
+    client, _, _ = make_client(resp(200, {"companyId": 42, "companyName": None}))
+    assert client.me().companyId == "42"
+
+
 def test_result_line_status_variants() -> None:
     assert ResultLine.from_line('{"response":413}', 0).status_code == 413
     assert ResultLine.from_line('{"response":{"statusCode":"400 Bad Request"}}', 0).status_code == 400

@@ -267,7 +267,8 @@ class AttentiveClient:
         path = "/v2/bulk/job/" + quote(job_id, safe="")
         response = self._send(self._http.build_request("GET", path))
         data = self._json_object(response)
-        data.setdefault("bulkJobId", job_id)
+        if not data.get("bulkJobId"):
+            data["bulkJobId"] = job_id
         return self._parse(BulkJobStatus, response, data)
 
     def iter_results(self, url: str) -> Iterator[ResultLine]:
@@ -283,12 +284,18 @@ class AttentiveClient:
         Args:
             url: the job status ``url``; an absolute URL, or a path on the API host.
 
-        Yields:
-            One :class:`ResultLine` per non-blank line, in file order.
+        Returns:
+            A lazy iterator of one :class:`ResultLine` per non-blank line, in file order.
 
         Raises:
+            ValueError: empty url (raised at once; the download starts on the first ``next()``).
             NotFound: expired or unknown file. Other :class:`AttentiveError` subclasses.
         """
+        if not isinstance(url, str) or not url.strip():
+            raise ValueError("url must be the non-empty results URL of a completed job")
+        return self._stream_results(url.strip())
+
+    def _stream_results(self, url: str) -> Iterator[ResultLine]:
         request = self._http.build_request("GET", url)
         request.headers.pop("Authorization", None)
         request.headers["Accept"] = "application/x-ndjson, application/jsonl, application/json, */*"
@@ -302,7 +309,7 @@ class AttentiveClient:
                 yield ResultLine.from_line(line, number)
                 number += 1
         except httpx.TransportError as exc:
-            raise self._transport_error(request, exc) from exc
+            raise self._transport_error(request, exc, attempts=1) from exc
         finally:
             response.close()
 
@@ -324,6 +331,7 @@ class AttentiveClient:
                 self._http.send, request, stream=stream, follow_redirects=stream
             )
         except httpx.TransportError as exc:
+            attempts = int(retrying.statistics.get("attempt_number", 1))
             logger.debug(
                 "attentive %s %s failed after %.1f ms: %s",
                 request.method,
@@ -331,7 +339,7 @@ class AttentiveClient:
                 (time.perf_counter() - started) * 1000,
                 type(exc).__name__,
             )
-            raise self._transport_error(request, exc) from exc
+            raise self._transport_error(request, exc, attempts=attempts) from exc
         logger.debug(
             "attentive %s %s -> %d in %.1f ms",
             request.method,
@@ -366,9 +374,10 @@ class AttentiveClient:
 
         return log
 
-    def _transport_error(self, request: httpx.Request, exc: httpx.TransportError) -> TransportError:
+    def _transport_error(
+        self, request: httpx.Request, exc: httpx.TransportError, *, attempts: int
+    ) -> TransportError:
         sent = not isinstance(exc, _NOT_SENT)
-        attempts = self._max_attempts if isinstance(exc, _RETRYABLE) else 1
         detail = self._scrub(str(exc))[:MAX_ATTENTIVE_MESSAGE] or "no detail"
         return TransportError(
             f"Attentive {request.method} {request.url.path}: {type(exc).__name__} ({detail}) "

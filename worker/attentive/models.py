@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 #: Job states after which a job never changes again (CONTRACT.md §2 client policy).
 TERMINAL_STATUSES = frozenset({"COMPLETED", "FAILED", "CANCELLED"})
@@ -19,7 +19,8 @@ KNOWN_STATUSES = frozenset({"PENDING", "IN_PROGRESS", "NEEDS_REVIEW", *TERMINAL_
 
 
 class _Response(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    # Unknown fields ignored; ids sent as JSON numbers still read as strings.
+    model_config = ConfigDict(extra="ignore", frozen=True, coerce_numbers_to_str=True)
 
 
 class MeResponse(_Response):
@@ -46,6 +47,23 @@ class BulkJobStatus(_Response):
     status: str
     totalRecords: int | None = None
     url: str | None = None
+
+    @field_validator("totalRecords", mode="before")
+    @classmethod
+    def _lenient_total(cls, value: Any) -> Any:
+        """A count we cannot read must not stop polling: it is informational."""
+        if isinstance(value, bool) or value is None:
+            return None
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        return _as_int(value)
+
+    @field_validator("url", mode="before")
+    @classmethod
+    def _blank_url_is_none(cls, value: Any) -> Any:
+        return value if isinstance(value, str) and value.strip() else None
 
     @property
     def normalized_status(self) -> str:
