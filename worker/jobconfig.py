@@ -132,7 +132,9 @@ def _field_path(value: str) -> str:
     if len(value) > MAX_FIELD_PATH_CHARS:
         raise _err("field_path", "profile field name is longer than {n} characters", n=MAX_FIELD_PATH_CHARS)
     if any(not part.strip() for part in value.split(".")):
-        raise _err("field_path", "profile field {value!r} has an empty segment in its dotted path", value=value)
+        raise _err(
+            "field_path", "profile field {value!r} has an empty segment in its dotted path", value=value
+        )
     return value
 
 
@@ -332,7 +334,9 @@ class ExportJobConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=False)
 
     label: Annotated[str, AfterValidator(_non_blank), Field(max_length=MAX_LABEL_CHARS)]
-    description: Annotated[str | None, Field(max_length=MAX_DESCRIPTION_CHARS), AfterValidator(_optional_text)] = None
+    description: Annotated[
+        str | None, Field(max_length=MAX_DESCRIPTION_CHARS), AfterValidator(_optional_text)
+    ] = None
     authorization: Annotated[str, AfterValidator(_non_blank)]
     audiences: Annotated[list[AudienceSlug], Field(min_length=1)]
     identifier_mappings: Annotated[dict[FieldPath, Target], Field(min_length=1)]
@@ -426,7 +430,9 @@ def problems_from_validation_error(exc: ValidationError) -> list[str]:
 def parse_job_config(data: Mapping[str, Any]) -> ExportJobConfig:
     """Validate a configuration mapping; raise :class:`JobConfigError` listing every problem."""
     if not isinstance(data, Mapping):
-        raise JobConfigError([f"<file>: the configuration must be a mapping of keys, got {type(data).__name__}"])
+        raise JobConfigError(
+            [f"<file>: the configuration must be a mapping of keys, got {type(data).__name__}"]
+        )
     try:
         return ExportJobConfig.model_validate(dict(data))
     except ValidationError as exc:
