@@ -42,3 +42,23 @@ def fake_redis() -> Iterator[fakeredis.FakeRedis]:
     client = fakeredis.FakeRedis()
     yield client
     client.close()
+
+
+# --- Attentive sandbox (see tests/sandboxproc.py) -------------------------------------------------
+
+from tests.sandboxproc import SandboxProcess, start_sandbox  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def sandbox_server() -> Iterator[SandboxProcess]:
+    """One real sandbox process for the session: tokens ``test-key`` (read/write) and ``readonly-key``
+    (403 on writes), jobs complete 0.2 s after submission, rate limit 100/s per token and endpoint."""
+    with start_sandbox(["test-key", "readonly-key:readonly"], processing_delay=0.2) as server:
+        yield server
+
+
+@pytest.fixture
+def sandbox(sandbox_server: SandboxProcess) -> SandboxProcess:
+    """The session sandbox with its state and faults reset before this test; ``.url`` for the client."""
+    sandbox_server.reset()
+    return sandbox_server
