@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -132,13 +132,11 @@ class JobBuffer:
         return bool(self._run("release", batch.batch_id, batch.token))
 
     def mark_submitted(
-        self, batch: ClaimedBatch, attentive_jobs: Iterable[str], poll_deadline_ms: int
+        self, batch: ClaimedBatch, attentive_jobs: list[dict[str, Any]], poll_deadline_ms: int
     ) -> bool:
         """Record the Attentive job ids; False if the lease was lost meanwhile (the batch is re-sent)."""
         return bool(
-            self._run(
-                "submitted", batch.batch_id, batch.token, json.dumps(list(attentive_jobs)), poll_deadline_ms
-            )
+            self._run("submitted", batch.batch_id, batch.token, json.dumps(attentive_jobs), poll_deadline_ms)
         )
 
     def expect_poll_by(self, batch_id: int, deadline_ms: int) -> None:
@@ -167,8 +165,7 @@ class JobBuffer:
 
     # --- reads ----------------------------------------------------------------------------------
     def batch(self, batch_id: int) -> dict[str, str]:
-        raw = self._redis.hgetall(keys.batch(self.job_id, batch_id))
-        return {k.decode(): v.decode() for k, v in raw.items()}
+        return decode_hash(self._redis.hgetall(keys.batch(self.job_id, batch_id)))
 
     def open_size(self) -> int:
         return int(self._redis.zcard(keys.open_users(self.job_id)))
@@ -181,6 +178,15 @@ class JobBuffer:
 
     def outstanding_users(self) -> int:
         return int(self._redis.hlen(keys.outstanding(self.job_id)))
+
+
+def decode_hash(raw: Any) -> dict[str, str]:
+    """A Redis hash as text, whether the client decodes responses or not."""
+    return {_text(k): _text(v) for k, v in raw.items()}
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def merge_records(records: Sequence[dict[str, Any]]) -> dict[str, Any]:

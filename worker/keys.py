@@ -107,3 +107,24 @@ def leases(job_id: str) -> str:
 def polls(job_id: str) -> str:
     """ZSET: batch id -> time (ms) by which its next poll must have run; the sweep re-drives late ones."""
     return _job(job_id, "polls")
+
+
+# --- inbox and ingest -------------------------------------------------------------------------------
+def inbox_chunk(chunk_id: str) -> str:
+    """LIST: raw transition JSON texts of one chunk, deleted once ingested."""
+    return f"{PREFIX}:inbox:{chunk_id}"
+
+
+def inbox_pending() -> str:
+    """ZSET: chunk id -> written/re-driven at (ms); the sweep re-drives old entries."""
+    return f"{PREFIX}:inbox:pending"
+
+
+def ingest_status() -> str:
+    """HASH: counters for transitions before routing (received, rejected by reason, unroutable)."""
+    return f"{PREFIX}:ingest:status"
+
+
+def job_field_drops(job_id: str) -> str:
+    """HASH: field drop reason -> count (a field left out of a record, the record still sent)."""
+    return _job(job_id, "field_drops")

@@ -32,11 +32,18 @@ class Settings:
     #: Fernet key (urlsafe base64, 32 bytes) that encrypts stored API keys. Never logged.
     secret_key: str | None = field(default=None, repr=False)
     rate_limit_per_second: float = DEFAULT_RATE_LIMIT_PER_SECOND
+    #: First status check of an Attentive batch job; later checks back off exponentially.
+    first_poll_seconds: float = 2.0
+    #: Longest wait between two status checks of one batch job.
+    poll_cap_seconds: float = 60.0
+    #: How long a flush owns a claimed batch before the sweep hands it to another worker.
+    lease_seconds: float = 60.0
 
     @classmethod
     def from_env(cls) -> Settings:
         """Read ``REDIS_URL``, ``CELERY_BROKER_URL``, ``ATTENTIVE_API_URL``, ``EXPORT_SECRET_KEY``,
-        ``ATTENTIVE_RATE_LIMIT`` (requests/s for all workers together)."""
+        ``ATTENTIVE_RATE_LIMIT`` (requests/s for all workers together), ``ATTENTIVE_FIRST_POLL_SECONDS``,
+        ``ATTENTIVE_POLL_CAP_SECONDS``, ``FLUSH_LEASE_SECONDS``."""
         redis_url = _env("REDIS_URL", DEFAULT_REDIS_URL)
         return cls(
             redis_url=redis_url,
@@ -44,4 +51,7 @@ class Settings:
             attentive_api_url=_env("ATTENTIVE_API_URL", DEFAULT_ATTENTIVE_API_URL).rstrip("/"),
             secret_key=os.environ.get("EXPORT_SECRET_KEY") or None,
             rate_limit_per_second=float(_env("ATTENTIVE_RATE_LIMIT", str(DEFAULT_RATE_LIMIT_PER_SECOND))),
+            first_poll_seconds=float(_env("ATTENTIVE_FIRST_POLL_SECONDS", "2")),
+            poll_cap_seconds=float(_env("ATTENTIVE_POLL_CAP_SECONDS", "60")),
+            lease_seconds=float(_env("FLUSH_LEASE_SECONDS", "60")),
         )

@@ -179,6 +179,7 @@ elseif op == 'claim' then
         if redis.call('HGET', key, 'state') == 'sealed' then
             redis.call('HSET', key, 'state', 'submitting', 'owner', token, 'lease_until', now + lease)
             redis.call('ZADD', K_LEASES, now + lease, bid)
+            redis.call('HSET', K_STATUS, 'last_claim_at', now)
             local b = redis.call('HMGET', key, 'users', 'records', 'attempts')
             return {bid, b[1], b[2], b[3]}
         end

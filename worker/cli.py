@@ -1,0 +1,331 @@
+"""``attentive-export``: the operator's command line.
+
+Every failure a user can cause (a bad file, a refused key, a missing secret key, an unknown job)
+ends in one clear line on stderr and exit status 2, never a traceback. API keys are read from an
+environment variable or a prompt, never from the command line (it ends up in shell history).
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from worker import deadletters, inbox
+from worker.authorizations import AuthorizationError, AuthorizationStore
+from worker.crypto import SecretKeyError, generate_secret_key
+from worker.jobconfig import JobConfigError, JobState, load_job_config
+from worker.jobs import JobNotFound, JobStore
+from worker.settings import Settings
+from worker.status import ingest_status, job_status
+from worker.transitions import Rejected, parse_line
+
+#: Transitions per inbox chunk (one ingest task each) when ingesting a file.
+INGEST_CHUNK = 1000
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as one line, exit status 2."""
+
+
+def _redis(settings: Settings) -> redis.Redis:
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        raise UserError(f"cannot reach Redis at REDIS_URL={settings.redis_url}: {exc}") from None
+    return client
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+# --- authorizations ---------------------------------------------------------------------------------
+def cmd_auth_add(args: argparse.Namespace, settings: Settings) -> None:
+    api_key = os.environ.get(args.api_key_env, "") if args.api_key_env else ""
+    if not api_key:
+        if not sys.stdin.isatty():
+            api_key = sys.stdin.readline().strip()
+        else:
+            api_key = getpass.getpass("Attentive API key: ").strip()
+    if not api_key:
+        raise UserError(
+            "no API key given: set it in the variable named by --api-key-env, or type it at the prompt"
+        )
+    store = AuthorizationStore(_redis(settings), settings.secret_key)
+    auth = store.create(args.label, api_key, args.description or "")
+    print(
+        f"saved authorization {auth.id} ({auth.label}) for {auth.company_name or 'unknown company'} {auth.key_hint}"
+    )
+
+
+def cmd_auth_list(args: argparse.Namespace, settings: Settings) -> None:
+    store = AuthorizationStore(_redis(settings), settings.secret_key)
+    rows = store.list()
+    if args.json:
+        _print_json([a.model_dump(mode="json") for a in rows])
+        return
+    if not rows:
+        print("no authorizations; add one with `attentive-export auth add --label NAME`")
+    for a in rows:
+        print(f"{a.id}  {a.label:<30} {a.company_name or '-':<30} {a.key_hint}")
+
+
+def cmd_auth_delete(args: argparse.Namespace, settings: Settings) -> None:
+    AuthorizationStore(_redis(settings), settings.secret_key).delete(args.authorization)
+    print(f"deleted authorization {args.authorization}")
+
+
+def cmd_secret_key(_args: argparse.Namespace, _settings: Settings) -> None:
+    print(generate_secret_key())
+
+
+# --- jobs -------------------------------------------------------------------------------------------
+def cmd_jobs_create(args: argparse.Namespace, settings: Settings) -> None:
+    config = load_job_config(args.file)
+    client = _redis(settings)
+    AuthorizationStore(client, settings.secret_key).get(config.authorization)
+    state = JobState.CREATED if args.no_start else JobState.RUNNING
+    job = JobStore(client).create(config, state=state)
+    print(f"created export job {job.id} ({config.label}), state {job.state}")
+    if config.existing_users and not args.no_start:
+        print("note: backfill of existing members is not run by this command yet; ingest them with `ingest`")
+
+
+def cmd_jobs_list(args: argparse.Namespace, settings: Settings) -> None:
+    jobs = JobStore(_redis(settings)).list()
+    if args.json:
+        _print_json([json.loads(j.to_json()) for j in jobs])
+        return
+    if not jobs:
+        print("no export jobs; create one with `attentive-export jobs create job.yaml`")
+    for j in jobs:
+        reason = f"  ({j.pause_reason})" if j.pause_reason else ""
+        print(f"{j.id}  {j.state:<11} {j.config.label:<30} {','.join(j.config.audiences)}{reason}")
+
+
+def cmd_jobs_show(args: argparse.Namespace, settings: Settings) -> None:
+    _print_json(json.loads(JobStore(_redis(settings)).get(args.job).to_json()))
+
+
+def _set_state(args: argparse.Namespace, settings: Settings, state: JobState, reason: str = "") -> None:
+    client = _redis(settings)
+    job = JobStore(client).set_state(args.job, state, reason)
+    print(f"job {job.id} is now {job.state}")
+    if state is JobState.RUNNING:
+        from worker.dispatch import CeleryDispatcher
+
+        CeleryDispatcher().flush(job.id)
+
+
+def cmd_jobs_pause(args: argparse.Namespace, settings: Settings) -> None:
+    _set_state(args, settings, JobState.PAUSED, "paused by an operator")
+
+
+def cmd_jobs_resume(args: argparse.Namespace, settings: Settings) -> None:
+    _set_state(args, settings, JobState.RUNNING)
+
+
+def cmd_jobs_stop(args: argparse.Namespace, settings: Settings) -> None:
+    _set_state(args, settings, JobState.STOPPED)
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> None:
+    client = _redis(settings)
+    if args.job:
+        _print_json(job_status(client, args.job))
+    else:
+        _print_json(
+            {
+                "ingest": ingest_status(client),
+                "jobs": [job_status(client, j.id) for j in JobStore(client).list()],
+            }
+        )
+
+
+def cmd_deadletters(args: argparse.Namespace, settings: Settings) -> None:
+    _print_json(deadletters.read(_redis(settings), args.job, args.limit))
+
+
+def cmd_preview(args: argparse.Namespace, _settings: Settings) -> None:
+    """Map transitions with a job file and print what would be sent, touching nothing."""
+    from worker.mapping import Mapper
+
+    config = load_job_config(args.job_file)
+    mapper = Mapper(config)
+    with _open_input(args.input) as lines:
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            for item in parse_line(line):
+                if isinstance(item, Rejected):
+                    _print_json({"line": n, "rejected": item.reason, "detail": item.detail})
+                    continue
+                if item.audience not in config.audiences:
+                    _print_json(
+                        {"line": n, "skipped": "audience not exported by this job", "audience": item.audience}
+                    )
+                    continue
+                result = mapper.map(item.user, {item.audience: item.enter}, include_attributes=item.enter)
+                _print_json(
+                    {
+                        "line": n,
+                        "user_key": mapper.user_key(item.user),
+                        "record": result.record,
+                        "skipped": result.skip_reason,
+                        "dropped_fields": [list(d) for d in result.dropped],
+                    }
+                )
+
+
+def cmd_ingest(args: argparse.Namespace, settings: Settings) -> None:
+    """Queue a JSONL file of transitions: chunks go to the inbox, ingest tasks carry chunk ids."""
+    from worker.dispatch import CeleryDispatcher
+
+    client = _redis(settings)
+    dispatcher = CeleryDispatcher()
+    chunks = total = 0
+    batch: list[str] = []
+    with _open_input(args.input) as lines:
+        for line in lines:
+            if not line.strip():
+                continue
+            batch.append(line)
+            if len(batch) >= INGEST_CHUNK:
+                dispatcher.ingest(inbox.put_chunk(client, batch))
+                chunks, total, batch = chunks + 1, total + len(batch), []
+    if batch:
+        dispatcher.ingest(inbox.put_chunk(client, batch))
+        chunks, total = chunks + 1, total + len(batch)
+    print(f"queued {total} lines in {chunks} chunks; follow progress with `attentive-export status`")
+
+
+class _open_input:
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._fh: Any = None
+
+    def __enter__(self) -> Any:
+        if self._path == "-":
+            return sys.stdin
+        try:
+            self._fh = Path(self._path).open(encoding="utf-8")
+        except OSError as exc:
+            raise UserError(f"cannot read {self._path}: {exc.strerror}") from None
+        return self._fh
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fh is not None:
+            self._fh.close()
+
+
+def cmd_demo(args: argparse.Namespace, _settings: Settings) -> None:
+    from worker.demo import run_demo
+
+    run_demo(users=args.users, port=args.port)
+
+
+# --- parser -----------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="attentive-export",
+        description="Export audiences to Attentive in real time. Configuration comes from the environment: "
+        "REDIS_URL, CELERY_BROKER_URL, ATTENTIVE_API_URL, EXPORT_SECRET_KEY, ATTENTIVE_RATE_LIMIT.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    auth = sub.add_parser("auth", help="connect Attentive accounts (API keys)").add_subparsers(
+        dest="auth_command", required=True, metavar="ACTION"
+    )
+    add = auth.add_parser("add", help="validate an API key with Attentive and save it encrypted")
+    add.add_argument("--label", required=True, help="a name for this authorization")
+    add.add_argument("--description", default="", help="optional free text")
+    add.add_argument(
+        "--api-key-env",
+        metavar="VAR",
+        help="read the key from this environment variable (otherwise from stdin or a prompt)",
+    )
+    add.set_defaults(func=cmd_auth_add)
+    ls = auth.add_parser("list", help="list authorizations (keys masked)")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_auth_list)
+    rm = auth.add_parser("delete", help="delete an authorization")
+    rm.add_argument("authorization", help="id or label")
+    rm.set_defaults(func=cmd_auth_delete)
+
+    sk = sub.add_parser("secret-key", help="print a new EXPORT_SECRET_KEY (Fernet key)")
+    sk.set_defaults(func=cmd_secret_key)
+
+    jobs = sub.add_parser("jobs", help="export jobs").add_subparsers(
+        dest="jobs_command", required=True, metavar="ACTION"
+    )
+    create = jobs.add_parser("create", help="create an export job from a YAML or JSON file")
+    create.add_argument("file")
+    create.add_argument(
+        "--no-start", action="store_true", help="create it in state 'created' without starting"
+    )
+    create.set_defaults(func=cmd_jobs_create)
+    jl = jobs.add_parser("list", help="list export jobs")
+    jl.add_argument("--json", action="store_true")
+    jl.set_defaults(func=cmd_jobs_list)
+    for name, func, text in (
+        ("show", cmd_jobs_show, "show a job's configuration and state"),
+        ("pause", cmd_jobs_pause, "stop sending (transitions keep being buffered)"),
+        ("resume", cmd_jobs_resume, "start or resume sending"),
+        ("stop", cmd_jobs_stop, "stop the job for good (transitions are no longer routed to it)"),
+    ):
+        sp = jobs.add_parser(name, help=text)
+        sp.add_argument("job")
+        sp.set_defaults(func=func)
+
+    st = sub.add_parser("status", help="counters, buffers and last errors (all jobs, or one)")
+    st.add_argument("job", nargs="?")
+    st.set_defaults(func=cmd_status)
+
+    dl = sub.add_parser("deadletters", help="changes that will not reach Attentive, with reasons")
+    dl.add_argument("job")
+    dl.add_argument("--limit", type=int, default=100)
+    dl.set_defaults(func=cmd_deadletters)
+
+    pv = sub.add_parser(
+        "preview", help="dry run: show the Attentive records a job file makes from transitions"
+    )
+    pv.add_argument("job_file")
+    pv.add_argument("input", help="JSONL file of transitions, or - for stdin")
+    pv.set_defaults(func=cmd_preview)
+
+    ing = sub.add_parser(
+        "ingest", help="queue a JSONL file of transitions (canonical or Lytics webhook bodies)"
+    )
+    ing.add_argument("input", help="JSONL file, or - for stdin")
+    ing.set_defaults(func=cmd_ingest)
+
+    demo = sub.add_parser("demo", help="run everything locally against the sandbox and show the result")
+    demo.add_argument("--users", type=int, default=1000)
+    demo.add_argument("--port", type=int, default=8787)
+    demo.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args, Settings.from_env())
+    except (UserError, JobConfigError, JobNotFound, AuthorizationError, SecretKeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

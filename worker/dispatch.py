@@ -1,0 +1,40 @@
+"""How domain code asks for the next step without importing Celery tasks.
+
+Task arguments are ids only (invariant 5). Domain functions return what should happen next and
+the thin tasks in ``tasks/`` call a :class:`Dispatcher`; tests pass a recording one.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+# Task names, shared by tasks/ (which defines them) and the Celery dispatcher (which sends them).
+INGEST_TASK = "export.ingest"
+FLUSH_TASK = "export.flush"
+POLL_TASK = "export.poll"
+SWEEP_TASK = "export.sweep"
+BACKFILL_TASK = "export.backfill"
+
+
+class Dispatcher(Protocol):
+    def ingest(self, chunk_id: str) -> None: ...
+    def flush(self, job_id: str, countdown: float = 0.0) -> None: ...
+    def poll(self, job_id: str, batch_id: int, attempt: int, countdown: float) -> None: ...
+
+
+class CeleryDispatcher:
+    """Sends tasks by name to their queues (see celeryconfig.task_routes)."""
+
+    def __init__(self) -> None:
+        from worker.app import app
+
+        self._app = app
+
+    def ingest(self, chunk_id: str) -> None:
+        self._app.send_task(INGEST_TASK, args=[chunk_id])
+
+    def flush(self, job_id: str, countdown: float = 0.0) -> None:
+        self._app.send_task(FLUSH_TASK, args=[job_id], countdown=countdown or None)
+
+    def poll(self, job_id: str, batch_id: int, attempt: int, countdown: float) -> None:
+        self._app.send_task(POLL_TASK, args=[job_id, batch_id, attempt], countdown=countdown)

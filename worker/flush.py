@@ -1,0 +1,179 @@
+"""Flush: claim a sealed batch, spend a shared rate-limit token, POST it, schedule its poll.
+
+Failures never lose the batch: it stays in Redis and is released back to the queue (429, 5xx,
+timeouts), kept while the job is paused (401/403), or split so only the users Attentive refuses
+are dead-lettered (400). See DESIGN.md §4.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from worker import deadletters, keys
+from worker.attentive import (
+    AttentiveError,
+    Forbidden,
+    InvalidRequest,
+    RateLimited,
+    Unauthorized,
+)
+from worker.buffer import ClaimedBatch, JobBuffer, merge_records, now_ms
+from worker.jobs import ExportJob
+from worker.ratelimit import RateLimiter, backoff_delay
+from worker.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+#: Longest a flush waits for a rate-limit token before giving the batch back.
+TOKEN_WAIT_SECONDS = 5.0
+#: One flush task keeps claiming batches this long, so a backlog drains without a task per batch.
+FLUSH_BUDGET_SECONDS = 10.0
+#: Grace after a poll's due time before the sweep re-drives it (its task was lost).
+POLL_GRACE_MS = 120_000
+
+
+class NoToken(Exception):
+    """The shared rate limiter had no token within :data:`TOKEN_WAIT_SECONDS`."""
+
+    def __init__(self, wait: float) -> None:
+        super().__init__(f"rate limiter busy for {wait:.2f}s")
+        self.wait = wait
+
+
+@dataclass
+class FlushReport:
+    submitted: list[int] = field(default_factory=list)
+    retry_in: float | None = None  # seconds; set when the task should run again later
+    paused: str = ""
+
+
+def flush_job(rt: Runtime, job_id: str, budget_seconds: float = FLUSH_BUDGET_SECONDS) -> FlushReport:
+    """Submit sealed batches of one job until none is left, the budget is spent, or sending must stop."""
+    report = FlushReport()
+    job = rt.jobs.cached(job_id)
+    if job is None or not job.sending:
+        return report
+    buffer = JobBuffer(rt.redis, job_id, job.config.batch_size)
+    deadline = time.monotonic() + budget_seconds
+    while time.monotonic() < deadline:
+        batch = buffer.claim(int(rt.settings.lease_seconds * 1000))
+        if batch is None:
+            return report
+        outcome = _flush_batch(rt, job, buffer, batch)
+        if isinstance(outcome, float):
+            report.retry_in = outcome
+            return report
+        if isinstance(outcome, str):
+            report.paused = outcome
+            return report
+        if outcome:
+            report.submitted.append(batch.batch_id)
+    report.retry_in = 0.0  # budget spent with batches maybe left: continue in a fresh task
+    return report
+
+
+def _flush_batch(rt: Runtime, job: ExportJob, buffer: JobBuffer, batch: ClaimedBatch) -> bool | float | str:
+    """True if submitted, a float to retry after that many seconds, a str pause reason."""
+    status_key = keys.job_status(job.id)
+    users = [merge_records(records) for records in batch.records]
+    try:
+        client = rt.client_for(job)
+        limiter = rt.limiter_for(job)
+        submissions, refused = _submit_isolating(client, limiter, users)
+    except (Unauthorized, Forbidden) as exc:
+        buffer.release(batch)
+        return pause_for_auth_error(rt, job, exc)
+    except NoToken as exc:
+        buffer.release(batch)
+        return exc.wait
+    except RateLimited as exc:
+        buffer.release(batch)
+        streak = int(rt.redis.hincrby(status_key, "consecutive_429", 1))
+        delay = backoff_delay(streak - 1, retry_after=exc.retry_after)
+        limiter.penalize(delay)
+        rt.redis.hincrby(status_key, "responses_429", 1)
+        rt.redis.hincrbyfloat(status_key, "rate_limited_seconds", delay)
+        return delay
+    except AttentiveError as exc:  # 5xx, timeouts, dropped connections, odd responses
+        buffer.release(batch)
+        streak = int(rt.redis.hincrby(status_key, "consecutive_errors", 1))
+        rt.redis.hset(status_key, "last_error", f"{type(exc).__name__}: {exc.message}")
+        return backoff_delay(streak - 1, base=1.0, cap=60.0)
+    except Exception:
+        buffer.release(batch)
+        raise
+
+    if refused:
+        deadletters.record(
+            rt.redis,
+            job.id,
+            batch.batch_id,
+            ((batch.users[i], f"attentive_400: {msg}", users[i]) for i, msg in refused.items()),
+        )
+    rt.redis.hset(status_key, mapping={"consecutive_429": 0, "consecutive_errors": 0})
+    if not submissions:  # every user was refused: nothing to poll
+        buffer.complete(batch.batch_id, {"batches_completed": 1})
+        return False
+    jobs = [{"id": job_id, "idx": idx} for job_id, idx in submissions]
+    first_poll = rt.settings.first_poll_seconds
+    deadline = now_ms() + int(first_poll * 1000) + POLL_GRACE_MS
+    if not buffer.mark_submitted(batch, jobs, deadline):
+        # Our lease ran out and the batch went back to the queue: it will be sent again (an upsert,
+        # harmless) and polled by whoever sends it.
+        log.warning("job %s batch %s: lease lost during submit", job.id, batch.batch_id)
+        return False
+    rt.dispatch.poll(job.id, batch.batch_id, 0, first_poll)
+    return True
+
+
+def _submit_isolating(
+    client: Any, limiter: RateLimiter, users: list[dict[str, Any]]
+) -> tuple[list[tuple[str, list[int]]], dict[int, str]]:
+    """POST ``users``; on a 400 split the batch in halves until the refused users are isolated.
+
+    Returns (Attentive job id, indices of the users it carries) per accepted request, and the
+    refused users' indices with Attentive's message. Other errors propagate.
+    """
+    submissions: list[tuple[str, list[int]]] = []
+    refused: dict[int, str] = {}
+    pending: list[list[int]] = [list(range(len(users)))]
+    while pending:
+        idx = pending.pop()
+        if not limiter.acquire(TOKEN_WAIT_SECONDS):
+            raise NoToken(limiter.next_wait)
+        try:
+            job_id = client.submit_bulk([users[i] for i in idx])
+        except InvalidRequest as exc:
+            if len(idx) == 1:
+                refused[idx[0]] = exc.attentive_message or exc.message
+            else:
+                half = len(idx) // 2
+                pending += [idx[half:], idx[:half]]
+            continue
+        submissions.append((job_id, idx))
+    return submissions, refused
+
+
+def pause_for_auth_error(rt: Runtime, job: ExportJob, exc: AttentiveError) -> str:
+    """Pause the job after a 401/403 (retrying would only storm Attentive); returns the reason."""
+    reason = _pause_reason(exc)
+    rt.jobs.set_state(job.id, "paused", reason)
+    rt.forget_client(job)
+    rt.redis.hset(keys.job_status(job.id), "last_error", reason)
+    log.warning("job %s paused: %s", job.id, reason)
+    return reason
+
+
+def _pause_reason(exc: AttentiveError) -> str:
+    if isinstance(exc, Unauthorized):
+        return (
+            "Attentive rejected the API key (401 Unauthorized): it is unknown or revoked. "
+            "Save a valid key in the authorization, then resume the job."
+        )
+    return (
+        "Attentive refused the write (403 Forbidden): the key lacks Custom Attributes and Subscribers "
+        "write permission. Fix the app's permissions, then resume the job."
+    )

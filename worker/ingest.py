@@ -1,0 +1,112 @@
+"""Ingest: parse raw transitions, route them to jobs, map them, push them into job buffers.
+
+One call handles one inbox chunk. It is safe to run twice on the same chunk (a redelivered task):
+the buffer drops a transition whose event time is not newer than one already accepted.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import redis
+
+from worker import inbox, keys
+from worker.buffer import Change, JobBuffer
+from worker.jobs import JobStore
+from worker.transitions import Rejected, Transition, parse_line
+
+#: Transitions per buffer script call: keeps each atomic step short so Redis stays responsive.
+SCRIPT_CHUNK = 512
+NO_USER_KEY = "no_user_key"
+
+
+@dataclass
+class IngestReport:
+    received: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    unroutable: int = 0
+    #: job id -> ids of batches sealed while ingesting (each needs a flush)
+    sealed: dict[str, list[int]] = field(default_factory=dict)
+
+
+def ingest_lines(client: redis.Redis, jobs: JobStore, lines: Iterable[str | bytes]) -> IngestReport:
+    """Route, map and buffer every transition in ``lines``; count what could not be used."""
+    report = IngestReport()
+    per_job: dict[str, list[Change]] = defaultdict(list)
+    skips: dict[str, Counter[str]] = defaultdict(Counter)
+    drops: dict[str, Counter[str]] = defaultdict(Counter)
+    for line in lines:
+        for item in parse_line(line):
+            report.received += 1
+            if isinstance(item, Rejected):
+                report.rejected[item.reason] += 1
+                continue
+            routed = _route(jobs, item, per_job, skips, drops)
+            if not routed:
+                report.unroutable += 1
+    _write_counters(client, report, skips, drops)
+    for job_id, changes in per_job.items():
+        job = jobs.cached(job_id)
+        buffer = JobBuffer(client, job_id, job.config.batch_size if job else 256)
+        client.hincrby(keys.job_status(job_id), "received", len(changes))
+        sealed: list[int] = []
+        for start in range(0, len(changes), SCRIPT_CHUNK):
+            sealed += buffer.ingest(changes[start : start + SCRIPT_CHUNK]).sealed
+        report.sealed[job_id] = sealed
+    return report
+
+
+def _route(
+    jobs: JobStore,
+    t: Transition,
+    per_job: dict[str, list[Change]],
+    skips: dict[str, Counter[str]],
+    drops: dict[str, Counter[str]],
+) -> bool:
+    targets = jobs.routes(t.audience)
+    for job in targets:
+        mapper = job.mapper
+        user_key = mapper.user_key(t.user)
+        if user_key is None:
+            skips[job.id][NO_USER_KEY] += 1
+            continue
+        result = mapper.map(t.user, {t.audience: t.enter}, include_attributes=t.enter)
+        for _field, reason in result.dropped:
+            drops[job.id][reason] += 1
+        if result.record is None:
+            skips[job.id][result.skip_reason or "unmappable"] += 1
+            continue
+        per_job[job.id].append(Change(user_key, t.audience, t.at_ms, json.dumps(result.record)))
+    return bool(targets)
+
+
+def _write_counters(
+    client: redis.Redis,
+    report: IngestReport,
+    skips: dict[str, Counter[str]],
+    drops: dict[str, Counter[str]],
+) -> None:
+    pipe = client.pipeline(transaction=False)
+    pipe.hincrby(keys.ingest_status(), "received", report.received)
+    for reason, n in report.rejected.items():
+        pipe.hincrby(keys.ingest_status(), f"rejected:{reason}", n)
+    if report.unroutable:
+        pipe.hincrby(keys.ingest_status(), "unroutable", report.unroutable)
+    for job_id, counts in skips.items():
+        for reason, n in counts.items():
+            pipe.hincrby(keys.job_skips(job_id), reason, n)
+    for job_id, counts in drops.items():
+        for reason, n in counts.items():
+            pipe.hincrby(keys.job_field_drops(job_id), reason, n)
+    pipe.execute()
+
+
+def ingest_chunk(client: redis.Redis, jobs: JobStore, chunk_id: str) -> IngestReport:
+    """Ingest one inbox chunk and delete it; a missing chunk (already done) is a no-op."""
+    lines = inbox.read_chunk(client, chunk_id)
+    report = ingest_lines(client, jobs, lines)
+    inbox.drop_chunk(client, chunk_id)
+    return report

@@ -1,0 +1,158 @@
+"""Export jobs stored in Redis: configuration plus lifecycle state, many side by side.
+
+A job's configuration is validated by :mod:`worker.jobconfig` before it gets here. Routing (which
+jobs export an audience) is read from Redis and cached for a moment in each process, so workers
+stay stateless (invariant 7) while ingest does not pay a Redis read per transition.
+"""
+
+from __future__ import annotations
+
+import builtins
+import datetime as dt
+import json
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from worker import keys
+from worker.jobconfig import ExportJobConfig, JobState, parse_job_config
+from worker.mapping import Mapper
+
+#: States whose jobs receive transitions. A paused job still buffers, so nothing is lost while an
+#: operator fixes its key; it just does not send.
+ROUTED_STATES = frozenset({JobState.BACKFILLING, JobState.RUNNING, JobState.PAUSED})
+#: States whose jobs send batches to Attentive.
+SENDING_STATES = frozenset({JobState.BACKFILLING, JobState.RUNNING})
+#: How long a process trusts its cached copy of the job table.
+ROUTING_CACHE_SECONDS = 2.0
+
+
+class JobNotFound(LookupError):
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"no export job {job_id!r}; `attentive-export jobs list` shows the jobs")
+
+
+@dataclass
+class ExportJob:
+    id: str
+    config: ExportJobConfig
+    state: JobState = JobState.CREATED
+    pause_reason: str = ""
+    created_at: str = ""
+    updated_at: str = ""
+    _mapper: Mapper | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def mapper(self) -> Mapper:
+        """The job's compiled mapping (built once per loaded job)."""
+        if self._mapper is None:
+            self._mapper = Mapper(self.config)
+        return self._mapper
+
+    @property
+    def sending(self) -> bool:
+        return self.state in SENDING_STATES
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "id": self.id,
+                "config": self.config.model_dump(mode="json"),
+                "state": self.state,
+                "pause_reason": self.pause_reason,
+                "created_at": self.created_at,
+                "updated_at": self.updated_at,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> ExportJob:
+        data: dict[str, Any] = json.loads(raw)
+        return cls(
+            id=data["id"],
+            config=parse_job_config(data["config"]),
+            state=JobState(data["state"]),
+            pause_reason=data.get("pause_reason", ""),
+            created_at=data.get("created_at", ""),
+            updated_at=data.get("updated_at", ""),
+        )
+
+
+def _now_iso() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+class JobStore:
+    """CRUD and state changes for export jobs, plus audience routing."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._redis = client
+        self._cache: dict[str, ExportJob] = {}
+        self._cache_at = 0.0
+
+    def create(self, config: ExportJobConfig, state: JobState = JobState.RUNNING) -> ExportJob:
+        job_id = secrets.token_hex(4)
+        now = _now_iso()
+        job = ExportJob(id=job_id, config=config, state=state, created_at=now, updated_at=now)
+        self._redis.hset(keys.jobs(), job_id, job.to_json())
+        self._cache_at = 0.0
+        return job
+
+    def get(self, job_id: str) -> ExportJob:
+        raw = self._redis.hget(keys.jobs(), job_id)
+        if raw is None:
+            raise JobNotFound(job_id)
+        return ExportJob.from_json(raw)
+
+    def list(self) -> list[ExportJob]:
+        jobs = [ExportJob.from_json(v) for v in self._redis.hvals(keys.jobs())]
+        return sorted(jobs, key=lambda j: (j.created_at, j.id))
+
+    def set_state(self, job_id: str, state: JobState | str, reason: str = "") -> ExportJob:
+        """Change a job's state; ``reason`` is shown to operators (kept only while paused)."""
+        job = self.get(job_id)
+        job.state = JobState(state)
+        job.pause_reason = reason if job.state is JobState.PAUSED else ""
+        job.updated_at = _now_iso()
+        self._redis.hset(keys.jobs(), job_id, job.to_json())
+        self._cache_at = 0.0
+        return job
+
+    def delete(self, job_id: str) -> None:
+        self.get(job_id)
+        self._redis.hdel(keys.jobs(), job_id)
+        self._cache_at = 0.0
+
+    # --- routing (hot path) ---------------------------------------------------------------------
+    def cached(self, job_id: str) -> ExportJob | None:
+        """The job from this process's short-lived cache (fresh enough for routing and flushing)."""
+        self._refresh()
+        return self._cache.get(job_id)
+
+    def routes(self, audience: str) -> builtins.list[ExportJob]:
+        """Jobs that receive transitions for ``audience``."""
+        self._refresh()
+        return [
+            j for j in self._cache.values() if j.state in ROUTED_STATES and audience in j.config.audiences
+        ]
+
+    def active(self) -> builtins.list[ExportJob]:
+        """Jobs the sweep looks after (everything but created and stopped)."""
+        self._refresh()
+        return [j for j in self._cache.values() if j.state in ROUTED_STATES]
+
+    def _refresh(self) -> None:
+        if time.monotonic() - self._cache_at < ROUTING_CACHE_SECONDS:
+            return
+        fresh: dict[str, ExportJob] = {}
+        for raw in self._redis.hvals(keys.jobs()):
+            job = ExportJob.from_json(raw)
+            old = self._cache.get(job.id)
+            if old is not None and old.config == job.config:
+                job._mapper = old._mapper  # keep the compiled mapping across refreshes
+            fresh[job.id] = job
+        self._cache = fresh
+        self._cache_at = time.monotonic()

@@ -1,0 +1,174 @@
+"""Poll: follow a batch's Attentive jobs until they finish, then settle the batch.
+
+COMPLETED: read the results file, dead-letter records Attentive refused, complete the batch (its
+data leaves Redis and its users' next changes move on). FAILED/CANCELLED/lost (404): send the batch
+again, a bounded number of times, then dead-letter it. Anything else (IN_PROGRESS, PENDING,
+NEEDS_REVIEW, unknown): poll again later with a jittered exponential countdown.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from worker import deadletters, keys
+from worker.attentive import AttentiveError, Forbidden, NotFound, RateLimited, Unauthorized
+from worker.buffer import JobBuffer, merge_records, now_ms
+from worker.flush import POLL_GRACE_MS, TOKEN_WAIT_SECONDS, pause_for_auth_error
+from worker.jobs import ExportJob
+from worker.ratelimit import backoff_delay
+from worker.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+#: Sends of one batch before a FAILED/CANCELLED/lost Attentive job dead-letters it.
+MAX_SEND_ATTEMPTS = 3
+#: How many refused records per batch are logged to status as a sample.
+FAILURE_SAMPLE = 5
+
+
+@dataclass
+class PollReport:
+    done: bool
+    next_in: float | None = None  # seconds until the next poll, when not done
+    statuses: tuple[str, ...] = ()
+
+
+def next_poll_delay(attempt: int, first: float = 2.0, cap: float = 60.0) -> float:
+    """Exponential from ``first`` seconds, capped at ``cap``, with +-20% jitter."""
+    base = min(cap, first * 2.0 ** min(attempt, 20))
+    return base * random.uniform(0.8, 1.2)
+
+
+def poll_batch(rt: Runtime, job_id: str, batch_id: int, attempt: int) -> PollReport:
+    """Check the batch's Attentive jobs once and settle the batch if they have all finished."""
+    job = rt.jobs.cached(job_id)
+    if job is None or not job.sending:
+        return PollReport(done=True)  # paused/stopped: the sweep re-drives the poll after resume
+    buffer = JobBuffer(rt.redis, job_id, job.config.batch_size)
+    batch = buffer.batch(batch_id)
+    if batch.get("state") != "submitted":
+        return PollReport(done=True)  # settled by a twin poll, or re-queued for sending
+    status_key = keys.job_status(job_id)
+    sub_jobs: list[dict[str, Any]] = json.loads(batch["attentive_jobs"])
+    statuses: list[str] = []
+    try:
+        client = rt.client_for(job)
+        limiter = rt.limiter_for(job)
+        for sub in sub_jobs:
+            if f"done:{sub['id']}" in batch:
+                continue
+            if not limiter.acquire(TOKEN_WAIT_SECONDS):
+                return _again(buffer, batch_id, max(limiter.next_wait, 0.5))
+            try:
+                st = client.job_status(sub["id"])
+            except NotFound:
+                return _failed(
+                    rt, job, buffer, batch_id, batch, f"Attentive has no job {sub['id']} (404): lost"
+                )
+            state = st.normalized_status
+            statuses.append(state)
+            if state == "COMPLETED":
+                _settle_results(rt, job, batch_id, batch, sub, client, st.url)
+            elif state in ("FAILED", "CANCELLED"):
+                return _failed(rt, job, buffer, batch_id, batch, f"Attentive job {sub['id']} ended {state}")
+            else:
+                rt.redis.hset(status_key, "last_attentive_status", state)
+                if not st.is_known_status or state == "NEEDS_REVIEW":
+                    rt.redis.hincrby(status_key, f"polls_{state.lower()[:32]}", 1)
+                    log.warning("job %s batch %s: Attentive job status %s", job_id, batch_id, state)
+    except (Unauthorized, Forbidden) as exc:
+        pause_for_auth_error(rt, job, exc)
+        return PollReport(done=True)
+    except RateLimited as exc:
+        delay = backoff_delay(attempt, retry_after=exc.retry_after)
+        rt.limiter_for(job).penalize(delay)
+        rt.redis.hincrby(status_key, "responses_429", 1)
+        rt.redis.hincrbyfloat(status_key, "rate_limited_seconds", delay)
+        return _again(buffer, batch_id, delay)
+    except AttentiveError as exc:
+        rt.redis.hset(status_key, "last_error", f"poll: {type(exc).__name__}: {exc.message}")
+        return _again(
+            buffer,
+            batch_id,
+            next_poll_delay(attempt, rt.settings.first_poll_seconds, rt.settings.poll_cap_seconds),
+        )
+
+    fresh = buffer.batch(batch_id)
+    if any(f"done:{sub['id']}" not in fresh for sub in sub_jobs):
+        return _again(
+            buffer,
+            batch_id,
+            next_poll_delay(attempt, rt.settings.first_poll_seconds, rt.settings.poll_cap_seconds),
+            tuple(statuses),
+        )
+    delivered = sum(int(fresh[f"done:{sub['id']}"]) for sub in sub_jobs)
+    refused = sum(len(sub["idx"]) for sub in sub_jobs) - delivered
+    buffer.complete(
+        batch_id, {"batches_completed": 1, "users_delivered": delivered, "record_failures": refused}
+    )
+    return PollReport(done=True, statuses=tuple(statuses))
+
+
+def _again(buffer: JobBuffer, batch_id: int, delay: float, statuses: tuple[str, ...] = ()) -> PollReport:
+    buffer.expect_poll_by(batch_id, now_ms() + int(delay * 1000) + POLL_GRACE_MS)
+    return PollReport(done=False, next_in=delay, statuses=statuses)
+
+
+def _settle_results(
+    rt: Runtime,
+    job: ExportJob,
+    batch_id: int,
+    batch: dict[str, str],
+    sub: dict[str, Any],
+    client: Any,
+    url: str | None,
+) -> None:
+    """Read one finished Attentive job's results and dead-letter the records it refused (once)."""
+    idx: list[int] = sub["idx"]
+    failures: dict[int, str] = {}
+    if url:
+        for line in client.iter_results(url):
+            if line.failed and line.index is not None and 0 <= line.index < len(idx):
+                failures[idx[line.index]] = (
+                    f"attentive_record_{line.status_code}: {line.message or ''}".strip()
+                )
+    else:
+        rt.redis.hincrby(keys.job_status(job.id), "results_unavailable", 1)
+    # HSETNX makes a twin poll's second settlement a no-op, so nothing is dead-lettered twice.
+    if not rt.redis.hsetnx(keys.batch(job.id, batch_id), f"done:{sub['id']}", len(idx) - len(failures)):
+        return
+    if failures:
+        users: list[str] = json.loads(batch["users"])
+        records: list[list[dict[str, Any]]] = json.loads(batch["records"])
+        deadletters.record(
+            rt.redis,
+            job.id,
+            batch_id,
+            ((users[i], reason, merge_records(records[i])) for i, reason in failures.items()),
+        )
+        sample = [f"{users[i]}: {reason}" for i, reason in list(failures.items())[:FAILURE_SAMPLE]]
+        rt.redis.hset(keys.job_status(job.id), "last_record_failures", json.dumps(sample))
+
+
+def _failed(
+    rt: Runtime, job: ExportJob, buffer: JobBuffer, batch_id: int, batch: dict[str, str], reason: str
+) -> PollReport:
+    """Send the batch again, or dead-letter it once it has been sent MAX_SEND_ATTEMPTS times."""
+    attempts = int(batch.get("attempts", 0)) + 1
+    rt.redis.hset(keys.job_status(job.id), "last_error", reason)
+    if attempts < MAX_SEND_ATTEMPTS:
+        if buffer.resend(batch_id, reason):
+            rt.dispatch.flush(job.id)
+        return PollReport(done=True)
+    users: list[str] = json.loads(batch["users"])
+    records: list[list[dict[str, Any]]] = json.loads(batch["records"])
+    why = f"{reason}; gave up after {attempts} sends"
+    deadletters.record(
+        rt.redis, job.id, batch_id, ((u, why, merge_records(r)) for u, r in zip(users, records, strict=True))
+    )
+    buffer.complete(batch_id, {"batches_deadlettered": 1})
+    return PollReport(done=True)

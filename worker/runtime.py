@@ -1,0 +1,85 @@
+"""Per-process wiring: one Redis pool, the job store, Attentive clients and rate limiters.
+
+Everything here is a cache of what Redis says; a process can be killed or added at any time
+(invariant 7). Built lazily on first use, after Celery's prefork, so no socket crosses a fork.
+"""
+
+from __future__ import annotations
+
+import threading
+from functools import cached_property
+
+import redis
+
+from worker.attentive import AttentiveClient
+from worker.authorizations import AuthorizationStore
+from worker.dispatch import CeleryDispatcher, Dispatcher
+from worker.jobs import ExportJob, JobStore
+from worker.ratelimit import RateLimiter, api_key_hash
+from worker.settings import Settings
+
+
+class Runtime:
+    """What a task needs to do its work; tests build one with their own Redis and dispatcher."""
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        client: redis.Redis | None = None,
+        dispatcher: Dispatcher | None = None,
+    ) -> None:
+        self.settings = settings or Settings.from_env()
+        self.redis = client or redis.Redis.from_url(self.settings.redis_url)
+        self._dispatcher = dispatcher
+        self._clients: dict[str, tuple[str, AttentiveClient]] = {}
+        self._lock = threading.Lock()
+
+    @cached_property
+    def jobs(self) -> JobStore:
+        return JobStore(self.redis)
+
+    @cached_property
+    def authorizations(self) -> AuthorizationStore:
+        return AuthorizationStore(self.redis, self.settings.secret_key)
+
+    @property
+    def dispatch(self) -> Dispatcher:
+        if self._dispatcher is None:
+            self._dispatcher = CeleryDispatcher()
+        return self._dispatcher
+
+    def client_for(self, job: ExportJob) -> AttentiveClient:
+        """A pooled Attentive client for the job's authorization (key decrypted once per process)."""
+        auth = job.config.authorization
+        with self._lock:
+            cached = self._clients.get(auth)
+            if cached is None:
+                api_key = self.authorizations.api_key(auth)
+                client = AttentiveClient(api_key, self.settings.attentive_api_url)
+                cached = (api_key_hash(api_key), client)
+                self._clients[auth] = cached
+            return cached[1]
+
+    def limiter_for(self, job: ExportJob) -> RateLimiter:
+        """The rate limiter shared by every worker using the job's API key."""
+        self.client_for(job)
+        key_hash = self._clients[job.config.authorization][0]
+        return RateLimiter(self.redis, key_hash, self.settings.rate_limit_per_second)
+
+    def forget_client(self, job: ExportJob) -> None:
+        """Drop a cached client (after a 401/403, so a re-authorized key is read afresh)."""
+        with self._lock:
+            cached = self._clients.pop(job.config.authorization, None)
+        if cached is not None:
+            cached[1].close()
+
+
+_runtime: Runtime | None = None
+
+
+def runtime() -> Runtime:
+    """The process-wide runtime used by Celery tasks."""
+    global _runtime
+    if _runtime is None:
+        _runtime = Runtime()
+    return _runtime

@@ -1,0 +1,82 @@
+"""Job status: what happened to every transition, readable from Python, Redis and the CLI.
+
+Counters are written by the buffer script and the flush/poll steps; live figures (users buffered,
+batches waiting or in flight) are read from the buffer's own keys, so they cannot drift.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+
+from worker import keys
+from worker.buffer import JobBuffer, decode_hash
+from worker.jobs import JobStore
+
+#: Counters shown even when zero, in display order.
+COUNTERS = (
+    "received",
+    "accepted",
+    "stale",
+    "merged",
+    "queued_behind_unfinished",
+    "batches_sealed",
+    "batches_submitted",
+    "batches_completed",
+    "batches_resent",
+    "batches_deadlettered",
+    "users_delivered",
+    "record_failures",
+    "deadlettered_users",
+    "responses_429",
+    "leases_expired",
+)
+
+
+def _number(value: str) -> int | float | str:
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            continue
+    return value
+
+
+def job_status(client: redis.Redis, job_id: str) -> dict[str, Any]:
+    """Everything an operator needs about one job, as plain JSON-able data."""
+    job = JobStore(client).get(job_id)
+    buffer = JobBuffer(client, job_id, job.config.batch_size)
+    raw = decode_hash(client.hgetall(keys.job_status(job_id)))
+    counters: dict[str, Any] = {name: 0 for name in COUNTERS}
+    counters.update({k: _number(v) for k, v in raw.items() if k in COUNTERS or k.startswith("polls_")})
+    return {
+        "job": job.id,
+        "label": job.config.label,
+        "state": str(job.state),
+        "pause_reason": job.pause_reason or None,
+        "audiences": list(job.config.audiences),
+        "counters": counters,
+        "rate_limited_seconds": round(float(raw.get("rate_limited_seconds", 0)), 3),
+        "buffer": {
+            "users_in_open_batch": buffer.open_size(),
+            "batches_waiting_to_send": buffer.sealed_count(),
+            "batches_at_attentive": int(client.zcard(keys.polls(job_id))),
+            "users_in_unfinished_batches": buffer.outstanding_users(),
+            "users_waiting_for_earlier_change": buffer.waiting_users(),
+        },
+        "skips": {k: int(v) for k, v in decode_hash(client.hgetall(keys.job_skips(job_id))).items()},
+        "field_drops": {
+            k: int(v) for k, v in decode_hash(client.hgetall(keys.job_field_drops(job_id))).items()
+        },
+        "last_error": raw.get("last_error") or None,
+        "last_attentive_status": raw.get("last_attentive_status") or None,
+        "last_record_failures": raw.get("last_record_failures") or None,
+        "last_flush_at_ms": int(raw["last_flush_at"]) if "last_flush_at" in raw else None,
+        "last_ingest_at_ms": int(raw["last_ingest_at"]) if "last_ingest_at" in raw else None,
+    }
+
+
+def ingest_status(client: redis.Redis) -> dict[str, int]:
+    """Counters before routing: received, rejected by reason, unroutable."""
+    return {k: int(v) for k, v in decode_hash(client.hgetall(keys.ingest_status())).items()}

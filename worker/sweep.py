@@ -1,0 +1,55 @@
+"""Sweep: the periodic safety net that makes time-based flushing and crash recovery happen.
+
+Run by Celery beat every second or so (one beat per deployment). For every active job it seals
+buffers older than the job's flush interval, gives expired flush leases back to the queue,
+re-drives polls that should have happened, and dispatches flushes for batches nobody is sending.
+It also re-drives inbox chunks whose ingest task was lost. Every step is idempotent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from worker import inbox, keys
+from worker.buffer import JobBuffer, now_ms
+from worker.flush import POLL_GRACE_MS
+from worker.runtime import Runtime
+
+#: A job with sealed batches and no claim for this long gets a flush dispatched.
+IDLE_FLUSH_MS = 5_000
+#: Poll attempt number used for a re-driven poll (its backoff starts mid-way, not from scratch).
+REDRIVEN_POLL_ATTEMPT = 3
+
+
+@dataclass
+class SweepReport:
+    sealed: dict[str, list[int]] = field(default_factory=dict)
+    requeued: int = 0
+    polls_redriven: int = 0
+    flushes: int = 0
+    chunks_redriven: int = 0
+
+
+def sweep(rt: Runtime) -> SweepReport:
+    report = SweepReport()
+    now = now_ms()
+    for job in rt.jobs.active():
+        buffer = JobBuffer(rt.redis, job.id, job.config.batch_size)
+        sealed = buffer.seal_due(job.config.flush_interval_seconds * 1000, now=now)
+        requeued, overdue = buffer.reap(POLL_GRACE_MS, now=now)
+        report.requeued += requeued
+        if sealed:
+            report.sealed[job.id] = sealed
+        if not job.sending:
+            continue
+        last_claim = int(rt.redis.hget(keys.job_status(job.id), "last_claim_at") or 0)
+        if sealed or requeued or (buffer.sealed_count() and now - last_claim > IDLE_FLUSH_MS):
+            rt.dispatch.flush(job.id)
+            report.flushes += 1
+        for batch_id in overdue:
+            rt.dispatch.poll(job.id, batch_id, REDRIVEN_POLL_ATTEMPT, 0.0)
+            report.polls_redriven += 1
+    for chunk_id in inbox.orphaned_chunks(rt.redis, now):
+        rt.dispatch.ingest(chunk_id)
+        report.chunks_redriven += 1
+    return report
