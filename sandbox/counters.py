@@ -7,11 +7,12 @@ one-second window tells whether a client stayed under Attentive's 100 requests/s
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 #: The endpoints that share Attentive's 100/s budget in our design (bulk submit and job status).
 BUDGETED = frozenset(("POST /v2/bulk/user/attributes", "GET /v2/bulk/job/{bulkJobId}"))
@@ -56,21 +57,23 @@ class LoggedRequest:
     token: str
     batch_job_id: str
     raw: bytes
-    identifiers: list[Any]
+    users: int
     dropped: bool
 
     def to_json(self, with_body: bool) -> dict[str, Any]:
+        """The log entry; identifiers (and the body) are re-parsed from the raw request on demand."""
+        body = orjson.loads(self.raw)
         out: dict[str, Any] = {
             "seq": self.seq,
             "time": self.time,
             "token": self.token,
             "batchJobId": self.batch_job_id,
-            "users": len(self.identifiers),
-            "identifiers": self.identifiers,
+            "users": self.users,
+            "identifiers": [u.get("identifiers") if isinstance(u, dict) else None for u in body["users"]],
             "droppedJob": self.dropped,
         }
         if with_body:
-            out["body"] = json.loads(self.raw)
+            out["body"] = body
         return out
 
 
@@ -101,11 +104,10 @@ class Recorder:
                 window = counters.windows[name] = _Window()
             window.hit(now)
 
-    def log_accepted(self, token: str, job_id: str, raw: bytes, users: list[Any], dropped: bool) -> None:
-        self.tokens.setdefault(token, TokenCounters()).users_per_request[len(users)] += 1
-        identifiers = [u.get("identifiers") if isinstance(u, dict) else None for u in users]
+    def log_accepted(self, token: str, job_id: str, raw: bytes, users: int, dropped: bool) -> None:
+        self.tokens.setdefault(token, TokenCounters()).users_per_request[users] += 1
         self.accepted.append(
-            LoggedRequest(len(self.accepted) + 1, time.time(), token, job_id, raw, identifiers, dropped)
+            LoggedRequest(len(self.accepted) + 1, time.time(), token, job_id, raw, users, dropped)
         )
 
     def log_rejected(self, token: str, status: int, message: str) -> None:
