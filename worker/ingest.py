@@ -35,6 +35,7 @@ class IngestReport:
 def ingest_lines(client: redis.Redis, jobs: JobStore, lines: Iterable[str | bytes]) -> IngestReport:
     """Route, map and buffer every transition in ``lines``; count what could not be used."""
     report = IngestReport()
+    jobs.refresh()
     per_job: dict[str, list[Change]] = defaultdict(list)
     skips: dict[str, Counter[str]] = defaultdict(Counter)
     drops: dict[str, Counter[str]] = defaultdict(Counter)

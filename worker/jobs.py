@@ -1,8 +1,9 @@
 """Export jobs stored in Redis: configuration plus lifecycle state, many side by side.
 
-A job's configuration is validated by :mod:`worker.jobconfig` before it gets here. Routing (which
-jobs export an audience) is read from Redis and cached for a moment in each process, so workers
-stay stateless (invariant 7) while ingest does not pay a Redis read per transition.
+A job's configuration is validated by :mod:`worker.jobconfig` before it gets here. Each process
+keeps a copy of the job table for routing (which jobs export an audience) and reloads it when a
+version counter in Redis moves, so workers stay stateless (invariant 7), a job created a moment
+ago receives the very next transition, and ingest pays one small read per chunk, not per event.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import builtins
 import datetime as dt
 import json
 import secrets
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,8 +26,6 @@ from worker.mapping import Mapper
 ROUTED_STATES = frozenset({JobState.BACKFILLING, JobState.RUNNING, JobState.PAUSED})
 #: States whose jobs send batches to Attentive.
 SENDING_STATES = frozenset({JobState.BACKFILLING, JobState.RUNNING})
-#: How long a process trusts its cached copy of the job table.
-ROUTING_CACHE_SECONDS = 2.0
 
 
 class JobNotFound(LookupError):
@@ -91,15 +89,20 @@ class JobStore:
     def __init__(self, client: redis.Redis) -> None:
         self._redis = client
         self._cache: dict[str, ExportJob] = {}
-        self._cache_at = 0.0
+        self._version: bytes | None = None
 
     def create(self, config: ExportJobConfig, state: JobState = JobState.RUNNING) -> ExportJob:
         job_id = secrets.token_hex(4)
         now = _now_iso()
         job = ExportJob(id=job_id, config=config, state=state, created_at=now, updated_at=now)
-        self._redis.hset(keys.jobs(), job_id, job.to_json())
-        self._cache_at = 0.0
+        self._save(job)
         return job
+
+    def _save(self, job: ExportJob) -> None:
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.hset(keys.jobs(), job.id, job.to_json())
+        pipe.incr(keys.jobs_version())
+        pipe.execute()
 
     def get(self, job_id: str) -> ExportJob:
         raw = self._redis.hget(keys.jobs(), job_id)
@@ -117,35 +120,37 @@ class JobStore:
         job.state = JobState(state)
         job.pause_reason = reason if job.state is JobState.PAUSED else ""
         job.updated_at = _now_iso()
-        self._redis.hset(keys.jobs(), job_id, job.to_json())
-        self._cache_at = 0.0
+        self._save(job)
         return job
 
     def delete(self, job_id: str) -> None:
         self.get(job_id)
-        self._redis.hdel(keys.jobs(), job_id)
-        self._cache_at = 0.0
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.hdel(keys.jobs(), job_id)
+        pipe.incr(keys.jobs_version())
+        pipe.execute()
 
     # --- routing (hot path) ---------------------------------------------------------------------
     def cached(self, job_id: str) -> ExportJob | None:
-        """The job from this process's short-lived cache (fresh enough for routing and flushing)."""
-        self._refresh()
+        """The job as of now, from this process's copy of the job table (reloaded if it changed)."""
+        self.refresh()
         return self._cache.get(job_id)
 
     def routes(self, audience: str) -> builtins.list[ExportJob]:
-        """Jobs that receive transitions for ``audience``."""
-        self._refresh()
+        """Jobs that receive transitions for ``audience``, as of the last :meth:`refresh`."""
         return [
             j for j in self._cache.values() if j.state in ROUTED_STATES and audience in j.config.audiences
         ]
 
     def active(self) -> builtins.list[ExportJob]:
         """Jobs the sweep looks after (everything but created and stopped)."""
-        self._refresh()
+        self.refresh()
         return [j for j in self._cache.values() if j.state in ROUTED_STATES]
 
-    def _refresh(self) -> None:
-        if time.monotonic() - self._cache_at < ROUTING_CACHE_SECONDS:
+    def refresh(self) -> None:
+        """Reload the job table if any job changed since the last load (one GET otherwise)."""
+        version = self._redis.get(keys.jobs_version()) or b"0"
+        if version == self._version:
             return
         fresh: dict[str, ExportJob] = {}
         for raw in self._redis.hvals(keys.jobs()):
@@ -155,4 +160,4 @@ class JobStore:
                 job._mapper = old._mapper  # keep the compiled mapping across refreshes
             fresh[job.id] = job
         self._cache = fresh
-        self._cache_at = time.monotonic()
+        self._version = version

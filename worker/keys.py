@@ -25,6 +25,11 @@ def jobs() -> str:
     return f"{PREFIX}:jobs"
 
 
+def jobs_version() -> str:
+    """STRING: incremented on every job change, so processes know to reload their job table."""
+    return f"{PREFIX}:jobs:version"
+
+
 def ratelimit(key_hash: str) -> str:
     """String: GCRA theoretical arrival time (integer microseconds, Redis clock) for one Attentive API key.
 
