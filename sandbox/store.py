@@ -23,7 +23,8 @@ class StoredUser:
     identifiers: dict[str, Any] = field(default_factory=dict)
     attributes: dict[str, Any] = field(default_factory=dict)
     custom: dict[str, Any] = field(default_factory=dict)
-    history: list[dict[str, Any]] = field(default_factory=list)
+    #: (job id or None for single-user writes, completion order, the write's custom attributes).
+    history: list[tuple[str | None, int, dict[str, Any]]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -31,7 +32,7 @@ class StoredUser:
             "identifiers": self.identifiers,
             "attributes": self.attributes,
             "custom": self.custom,
-            "history": self.history,
+            "history": [{"jobId": j, "completedOrder": o, "custom": c} for j, o, c in self.history],
         }
 
 
@@ -96,7 +97,7 @@ class UserStore:
                 else:
                     stored.attributes[name] = value
             stored.custom.update(custom)
-        stored.history.append({"jobId": job_id, "completedOrder": order, "custom": dict(custom)})
+        stored.history.append((job_id, order, custom))
         return stored
 
     def lookup(self, **criteria: str) -> list[StoredUser]:
