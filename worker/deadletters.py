@@ -18,16 +18,23 @@ from worker import keys
 
 def record(client: redis.Redis, job_id: str, batch_id: int, entries: Iterable[tuple[str, str, Any]]) -> int:
     """Append ``(user key, reason, record)`` entries; returns how many were written."""
+    pipe = client.pipeline(transaction=True)
+    written = queue(pipe, job_id, batch_id, entries)
+    if written:
+        pipe.execute()
+    return written
+
+
+def queue(pipe: Any, job_id: str, batch_id: int, entries: Iterable[tuple[str, str, Any]]) -> int:
+    """Add the writes of :func:`record` to a caller's MULTI pipeline (to commit them with other writes)."""
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     rows = [
         json.dumps({"at": now, "batch": batch_id, "user": user, "reason": reason, "record": rec})
         for user, reason, rec in entries
     ]
     if rows:
-        pipe = client.pipeline(transaction=True)
         pipe.rpush(keys.job_deadletters(job_id), *rows)
         pipe.hincrby(keys.job_status(job_id), "deadlettered_users", len(rows))
-        pipe.execute()
     return len(rows)
 
 

@@ -14,6 +14,8 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+import redis
+
 from worker import deadletters, keys
 from worker.attentive import AttentiveError, Forbidden, NotFound, RateLimited, Unauthorized
 from worker.buffer import JobBuffer, merge_records, now_ms
@@ -71,15 +73,16 @@ def poll_batch(rt: Runtime, job_id: str, batch_id: int, attempt: int) -> PollRep
                 )
             state = st.normalized_status
             statuses.append(state)
+            # Every status, terminal ones too: status must not keep showing IN_PROGRESS/NEEDS_REVIEW
+            # for a job whose batches have all completed since.
+            rt.redis.hset(status_key, "last_attentive_status", state)
             if state == "COMPLETED":
                 _settle_results(rt, job, batch_id, batch, sub, client, st.url)
             elif state in ("FAILED", "CANCELLED"):
                 return _failed(rt, job, buffer, batch_id, batch, f"Attentive job {sub['id']} ended {state}")
-            else:
-                rt.redis.hset(status_key, "last_attentive_status", state)
-                if not st.is_known_status or state == "NEEDS_REVIEW":
-                    rt.redis.hincrby(status_key, f"polls_{state.lower()[:32]}", 1)
-                    log.warning("job %s batch %s: Attentive job status %s", job_id, batch_id, state)
+            elif not st.is_known_status or state == "NEEDS_REVIEW":
+                rt.redis.hincrby(status_key, f"polls_{state.lower()[:32]}", 1)
+                log.warning("job %s batch %s: Attentive job status %s", job_id, batch_id, state)
     except (Unauthorized, Forbidden) as exc:
         pause_for_auth_error(rt, job, exc)
         return PollReport(done=True)
@@ -138,20 +141,30 @@ def _settle_results(
                 )
     else:
         rt.redis.hincrby(keys.job_status(job.id), "results_unavailable", 1)
-    # HSETNX makes a twin poll's second settlement a no-op, so nothing is dead-lettered twice.
-    if not rt.redis.hsetnx(keys.batch(job.id, batch_id), f"done:{sub['id']}", len(idx) - len(failures)):
-        return
-    if failures:
-        users: list[str] = json.loads(batch["users"])
-        records: list[list[dict[str, Any]]] = json.loads(batch["records"])
-        deadletters.record(
-            rt.redis,
-            job.id,
-            batch_id,
-            ((users[i], reason, merge_records(records[i])) for i, reason in failures.items()),
-        )
-        sample = [f"{users[i]}: {reason}" for i, reason in list(failures.items())[:FAILURE_SAMPLE]]
-        rt.redis.hset(keys.job_status(job.id), "last_record_failures", json.dumps(sample))
+    # The "done" mark and the dead letters commit together (MULTI), so a worker dying in between
+    # cannot leave the job marked done with its refused records never dead-lettered. WATCH makes a
+    # twin poll's second settlement a no-op, so nothing is dead-lettered twice.
+    batch_key = keys.batch(job.id, batch_id)
+    done_field = f"done:{sub['id']}"
+    users: list[str] = json.loads(batch["users"])
+    records: list[list[dict[str, Any]]] = json.loads(batch["records"])
+    entries = [(users[i], reason, merge_records(records[i])) for i, reason in failures.items()]
+    with rt.redis.pipeline(transaction=True) as pipe:
+        try:
+            pipe.watch(batch_key)
+            if pipe.hget(batch_key, "state") not in (b"submitted", "submitted") or pipe.hexists(
+                batch_key, done_field
+            ):
+                return
+            pipe.multi()
+            pipe.hset(batch_key, done_field, len(idx) - len(failures))
+            deadletters.queue(pipe, job.id, batch_id, entries)
+            if failures:
+                sample = [f"{users[i]}: {reason}" for i, reason in list(failures.items())[:FAILURE_SAMPLE]]
+                pipe.hset(keys.job_status(job.id), "last_record_failures", json.dumps(sample))
+            pipe.execute()
+        except redis.WatchError:
+            return  # the batch changed meanwhile (a twin settled it): the caller re-checks and re-polls
 
 
 def _failed(
