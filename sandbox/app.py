@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -39,6 +40,8 @@ from sandbox.validation import (
     record_problems,
     user_problems,
 )
+
+logger = logging.getLogger("sandbox")
 
 BULK = "POST /v2/bulk/user/attributes"
 JOB = "GET /v2/bulk/job/{bulkJobId}"
@@ -117,12 +120,14 @@ class Sandbox:
     async def _complete_forever(self) -> None:
         """Finish due jobs even when nobody polls; apply finished ones to the store when requests pause."""
         while True:
-            self.board.advance()
-            backlog = self.board.pending_applies()
-            if backlog and (
-                time.monotonic() - self.last_request > IDLE_BEFORE_APPLY or backlog > MAX_BACKLOG
-            ):
-                self.board.apply_pending(budget=APPLY_SLICE)
+            try:
+                self.board.advance()
+                backlog = self.board.pending_applies()
+                idle = time.monotonic() - self.last_request > IDLE_BEFORE_APPLY
+                if backlog and (idle or backlog > MAX_BACKLOG):
+                    self.board.apply_pending(budget=APPLY_SLICE)
+            except Exception:  # keep completing other jobs; a bug here must not freeze every job
+                logger.exception("sandbox completer failed; continuing")
             next_due = self.board.next_due()
             wait = COMPLETER_TICK if next_due is None else next_due - self.clock.now()
             await asyncio.sleep(min(max(wait, 0.001), COMPLETER_TICK))
