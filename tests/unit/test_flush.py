@@ -1,0 +1,255 @@
+"""Flush decisions: submit, 429/5xx/transport release, 401/403 pause, 400 isolation by bisection."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from typing import Any
+
+import httpx
+import pytest
+
+from worker import deadletters, keys
+from worker.flush import flush_job
+from worker.jobconfig import JobState
+from worker.poll import poll_batch
+from worker.ratelimit import RateLimiter
+
+from .pipeline_kit import KEY_HASH, RATE, Pipeline, emails_of, enter, error, exit_, users
+
+
+@pytest.fixture(params=["fake", "real"])
+def pipe(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Pipeline:
+    client = request.getfixturevalue("fake_redis" if request.param == "fake" else "real_redis")
+    return Pipeline(client, monkeypatch)
+
+
+@pytest.fixture
+def max_jitter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Full-jitter back-off draws the top of its range, so delays are exact."""
+    monkeypatch.setattr(random, "uniform", lambda low, high: high)
+
+
+def hold_elapsed(pipe: Pipeline) -> None:
+    """Let the shared 429 hold run out without sleeping through it."""
+    pipe.redis.delete(keys.ratelimit(KEY_HASH), keys.ratelimit_backoff(KEY_HASH))
+
+
+def test_sealed_batch_is_posted_once_with_merged_records_then_marked_submitted_and_polled(
+    pipe: Pipeline,
+) -> None:
+    job = pipe.create_job()
+    pipe.ingest(enter("a@x.io", "vip"), enter("b@x.io", "vip"), exit_("a@x.io", "lapsed"))
+    (bid,) = pipe.buffer(job).seal_now()
+
+    report = flush_job(pipe.rt, job.id)
+
+    assert report.submitted == [bid] and report.retry_in is None and report.paused == ""
+    assert len(pipe.attentive.posts()) == 1
+    (sent,) = pipe.attentive.bulk_bodies
+    assert emails_of(sent) == ["a@x.io", "b@x.io"]
+    assert sent[0]["attributes"]["custom"] == {"vip": True, "lapsed": False}
+    assert sent[1]["attributes"]["custom"] == {"vip": True}
+    batch = pipe.buffer(job).batch(bid)
+    assert batch["state"] == "submitted"
+    assert json.loads(batch["attentive_jobs"]) == [{"id": "aj-1", "idx": [0, 1]}]
+    assert pipe.buffer(job).sealed_count() == 0
+    assert pipe.redis.zscore(keys.polls(job.id), bid) is not None
+    assert pipe.dispatch.polls == [(job.id, bid, 0, pipe.rt.settings.first_poll_seconds)]
+    assert pipe.status(job)["batches_submitted"] == "1"
+
+
+def test_flush_drains_every_sealed_batch_in_fifo_order(pipe: Pipeline) -> None:
+    job = pipe.create_job(batch_size=2)
+    pipe.ingest(*(enter(e) for e in users(5)))  # seals [u0,u1] and [u2,u3]; u4 stays open
+    pipe.buffer(job).seal_now()
+
+    report = flush_job(pipe.rt, job.id)
+
+    assert report.submitted == [1, 2, 3]
+    assert [emails_of(b) for b in pipe.attentive.bulk_bodies] == [users(5)[0:2], users(5)[2:4], ["u4@x.io"]]
+    assert [p[1] for p in pipe.dispatch.polls] == [1, 2, 3]
+
+
+def test_a_request_never_carries_the_same_user_twice(pipe: Pipeline) -> None:
+    job = pipe.create_job()
+    # a@x.io enters then exits vip: the exit may not ride in the same request as the enter.
+    pipe.ingest(enter("a@x.io"), enter("b@x.io"), exit_("a@x.io"), enter("c@x.io"))
+    pipe.buffer(job).seal_now()
+
+    flush_job(pipe.rt, job.id)
+    for body in pipe.attentive.bulk_bodies:
+        assert len(set(emails_of(body))) == len(body)
+    assert [emails_of(b) for b in pipe.attentive.bulk_bodies] == [["a@x.io", "b@x.io"], ["c@x.io"]]
+
+    # The exit waits for a's first Attentive job to finish, then goes in a later request.
+    assert len(pipe.dispatch.polls) == 2
+    first = pipe.dispatch.polls[0][1]
+    assert poll_batch(pipe.rt, job.id, first, 0).done
+    pipe.buffer(job).seal_now()
+    flush_job(pipe.rt, job.id)
+    last = pipe.attentive.bulk_bodies[-1]
+    assert emails_of(last) == ["a@x.io"] and last[0]["attributes"]["custom"] == {"vip": False}
+
+
+def test_429_releases_batch_penalizes_shared_limiter_and_counts(pipe: Pipeline, max_jitter: None) -> None:
+    job = pipe.create_job()
+    bid = pipe.sealed_batch(job, users(3))
+    pipe.attentive.bulk = lambda users: error(429, "Too many requests")
+
+    report = flush_job(pipe.rt, job.id)
+
+    assert report.submitted == [] and report.retry_in == 0.5  # top of the first 429's range
+    assert pipe.buffer(job).sealed_count() == 1
+    assert pipe.buffer(job).batch(bid)["state"] == "sealed"
+    assert pipe.buffer(job).outstanding_users() == 3  # nothing was lost or freed
+    assert 0 < RateLimiter(pipe.redis, KEY_HASH, RATE).backoff_remaining() <= 0.5  # seen by any worker
+    status = pipe.status(job)
+    assert status["responses_429"] == "1"
+    assert float(status["rate_limited_seconds"]) == 0.5
+    assert pipe.dispatch.polls == []
+
+    # A second 429 in a row backs off longer (exponential), and both delays are accounted for.
+    hold_elapsed(pipe)
+    report = flush_job(pipe.rt, job.id)
+    assert report.retry_in == 1.0
+    assert pipe.status(job)["responses_429"] == "2"
+    assert float(pipe.status(job)["rate_limited_seconds"]) == 1.5
+    assert len(pipe.attentive.posts()) == 2
+
+    # Success resets the streak, and the very same batch goes out.
+    hold_elapsed(pipe)
+    pipe.attentive.bulk = pipe.attentive.accept
+    assert flush_job(pipe.rt, job.id).submitted == [bid]
+    assert pipe.status(job)["consecutive_429"] == "0"
+
+
+def test_retry_after_seconds_is_the_delay_and_holds_every_worker_off(pipe: Pipeline) -> None:
+    job = pipe.create_job()
+    pipe.sealed_batch(job, users(2))
+    pipe.attentive.bulk = lambda users: error(429, "slow down", headers={"Retry-After": "7"})
+
+    report = flush_job(pipe.rt, job.id)
+
+    assert report.retry_in == 7.0
+    assert 6.0 < RateLimiter(pipe.redis, KEY_HASH, RATE).backoff_remaining() <= 7.0
+    assert float(pipe.status(job)["rate_limited_seconds"]) == 7.0
+
+    # Any flush during the hold sends nothing: no token before the hold ends, batch kept.
+    pipe.attentive.bulk = pipe.attentive.accept
+    report = flush_job(pipe.rt, job.id)
+    assert report.submitted == [] and report.retry_in is not None and 6.0 < report.retry_in <= 7.0
+    assert len(pipe.attentive.posts()) == 1
+    assert pipe.buffer(job).sealed_count() == 1
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [error(503, "Service Unavailable"), httpx.ConnectError("connection refused")],
+    ids=["503", "transport"],
+)
+def test_server_or_transport_error_releases_batch_with_backoff_and_records_last_error(
+    pipe: Pipeline, failure: Any
+) -> None:
+    job = pipe.create_job()
+    bid = pipe.sealed_batch(job, users(2))
+    pipe.attentive.bulk = lambda users: failure
+
+    report = flush_job(pipe.rt, job.id)
+
+    assert report.submitted == [] and report.retry_in is not None and 0.0 <= report.retry_in <= 1.0
+    assert pipe.buffer(job).sealed_count() == 1 and pipe.buffer(job).batch(bid)["state"] == "sealed"
+    status = pipe.status(job)
+    expected = "ServerError" if isinstance(failure, httpx.Response) else "TransportError"
+    assert status["last_error"].startswith(expected)
+    assert status["consecutive_errors"] == "1"
+    assert "responses_429" not in status
+    assert pipe.dispatch.polls == []
+
+
+@pytest.mark.parametrize("code", [401, 403])
+def test_auth_error_pauses_job_releases_batch_and_stops_sending(pipe: Pipeline, code: int) -> None:
+    job = pipe.create_job()
+    bid = pipe.sealed_batch(job, users(3))
+    pipe.attentive.bulk = lambda users: error(code, "nope")
+
+    report = flush_job(pipe.rt, job.id)
+
+    assert str(code) in report.paused
+    stored = pipe.rt.jobs.get(job.id)
+    assert stored.state is JobState.PAUSED
+    assert str(code) in stored.pause_reason
+    assert pipe.status(job)["last_error"] == stored.pause_reason
+    assert pipe.buffer(job).sealed_count() == 1 and pipe.buffer(job).batch(bid)["state"] == "sealed"
+    assert len(pipe.attentive.requests) == 1
+
+    # Not retried in a loop: the next flush sends nothing while the job is paused.
+    again = flush_job(pipe.rt, job.id)
+    assert again.submitted == [] and again.retry_in is None
+    assert len(pipe.attentive.requests) == 1
+    assert pipe.buffer(job).sealed_count() == 1
+
+
+def test_400_isolates_the_poisoned_user_by_bisection_and_delivers_the_rest(pipe: Pipeline) -> None:
+    n = 16
+    job = pipe.create_job()
+    emails = users(n)
+    bid = pipe.sealed_batch(job, emails)
+    pipe.attentive.refuse_containing("u11@x.io")
+
+    report = flush_job(pipe.rt, job.id)
+
+    assert report.submitted == [bid]
+    posts = len(pipe.attentive.posts())
+    assert posts <= 2 * math.log2(n) + 1
+    accepted = [e for body in pipe.attentive.accepted.values() for e in emails_of(body)]
+    assert sorted(accepted) == sorted(set(emails) - {"u11@x.io"})
+    (dead,) = deadletters.read(pipe.redis, job.id)
+    assert dead["user"] == "u11@x.io" and dead["batch"] == bid
+    assert dead["reason"] == "attentive_400: Invalid email address: u11@x.io"
+    assert dead["record"]["identifiers"]["email"] == "u11@x.io"
+    batch = pipe.buffer(job).batch(bid)
+    poisoned = json.loads(batch["users"]).index("u11@x.io")
+    sub_jobs = json.loads(batch["attentive_jobs"])
+    assert sorted(i for sub in sub_jobs for i in sub["idx"]) == [i for i in range(n) if i != poisoned]
+    assert pipe.dispatch.polls == [(job.id, bid, 0, pipe.rt.settings.first_poll_seconds)]
+
+
+def test_batch_refused_entirely_completes_with_every_user_deadlettered(pipe: Pipeline) -> None:
+    job = pipe.create_job()
+    emails = users(4)
+    bid = pipe.sealed_batch(job, emails)
+    pipe.attentive.refuse_containing(*emails)
+
+    report = flush_job(pipe.rt, job.id)
+
+    assert report.submitted == [] and report.retry_in is None
+    assert len(pipe.attentive.posts()) == 2 * len(emails) - 1  # full bisection tree
+    dead = deadletters.read(pipe.redis, job.id)
+    assert sorted(d["user"] for d in dead) == emails
+    assert all(d["reason"].startswith("attentive_400: Invalid email address") for d in dead)
+    assert pipe.buffer(job).batch(bid) == {}
+    assert pipe.buffer(job).outstanding_users() == 0
+    assert pipe.dispatch.polls == []
+    status = pipe.status(job)
+    assert status["batches_completed"] == "1" and status["deadlettered_users"] == "4"
+
+
+@pytest.mark.parametrize("state", [JobState.PAUSED, JobState.STOPPED, JobState.CREATED])
+def test_flush_of_a_job_that_is_not_sending_does_nothing(pipe: Pipeline, state: JobState) -> None:
+    job = pipe.create_job()
+    bid = pipe.sealed_batch(job, users(2))
+    pipe.rt.jobs.set_state(job.id, state, "operator")
+
+    report = flush_job(pipe.rt, job.id)
+
+    assert report.submitted == [] and report.retry_in is None and report.paused == ""
+    assert pipe.attentive.requests == []
+    assert pipe.buffer(job).sealed_count() == 1 and pipe.buffer(job).batch(bid)["state"] == "sealed"
+
+
+def test_flush_of_an_unknown_job_does_nothing(pipe: Pipeline) -> None:
+    report = flush_job(pipe.rt, "no-such-job")
+    assert report.submitted == [] and report.retry_in is None
+    assert pipe.attentive.requests == []

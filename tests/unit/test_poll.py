@@ -1,0 +1,365 @@
+"""Poll decisions: keep polling, settle COMPLETED results, resend FAILED/lost jobs, pause on 401."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from worker import deadletters, keys
+from worker.buffer import now_ms
+from worker.flush import flush_job
+from worker.jobconfig import JobState
+from worker.jobs import ExportJob
+from worker.poll import MAX_SEND_ATTEMPTS, poll_batch
+from worker.status import job_status
+
+from .pipeline_kit import Pipeline, emails_of, enter, error, exit_, users
+
+
+@pytest.fixture(params=["fake", "real"])
+def pipe(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Pipeline:
+    client = request.getfixturevalue("fake_redis" if request.param == "fake" else "real_redis")
+    return Pipeline(client, monkeypatch)
+
+
+def submitted(pipe: Pipeline, job: ExportJob, emails: list[str]) -> tuple[int, list[str]]:
+    """A batch of ``emails`` flushed to Attentive; returns its id and its Attentive job ids."""
+    bid = pipe.sealed_batch(job, emails)
+    assert flush_job(pipe.rt, job.id).submitted == [bid]
+    jobs = json.loads(pipe.buffer(job).batch(bid)["attentive_jobs"])
+    return bid, [j["id"] for j in jobs]
+
+
+def test_in_progress_is_not_done_and_records_the_next_poll_deadline(pipe: Pipeline) -> None:
+    job = pipe.create_job()
+    bid, (aj,) = submitted(pipe, job, users(2))
+    pipe.attentive.statuses[aj] = ["IN_PROGRESS"]
+    before = now_ms()
+
+    report = poll_batch(pipe.rt, job.id, bid, 0)
+
+    assert not report.done and report.next_in is not None and report.next_in > 0
+    assert report.statuses == ("IN_PROGRESS",)
+    deadline = pipe.redis.zscore(keys.polls(job.id), bid)
+    assert deadline is not None and deadline >= before + report.next_in * 1000
+    assert pipe.buffer(job).batch(bid)["state"] == "submitted"
+    assert pipe.buffer(job).outstanding_users() == 2
+    assert pipe.status(job)["last_attentive_status"] == "IN_PROGRESS"
+
+
+def test_poll_backoff_grows_with_the_attempt_number(pipe: Pipeline) -> None:
+    job = pipe.create_job()
+    bid, (aj,) = submitted(pipe, job, users(1))
+    pipe.attentive.statuses[aj] = ["PENDING"]
+    first = pipe.rt.settings.first_poll_seconds
+    delays = [poll_batch(pipe.rt, job.id, bid, attempt).next_in for attempt in (0, 3, 40)]
+    assert first * 0.8 <= delays[0] <= first * 1.2  # type: ignore[operator]
+    assert first * 8 * 0.8 <= delays[1] <= first * 8 * 1.2  # type: ignore[operator]
+    cap = pipe.rt.settings.poll_cap_seconds
+    assert cap * 0.8 <= delays[2] <= cap * 1.2  # type: ignore[operator]
+
+
+def test_completed_results_settle_batch_deadletter_failed_records_and_free_users(pipe: Pipeline) -> None:
+    job = pipe.create_job()
+    emails = users(5)
+    bid, _ = submitted(pipe, job, emails)
+    pipe.attentive.record_failures = {
+        "u1@x.io": (413, "Record exceeds 1 MiB"),
+        "u3@x.io": (400, "Invalid attribute value"),
+    }
+    # Later changes for u1 (failed) and u2 (delivered) wait behind the unfinished batch.
+    pipe.ingest(exit_("u1@x.io"), exit_("u2@x.io"))
+    assert pipe.buffer(job).waiting_users() == 2 and pipe.buffer(job).open_size() == 0
+
+    report = poll_batch(pipe.rt, job.id, bid, 0)
+
+    assert report.done and report.statuses == ("COMPLETED",)
+    status = pipe.status(job)
+    assert status["batches_completed"] == "1"
+    assert status["users_delivered"] == "3"
+    assert status["record_failures"] == "2"
+    dead = {d["user"]: d for d in deadletters.read(pipe.redis, job.id)}
+    assert set(dead) == {"u1@x.io", "u3@x.io"}
+    assert dead["u1@x.io"]["reason"] == "attentive_record_413: Record exceeds 1 MiB"
+    assert dead["u3@x.io"]["reason"] == "attentive_record_400: Invalid attribute value"
+    assert dead["u3@x.io"]["record"]["attributes"]["custom"] == {"vip": True}
+    assert pipe.redis.exists(keys.batch(job.id, bid)) == 0
+    assert pipe.redis.zscore(keys.polls(job.id), bid) is None
+    buffer = pipe.buffer(job)
+    assert buffer.outstanding_users() == 0
+    assert buffer.waiting_users() == 0 and buffer.open_size() == 2  # the exits moved on
+    assert json.loads(status["last_record_failures"]) == [
+        "u1@x.io: attentive_record_413: Record exceeds 1 MiB",
+        "u3@x.io: attentive_record_400: Invalid attribute value",
+    ]
+
+    # A duplicate poll (a redelivered task) changes nothing and asks Attentive nothing.
+    requests = len(pipe.attentive.requests)
+    again = poll_batch(pipe.rt, job.id, bid, 1)
+    assert again.done
+    assert len(pipe.attentive.requests) == requests
+    assert len(deadletters.read(pipe.redis, job.id)) == 2
+    assert pipe.status(job) == status
+
+
+def test_failed_job_resends_the_batch_then_deadletters_after_max_attempts(pipe: Pipeline) -> None:
+    job = pipe.create_job()
+    emails = users(3)
+    bid, (aj,) = submitted(pipe, job, emails)
+    for attempt in range(1, MAX_SEND_ATTEMPTS):
+        pipe.attentive.statuses[aj] = ["FAILED"]
+        report = poll_batch(pipe.rt, job.id, bid, 0)
+
+        assert report.done
+        batch = pipe.buffer(job).batch(bid)
+        assert batch["state"] == "sealed" and batch["attempts"] == str(attempt)
+        assert "ended FAILED" in batch["last_error"]
+        assert pipe.buffer(job).sealed_count() == 1
+        assert pipe.dispatch.flushes[-1] == (job.id, 0.0)
+        assert deadletters.read(pipe.redis, job.id) == []
+        assert flush_job(pipe.rt, job.id).submitted == [bid]  # the dispatched flush sends it again
+        aj = json.loads(pipe.buffer(job).batch(bid)["attentive_jobs"])[0]["id"]
+
+    assert [emails_of(b) for b in pipe.attentive.bulk_bodies] == [emails] * MAX_SEND_ATTEMPTS
+    pipe.attentive.statuses[aj] = ["FAILED"]
+    flushes = len(pipe.dispatch.flushes)
+    assert poll_batch(pipe.rt, job.id, bid, 0).done
+
+    dead = deadletters.read(pipe.redis, job.id)
+    assert sorted(d["user"] for d in dead) == emails
+    assert all(
+        d["reason"] == f"Attentive job {aj} ended FAILED; gave up after {MAX_SEND_ATTEMPTS} sends"
+        for d in dead
+    )
+    assert pipe.redis.exists(keys.batch(job.id, bid)) == 0
+    assert pipe.buffer(job).outstanding_users() == 0 and pipe.buffer(job).sealed_count() == 0
+    assert len(pipe.dispatch.flushes) == flushes  # nothing left to send
+    status = pipe.status(job)
+    assert status["batches_deadlettered"] == "1" and status["batches_resent"] == str(MAX_SEND_ATTEMPTS - 1)
+
+
+@pytest.mark.parametrize("answer", ["CANCELLED", "404"])
+def test_cancelled_or_lost_job_is_resent_like_failed(pipe: Pipeline, answer: str) -> None:
+    job = pipe.create_job()
+    bid, (aj,) = submitted(pipe, job, users(2))
+    pipe.attentive.statuses[aj] = [error(404, "not found") if answer == "404" else answer]
+
+    assert poll_batch(pipe.rt, job.id, bid, 0).done
+
+    batch = pipe.buffer(job).batch(bid)
+    assert batch["state"] == "sealed" and batch["attempts"] == "1"
+    assert ("(404): lost" if answer == "404" else "ended CANCELLED") in batch["last_error"]
+    assert pipe.buffer(job).sealed_count() == 1
+    assert pipe.dispatch.flushes == [(job.id, 0.0)]
+    assert pipe.buffer(job).outstanding_users() == 2  # still owned by the batch
+
+
+@pytest.mark.parametrize("answer", ["NEEDS_REVIEW", "QUARANTINED"])
+def test_needs_review_and_unknown_status_keep_polling_and_show_in_status(pipe: Pipeline, answer: str) -> None:
+    job = pipe.create_job()
+    bid, (aj,) = submitted(pipe, job, users(2))
+    pipe.attentive.statuses[aj] = [answer, answer, "COMPLETED"]
+
+    for attempt in (0, 1):
+        report = poll_batch(pipe.rt, job.id, bid, attempt)
+        assert not report.done and report.next_in is not None
+    shown = job_status(pipe.redis, job.id)
+    assert shown["last_attentive_status"] == answer
+    assert shown["counters"][f"polls_{answer.lower()}"] == 2
+    assert shown["buffer"]["batches_at_attentive"] == 1
+    assert pipe.buffer(job).batch(bid)["state"] == "submitted"
+
+    assert poll_batch(pipe.rt, job.id, bid, 2).done
+    assert pipe.status(job)["users_delivered"] == "2"
+    assert job_status(pipe.redis, job.id)["last_attentive_status"] == "COMPLETED"  # not stuck on review
+
+
+def test_401_during_poll_pauses_the_job_and_keeps_the_batch(pipe: Pipeline) -> None:
+    job = pipe.create_job()
+    bid, (aj,) = submitted(pipe, job, users(2))
+    pipe.attentive.statuses[aj] = [error(401, "bad key")]
+
+    report = poll_batch(pipe.rt, job.id, bid, 0)
+
+    assert report.done  # no self-rescheduling while paused; the sweep re-drives after resume
+    stored = pipe.rt.jobs.get(job.id)
+    assert stored.state is JobState.PAUSED and "401" in stored.pause_reason
+    assert pipe.buffer(job).batch(bid)["state"] == "submitted"
+    assert pipe.redis.zscore(keys.polls(job.id), bid) is not None
+    requests = len(pipe.attentive.requests)
+    assert poll_batch(pipe.rt, job.id, bid, 1).done
+    assert len(pipe.attentive.requests) == requests
+
+
+def test_429_during_poll_backs_off_for_everyone_and_polls_again(pipe: Pipeline) -> None:
+    job = pipe.create_job()
+    bid, (aj,) = submitted(pipe, job, users(1))
+    pipe.attentive.statuses[aj] = [error(429, "slow", headers={"Retry-After": "3"})]
+
+    report = poll_batch(pipe.rt, job.id, bid, 0)
+
+    assert not report.done and report.next_in == 3.0
+    assert 2.0 < pipe.limiter().backoff_remaining() <= 3.0
+    assert pipe.status(job)["responses_429"] == "1"
+    assert pipe.buffer(job).batch(bid)["state"] == "submitted"
+
+
+def test_batch_split_into_several_jobs_completes_only_when_all_have_completed(pipe: Pipeline) -> None:
+    job = pipe.create_job()
+    emails = users(4)
+    bid = pipe.sealed_batch(job, emails)
+    pipe.attentive.refuse_containing("u2@x.io")
+    assert flush_job(pipe.rt, job.id).submitted == [bid]
+    subs = json.loads(pipe.buffer(job).batch(bid)["attentive_jobs"])
+    assert len(subs) == 2
+    done_first, later = subs[0]["id"], subs[1]["id"]
+    pipe.attentive.statuses[done_first] = ["COMPLETED"]
+    pipe.attentive.statuses[later] = ["IN_PROGRESS", "COMPLETED"]
+    pipe.attentive.record_failures = {emails_of(pipe.attentive.accepted[done_first])[0]: (413, "too big")}
+    pipe.ingest(exit_("u0@x.io"))
+
+    first = poll_batch(pipe.rt, job.id, bid, 0)
+
+    assert not first.done and first.statuses == ("COMPLETED", "IN_PROGRESS")
+    assert pipe.buffer(job).batch(bid)["state"] == "submitted"
+    assert pipe.buffer(job).outstanding_users() == 4 and pipe.buffer(job).waiting_users() == 1
+    assert len(deadletters.read(pipe.redis, job.id)) == 2  # the 400 one, and the 413 one (once)
+
+    second = poll_batch(pipe.rt, job.id, bid, 1)
+
+    assert second.done and second.statuses == ("COMPLETED",)  # the settled job is not asked again
+    assert [r.url.path.rsplit("/", 1)[1] for r in pipe.attentive.status_gets()] == [done_first, later, later]
+    assert len(deadletters.read(pipe.redis, job.id)) == 2
+    status = pipe.status(job)
+    assert status["users_delivered"] == "2" and status["record_failures"] == "1"
+    assert pipe.buffer(job).outstanding_users() == 0 and pipe.buffer(job).open_size() == 1
+
+
+def test_poll_of_a_paused_job_or_an_unknown_batch_does_nothing(pipe: Pipeline) -> None:
+    job = pipe.create_job()
+    bid, _ = submitted(pipe, job, users(1))
+    assert poll_batch(pipe.rt, job.id, 999, 0).done
+    pipe.rt.jobs.set_state(job.id, JobState.PAUSED, "operator")
+    assert poll_batch(pipe.rt, job.id, bid, 0).done
+    assert pipe.attentive.status_gets() == []
+    assert pipe.buffer(job).batch(bid)["state"] == "submitted"
+
+
+def test_enter_then_exit_reach_attentive_in_order(pipe: Pipeline) -> None:
+    job = pipe.create_job()
+    pipe.ingest(enter("a@x.io"), exit_("a@x.io"))
+    flush_job(pipe.rt, job.id)
+    ((_, bid, _, _),) = pipe.dispatch.polls
+    assert poll_batch(pipe.rt, job.id, bid, 0).done
+    pipe.buffer(job).seal_now()
+    flush_job(pipe.rt, job.id)
+    flags = [b[0]["attributes"]["custom"]["vip"] for b in pipe.attentive.bulk_bodies]
+    assert flags == [True, False]
+
+
+def test_results_settlement_interrupted_midway_loses_no_dead_letter(
+    pipe: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A poll killed while settling results is retried; the refused records must still be dead-lettered."""
+    job = pipe.create_job()
+    bid, _ = submitted(pipe, job, users(3))
+    pipe.attentive.record_failures = {"u1@x.io": (413, "Record exceeds 1 MiB")}
+
+    class DiesOnce:
+        """Stands in for ``json`` inside worker.deadletters: the worker dies writing the first dead letter."""
+
+        died = False
+
+        def dumps(self, obj: object) -> str:
+            if not self.died:
+                self.died = True
+                raise RuntimeError("worker killed")
+            return json.dumps(obj)
+
+        loads = staticmethod(json.loads)
+
+    monkeypatch.setattr(deadletters, "json", DiesOnce())
+    with pytest.raises(RuntimeError, match="worker killed"):
+        poll_batch(pipe.rt, job.id, bid, 0)
+
+    assert poll_batch(pipe.rt, job.id, bid, 0).done  # the task's retry
+
+    dead = deadletters.read(pipe.redis, job.id)
+    assert [d["user"] for d in dead] == ["u1@x.io"]
+    status = pipe.status(job)
+    assert status["users_delivered"] == "2" and status["record_failures"] == "1"
+
+
+def _split_batch(pipe: Pipeline, job: ExportJob) -> tuple[int, str, str]:
+    """u0..u3 with u2 refused (400): sub-job A carries two users, sub-job B one."""
+    bid = pipe.sealed_batch(job, users(4))
+    pipe.attentive.refuse_containing("u2@x.io")
+    assert flush_job(pipe.rt, job.id).submitted == [bid]
+    a, b = (s["id"] for s in json.loads(pipe.buffer(job).batch(bid)["attentive_jobs"]))
+    return bid, a, b
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: a FAILED sub-job resends the whole batch, so a user already isolated by a 400 and "
+    "dead-lettered is sent and dead-lettered again (and delivered users are re-sent)",
+)
+def test_resend_after_a_failed_sub_job_does_not_deadletter_the_refused_user_twice(pipe: Pipeline) -> None:
+    job = pipe.create_job()
+    bid, a, b = _split_batch(pipe, job)
+    pipe.attentive.statuses[a] = ["COMPLETED"]
+    pipe.attentive.statuses[b] = ["FAILED"]
+    assert poll_batch(pipe.rt, job.id, bid, 0).done
+    assert flush_job(pipe.rt, job.id).submitted == [bid]
+
+    assert [d["user"] for d in deadletters.read(pipe.redis, job.id)] == ["u2@x.io"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: giving up on a batch dead-letters every user in it, including users whose sub-job "
+    "COMPLETED at Attentive and users already dead-lettered for a 400",
+)
+def test_giving_up_on_a_split_batch_deadletters_only_undelivered_users(pipe: Pipeline) -> None:
+    job = pipe.create_job()
+    bid, _, _ = _split_batch(pipe, job)
+    for _ in range(MAX_SEND_ATTEMPTS):
+        for sub in json.loads(pipe.buffer(job).batch(bid)["attentive_jobs"]):
+            carries = emails_of(pipe.attentive.accepted[sub["id"]])
+            pipe.attentive.statuses[sub["id"]] = ["FAILED" if "u3@x.io" in carries else "COMPLETED"]
+        assert poll_batch(pipe.rt, job.id, bid, 0).done
+        flush_job(pipe.rt, job.id)
+
+    gave_up = [d["user"] for d in deadletters.read(pipe.redis, job.id) if "gave up" in d["reason"]]
+    assert gave_up == ["u3@x.io"]
+
+
+def test_twin_polls_settling_at_once_deadletter_once_and_leave_no_batch_behind(
+    pipe: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A redelivered poll task runs to completion while the first one is still reading the results."""
+    job = pipe.create_job()
+    bid, _ = submitted(pipe, job, users(3))
+    pipe.attentive.record_failures = {"u2@x.io": (413, "Record exceeds 1 MiB")}
+    read_results = pipe.http.iter_results
+    twin_ran = False
+
+    def results_with_a_twin(url: str) -> Any:
+        nonlocal twin_ran
+        if not twin_ran:
+            twin_ran = True
+            assert poll_batch(pipe.rt, job.id, bid, 0).done  # the twin settles the whole batch
+        return read_results(url)
+
+    monkeypatch.setattr(pipe.http, "iter_results", results_with_a_twin)
+
+    poll_batch(pipe.rt, job.id, bid, 0)
+
+    assert twin_ran
+    assert [d["user"] for d in deadletters.read(pipe.redis, job.id)] == ["u2@x.io"]
+    status = pipe.status(job)
+    assert status["batches_completed"] == "1" and status["record_failures"] == "1"
+    assert pipe.redis.exists(keys.batch(job.id, bid)) == 0  # no stray batch hash re-created
+    assert poll_batch(pipe.rt, job.id, bid, 1).done
