@@ -824,10 +824,14 @@ class Mapper:
                 if type(out) is _Drop:
                     dropped.append((src, out.code))
                     continue
-                size, fits = self._fits(size, out)
-                if not fits:
-                    dropped.append((src, RECORD_TOO_LARGE))
-                    continue
+                worst = len(out) * _WORST_BYTES_PER_CHAR + 2 if type(out) is str else 32
+                if size + worst <= MAX_RECORD_BYTES:
+                    size += worst
+                else:
+                    size, fits = self._fits(size, out)
+                    if not fits:
+                        dropped.append((src, RECORD_TOO_LARGE))
+                        continue
                 if section is None:
                     attributes[leaf] = out
                 else:
@@ -847,10 +851,14 @@ class Mapper:
                 if type(out) is _Drop:
                     dropped.append((src, out.code))
                     continue
-                size, fits = self._fits(size, out)
-                if not fits:
-                    dropped.append((src, RECORD_TOO_LARGE))
-                    continue
+                worst = len(out) * _WORST_BYTES_PER_CHAR + 2 if type(out) is str else 32
+                if size + worst <= MAX_RECORD_BYTES:
+                    size += worst
+                else:
+                    size, fits = self._fits(size, out)
+                    if not fits:
+                        dropped.append((src, RECORD_TOO_LARGE))
+                        continue
                 custom[src] = out
         if flags:
             custom.update(flags)
