@@ -98,7 +98,7 @@ def test_me_unknown_key_is_unauthorized(sandbox: SandboxProcess) -> None:
 
 
 def test_submit_poll_and_read_results(sandbox: SandboxProcess, client: AttentiveClient) -> None:
-    sandbox.set_options(processing_delay=1.0)  # long enough to observe IN_PROGRESS first
+    sandbox.set_options(processing_delay=60.0)  # IN_PROGRESS until the sandbox clock moves on
     sent = users(3)
     job_id = client.submit_bulk(sent)
     assert uuid.UUID(job_id)
@@ -107,6 +107,7 @@ def test_submit_poll_and_read_results(sandbox: SandboxProcess, client: Attentive
     assert first.status == "IN_PROGRESS" and not first.is_terminal and first.url is None
     assert first.bulkJobId == job_id and first.totalRecords == 3
 
+    sandbox.advance_clock(61.0)
     done = wait_terminal(client, job_id)
     assert done.is_success and done.totalRecords == 3 and done.url
 
@@ -230,7 +231,7 @@ def test_dropped_connections_become_transport_error_after_retries(
     err = info.value
     assert err.status_code is None and err.may_have_reached_server and "3 attempt" in str(err)
     assert requests_to(sandbox, BULK) == {"0": 3}
-    assert elapsed < 3.0  # short in-process back-off only
+    assert elapsed < 5.0  # short in-process back-off only (about 1 s of waits)
     sandbox.set_faults(drop_connections=0.0)
     assert client.submit_bulk(users(1))  # the same client recovers (fresh connection)
 

@@ -614,7 +614,7 @@ def test_iter_results_is_lazy_and_closes_early(make_client: Any) -> None:
     lines = client.iter_results("https://files.test/r.jsonl")
     assert rec.requests == []
     assert next(lines).index == 0
-    lines.close()  # type: ignore[attr-defined]
+    lines.close()
     assert len(rec.requests) == 1
 
 
