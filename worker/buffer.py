@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -71,6 +71,9 @@ class ClaimedBatch:
     records: list[list[dict[str, Any]]]
     attempts: int
     token: str
+    #: Indices of users already finished for good in an earlier send (delivered by a completed
+    #: Attentive job, or refused and dead-lettered): a re-send leaves them out.
+    settled: frozenset[int] = frozenset()
 
 
 class JobBuffer:
@@ -124,19 +127,38 @@ class JobBuffer:
         got = self._run("claim", token, lease_ms, now=now)
         if got is None:
             return None
-        bid, users, records, attempts = got
-        return ClaimedBatch(int(bid), json.loads(users), json.loads(records), int(attempts or 0), token)
+        bid, users, records, attempts, settled = got
+        return ClaimedBatch(
+            int(bid),
+            json.loads(users),
+            json.loads(records),
+            int(attempts or 0),
+            token,
+            frozenset(json.loads(settled)),
+        )
 
     def release(self, batch: ClaimedBatch) -> bool:
         """Give a claimed batch back, unsent, to the front of the queue."""
         return bool(self._run("release", batch.batch_id, batch.token))
 
     def mark_submitted(
-        self, batch: ClaimedBatch, attentive_jobs: list[dict[str, Any]], poll_deadline_ms: int
+        self,
+        batch: ClaimedBatch,
+        attentive_jobs: list[dict[str, Any]],
+        poll_deadline_ms: int,
+        settled: Iterable[int] = (),
     ) -> bool:
-        """Record the Attentive job ids; False if the lease was lost meanwhile (the batch is re-sent)."""
+        """Record the Attentive job ids and the users now settled for good (refused and
+        dead-lettered); False if the lease was lost meanwhile (whoever claims it next re-sends it)."""
         return bool(
-            self._run("submitted", batch.batch_id, batch.token, json.dumps(attentive_jobs), poll_deadline_ms)
+            self._run(
+                "submitted",
+                batch.batch_id,
+                batch.token,
+                json.dumps(attentive_jobs),
+                poll_deadline_ms,
+                json.dumps(sorted(batch.settled.union(settled))),
+            )
         )
 
     def expect_poll_by(self, batch_id: int, deadline_ms: int) -> None:

@@ -79,10 +79,14 @@ def _flush_batch(rt: Runtime, job: ExportJob, buffer: JobBuffer, batch: ClaimedB
     """True if submitted, a float to retry after that many seconds, a str pause reason."""
     status_key = keys.job_status(job.id)
     users = [merge_records(records) for records in batch.records]
+    to_send = [i for i in range(len(users)) if i not in batch.settled]
+    if not to_send:  # a re-send whose users were all finished in earlier sends
+        buffer.complete(batch.batch_id, {"batches_completed": 1})
+        return False
     try:
         client = rt.client_for(job)
         limiter = rt.limiter_for(job)
-        submissions, refused = _submit_isolating(client, limiter, users)
+        submissions, refused = _submit_isolating(client, limiter, users, to_send)
     except (Unauthorized, Forbidden) as exc:
         buffer.release(batch)
         return pause_for_auth_error(rt, job, exc)
@@ -120,7 +124,7 @@ def _flush_batch(rt: Runtime, job: ExportJob, buffer: JobBuffer, batch: ClaimedB
     jobs = [{"id": job_id, "idx": idx} for job_id, idx in submissions]
     first_poll = rt.settings.first_poll_seconds
     deadline = now_ms() + int(first_poll * 1000) + POLL_GRACE_MS
-    if not buffer.mark_submitted(batch, jobs, deadline):
+    if not buffer.mark_submitted(batch, jobs, deadline, settled=refused):
         # Our lease ran out and the batch went back to the queue: it will be sent again (an upsert,
         # harmless) and polled by whoever sends it.
         log.warning("job %s batch %s: lease lost during submit", job.id, batch.batch_id)
@@ -130,16 +134,16 @@ def _flush_batch(rt: Runtime, job: ExportJob, buffer: JobBuffer, batch: ClaimedB
 
 
 def _submit_isolating(
-    client: Any, limiter: RateLimiter, users: list[dict[str, Any]]
+    client: Any, limiter: RateLimiter, users: list[dict[str, Any]], indices: list[int]
 ) -> tuple[list[tuple[str, list[int]]], dict[int, str]]:
-    """POST ``users``; on a 400 split the batch in halves until the refused users are isolated.
+    """POST ``users[i] for i in indices``; on a 400 split in halves until refused users are isolated.
 
     Returns (Attentive job id, indices of the users it carries) per accepted request, and the
     refused users' indices with Attentive's message. Other errors propagate.
     """
     submissions: list[tuple[str, list[int]]] = []
     refused: dict[int, str] = {}
-    pending: list[list[int]] = [list(range(len(users)))]
+    pending: list[list[int]] = [indices]
     while pending:
         idx = pending.pop()
         if not limiter.acquire(TOKEN_WAIT_SECONDS):

@@ -108,8 +108,9 @@ def poll_batch(rt: Runtime, job_id: str, batch_id: int, attempt: int) -> PollRep
             next_poll_delay(attempt, rt.settings.first_poll_seconds, rt.settings.poll_cap_seconds),
             tuple(statuses),
         )
-    delivered = sum(int(fresh[f"done:{sub['id']}"]) for sub in sub_jobs)
-    refused = sum(len(sub["idx"]) for sub in sub_jobs) - delivered
+    # Summed over every send of the batch: a re-send carries only the users earlier sends left open.
+    delivered = sum(int(v) for k, v in fresh.items() if k.startswith("done:"))
+    refused = sum(int(v) for k, v in fresh.items() if k.startswith("failed:"))
     buffer.complete(
         batch_id, {"batches_completed": 1, "users_delivered": delivered, "record_failures": refused}
     )
@@ -156,8 +157,16 @@ def _settle_results(
                 batch_key, done_field
             ):
                 return
+            settled = set(json.loads(pipe.hget(batch_key, "settled") or "[]")).union(idx)
             pipe.multi()
-            pipe.hset(batch_key, done_field, len(idx) - len(failures))
+            pipe.hset(
+                batch_key,
+                mapping={
+                    done_field: len(idx) - len(failures),
+                    f"failed:{sub['id']}": len(failures),
+                    "settled": json.dumps(sorted(settled)),
+                },
+            )
             deadletters.queue(pipe, job.id, batch_id, entries)
             if failures:
                 sample = [f"{users[i]}: {reason}" for i, reason in list(failures.items())[:FAILURE_SAMPLE]]
@@ -179,9 +188,13 @@ def _failed(
         return PollReport(done=True)
     users: list[str] = json.loads(batch["users"])
     records: list[list[dict[str, Any]]] = json.loads(batch["records"])
+    settled = set(json.loads(batch.get("settled") or "[]"))
     why = f"{reason}; gave up after {attempts} sends"
     deadletters.record(
-        rt.redis, job.id, batch_id, ((u, why, merge_records(r)) for u, r in zip(users, records, strict=True))
+        rt.redis,
+        job.id,
+        batch_id,
+        ((users[i], why, merge_records(records[i])) for i in range(len(users)) if i not in settled),
     )
     buffer.complete(batch_id, {"batches_deadlettered": 1})
     return PollReport(done=True)

@@ -301,11 +301,6 @@ def _split_batch(pipe: Pipeline, job: ExportJob) -> tuple[int, str, str]:
     return bid, a, b
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a FAILED sub-job resends the whole batch, so a user already isolated by a 400 and "
-    "dead-lettered is sent and dead-lettered again (and delivered users are re-sent)",
-)
 def test_resend_after_a_failed_sub_job_does_not_deadletter_the_refused_user_twice(pipe: Pipeline) -> None:
     job = pipe.create_job()
     bid, a, b = _split_batch(pipe, job)
@@ -317,11 +312,6 @@ def test_resend_after_a_failed_sub_job_does_not_deadletter_the_refused_user_twic
     assert [d["user"] for d in deadletters.read(pipe.redis, job.id)] == ["u2@x.io"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: giving up on a batch dead-letters every user in it, including users whose sub-job "
-    "COMPLETED at Attentive and users already dead-lettered for a 400",
-)
 def test_giving_up_on_a_split_batch_deadletters_only_undelivered_users(pipe: Pipeline) -> None:
     job = pipe.create_job()
     bid, _, _ = _split_batch(pipe, job)

@@ -168,7 +168,7 @@ elseif op == 'seal_now' then
     return sealed_now
 
 elseif op == 'claim' then
-    -- op args: owner token, lease (ms). Returns {bid, users, records, attempts} or nil.
+    -- op args: owner token, lease (ms). Returns {bid, users, records, attempts, settled} or nil.
     local token, lease = ARGV[5], tonumber(ARGV[6])
     while true do
         local bid = redis.call('LPOP', K_SEALED)
@@ -180,8 +180,8 @@ elseif op == 'claim' then
             redis.call('HSET', key, 'state', 'submitting', 'owner', token, 'lease_until', now + lease)
             redis.call('ZADD', K_LEASES, now + lease, bid)
             redis.call('HSET', K_STATUS, 'last_claim_at', now)
-            local b = redis.call('HMGET', key, 'users', 'records', 'attempts')
-            return {bid, b[1], b[2], b[3]}
+            local b = redis.call('HMGET', key, 'users', 'records', 'attempts', 'settled')
+            return {bid, b[1], b[2], b[3], b[4] or '[]'}
         end
         -- a stale id (batch already completed or re-queued twice) is dropped from the FIFO
     end
@@ -199,13 +199,15 @@ elseif op == 'release' then
     return 1
 
 elseif op == 'submitted' then
-    -- op args: bid, owner token, Attentive job ids (JSON list), poll deadline (ms)
+    -- op args: bid, owner token, Attentive job ids (JSON list), poll deadline (ms), settled users
+    -- (JSON list of indices that are finished for good: refused by a 400 and dead-lettered)
     local bid, token = ARGV[5], ARGV[6]
     local key = batch_prefix .. bid
     if redis.call('HGET', key, 'owner') ~= token or redis.call('HGET', key, 'state') ~= 'submitting' then
         return 0
     end
-    redis.call('HSET', key, 'state', 'submitted', 'owner', '', 'attentive_jobs', ARGV[7], 'submitted_at', now)
+    redis.call('HSET', key, 'state', 'submitted', 'owner', '', 'attentive_jobs', ARGV[7], 'submitted_at', now,
+        'settled', ARGV[9])
     redis.call('ZREM', K_LEASES, bid)
     redis.call('ZADD', K_POLLS, tonumber(ARGV[8]), bid)
     redis.call('HINCRBY', K_STATUS, 'batches_submitted', 1)
