@@ -89,7 +89,7 @@ class JobStore:
     def __init__(self, client: redis.Redis) -> None:
         self._redis = client
         self._cache: dict[str, ExportJob] = {}
-        self._version: bytes | None = None
+        self._version: bytes | str | None = None
 
     def create(self, config: ExportJobConfig, state: JobState = JobState.RUNNING) -> ExportJob:
         job_id = secrets.token_hex(4)

@@ -152,7 +152,7 @@ def _settle_results(
     entries = [(users[i], reason, merge_records(records[i])) for i, reason in failures.items()]
     with rt.redis.pipeline(transaction=True) as pipe:
         try:
-            pipe.watch(batch_key)
+            pipe.watch(batch_key)  # type: ignore[no-untyped-call]
             if pipe.hget(batch_key, "state") not in (b"submitted", "submitted") or pipe.hexists(
                 batch_key, done_field
             ):
