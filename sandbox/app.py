@@ -76,6 +76,7 @@ class Sandbox:
 
     def __init__(self, tokens: list[Token], options: Options) -> None:
         self.tokens = {t.key: t for t in tokens}
+        self.initial_tokens = dict(self.tokens)
         self.initial_options = options
         self.options = options
         self.dice = FaultDice(options.seed)
@@ -133,8 +134,9 @@ class Sandbox:
             await asyncio.sleep(min(max(wait, 0.001), COMPLETER_TICK))
 
     def reset(self) -> None:
-        """Forget everything and restore the start-up options (faults included)."""
+        """Forget everything and restore the start-up options (faults included) and tokens."""
         self.options = self.initial_options
+        self.tokens = dict(self.initial_tokens)
         self.dice = FaultDice(self.options.seed)
         self.clock.offset = 0.0
         self.store.clear()
@@ -172,8 +174,10 @@ class Sandbox:
             response = self._error(status, message, headers)
         else:
             response = await handler(request, token, headers)
-        if token is not None:
-            self.recorder.count(token.key, endpoint, response.status_code)
+        # Unknown keys are counted under what they sent, so a test can see a revoked key's retries.
+        self.recorder.count(
+            token.key if token is not None else credential or "<none>", endpoint, response.status_code
+        )
         return response
 
     def _too_many(self, headers: dict[str, str]) -> Response:
@@ -313,6 +317,20 @@ class Sandbox:
         self.reset()
         return _json(200, {"ok": True})
 
+    async def admin_tokens(self, request: Request) -> Response:
+        """``POST {"token": "KEY[:flags]"}`` adds a key; ``DELETE /_sandbox/tokens/KEY`` revokes one
+        (its requests then get 401, as a key revoked in Attentive's UI would)."""
+        if request.method == "DELETE":
+            revoked = self.tokens.pop(request.path_params["key"], None)
+            return _json(200 if revoked else 404, {"revoked": revoked is not None})
+        try:
+            body = json.loads(await request.body() or b"{}")
+            token = Token.parse(str(body["token"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            return _json(400, {"error": {"id": 0, "message": f'expected {{"token": "KEY[:flags]"}}: {exc}'}})
+        self.tokens[token.key] = token
+        return _json(200, {"added": token.key})
+
     async def admin_options(self, request: Request) -> Response:
         if request.method == "PUT":
             try:
@@ -395,6 +413,8 @@ class Sandbox:
             Route("/_sandbox/jobs/{job_id}", self.admin_jobs, methods=["GET"]),
             Route("/_sandbox/jobs/{job_id}/status", self.admin_job_status, methods=["POST"]),
             Route("/_sandbox/clock", self.admin_clock, methods=["POST"]),
+            Route("/_sandbox/tokens", self.admin_tokens, methods=["POST"]),
+            Route("/_sandbox/tokens/{key}", self.admin_tokens, methods=["DELETE"]),
         ]
 
 

@@ -131,6 +131,14 @@ class SandboxProcess:
         result: dict[str, Any] = self.admin("POST", f"jobs/{job_id}/status", json={"status": status})
         return result
 
+    def revoke(self, token: str) -> None:
+        """Revoke a key at runtime: its requests get 401 from now on (``reset`` restores it)."""
+        self.admin("DELETE", f"tokens/{token}")
+
+    def add_token(self, spec: str) -> None:
+        """Add a key at runtime, ``KEY[:readonly][,company=NAME]``."""
+        self.admin("POST", "tokens", json={"token": spec})
+
     def advance_clock(self, seconds: float) -> None:
         """Move the sandbox clock forward (jobs fall due; records expire after 14 days)."""
         self.admin("POST", "clock", json={"advance_seconds": seconds})

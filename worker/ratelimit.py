@@ -35,12 +35,10 @@ Example::
 
 from __future__ import annotations
 
-import email.utils
 import hashlib
 import math
 import random
 import time
-from datetime import UTC, datetime
 from importlib import resources
 
 import redis
@@ -185,28 +183,3 @@ def backoff_delay(
         return max(0.0, retry_after)
     exponent = min(max(attempt, 0), 60)  # 2**60 * base is far past any cap; avoids float overflow
     return random.uniform(0.0, min(cap, base * 2.0**exponent))
-
-
-def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
-    """Seconds from a ``Retry-After`` header, which may be delta-seconds or an HTTP date.
-
-    Returns:
-        Non-negative seconds, or None when the header is absent or unreadable (then fall back to
-        :func:`backoff_delay`'s jitter).
-    """
-    if value is None or not value.strip():
-        return None
-    text = value.strip()
-    try:
-        seconds = float(text)
-    except ValueError:
-        pass
-    else:
-        return max(0.0, seconds) if math.isfinite(seconds) else None
-    try:
-        when = email.utils.parsedate_to_datetime(text)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())

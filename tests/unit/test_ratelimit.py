@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
-from datetime import UTC, datetime
 
 import fakeredis
 import pytest
 from fakeredis.commands_mixins import server_mixin
 
 from worker import keys, ratelimit
-from worker.ratelimit import RateLimiter, api_key_hash, backoff_delay, parse_retry_after
+from worker.ratelimit import RateLimiter, api_key_hash, backoff_delay
 
 API_KEY = "sk_live_ABCDEF0123456789secret"
 
@@ -264,14 +263,3 @@ def test_retry_after_wins_over_the_jitter() -> None:
     assert backoff_delay(0, retry_after=12.5) == 12.5
     assert backoff_delay(9, retry_after=0.0) == 0.0
     assert backoff_delay(2, retry_after=-4.0) == 0.0
-
-
-def test_parse_retry_after_reads_seconds_and_http_dates() -> None:
-    now = datetime(2026, 11, 26, 17, 0, 0, tzinfo=UTC)
-    assert parse_retry_after("3") == 3.0
-    assert parse_retry_after(" 1.5 ") == 1.5
-    assert parse_retry_after("-2") == 0.0
-    assert parse_retry_after("Thu, 26 Nov 2026 17:00:07 GMT", now=now) == 7.0
-    assert parse_retry_after("Thu, 26 Nov 2026 16:59:00 GMT", now=now) == 0.0
-    for unreadable in (None, "", "soon", "nan", "inf"):
-        assert parse_retry_after(unreadable) is None
