@@ -16,6 +16,7 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
+import orjson
 import redis
 
 from worker import keys
@@ -50,7 +51,7 @@ class Change:
     user_key: str
     audience: str
     at_ms: int
-    record_json: str
+    record_json: str | bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,8 +131,8 @@ class JobBuffer:
         bid, users, records, attempts, settled = got
         return ClaimedBatch(
             int(bid),
-            json.loads(users),
-            json.loads(records),
+            orjson.loads(users),
+            orjson.loads(records),
             int(attempts or 0),
             token,
             frozenset(json.loads(settled)),

@@ -6,11 +6,11 @@ the buffer drops a transition whose event time is not newer than one already acc
 
 from __future__ import annotations
 
-import json
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import orjson
 import redis
 
 from worker import inbox, keys
@@ -80,7 +80,7 @@ def _route(
         if result.record is None:
             skips[job.id][result.skip_reason or "unmappable"] += 1
             continue
-        per_job[job.id].append(Change(user_key, t.audience, t.at_ms, json.dumps(result.record)))
+        per_job[job.id].append(Change(user_key, t.audience, t.at_ms, orjson.dumps(result.record)))
     return bool(targets)
 
 

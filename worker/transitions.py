@@ -14,6 +14,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 # Reasons a payload is rejected before routing; operators see counts by reason.
 NOT_JSON = "not_json"
 NOT_AN_OBJECT = "not_an_object"
@@ -73,10 +75,15 @@ def parse_time_ms(value: Any) -> int | None:
 def parse_line(line: str | bytes, received_ms: int | None = None) -> Iterator[Transition | Rejected]:
     """Transitions in one JSON text (a line of JSONL or a webhook body)."""
     try:
-        payload = json.loads(line)
-    except (ValueError, UnicodeDecodeError) as exc:
-        yield Rejected(NOT_JSON, f"not valid JSON: {exc}")
-        return
+        payload = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        # orjson refuses a few things json accepts (integers beyond 64 bits, NaN): give those the
+        # lenient parser rather than rejecting a whole event for one odd value.
+        try:
+            payload = json.loads(line)
+        except (ValueError, UnicodeDecodeError) as exc:
+            yield Rejected(NOT_JSON, f"not valid JSON: {exc}")
+            return
     yield from parse_payload(payload, received_ms)
 
 
