@@ -5,9 +5,13 @@ from __future__ import annotations
 import logging
 
 from celery import Celery
+from celery.signals import after_setup_logger
 
 app = Celery("attentive_export", include=["tasks.ingest", "tasks.flush", "tasks.poll", "tasks.sweep"])
 app.config_from_object("celeryconfig")
 
-# httpx logs every request URL at INFO; a results URL may carry a pre-signed signature.
-logging.getLogger("httpx").setLevel(logging.WARNING)
+
+@after_setup_logger.connect
+def _quiet_httpx(**_kwargs: object) -> None:
+    """httpx logs every request URL at INFO; a results URL may carry a pre-signed signature."""
+    logging.getLogger("httpx").setLevel(logging.WARNING)
