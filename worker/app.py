@@ -11,7 +11,7 @@ app = Celery("attentive_export", include=["tasks.ingest", "tasks.flush", "tasks.
 app.config_from_object("celeryconfig")
 
 
-@after_setup_logger.connect
+@after_setup_logger.connect  # type: ignore[untyped-decorator]
 def _quiet_httpx(**_kwargs: object) -> None:
     """httpx logs every request URL at INFO; a results URL may carry a pre-signed signature."""
     logging.getLogger("httpx").setLevel(logging.WARNING)
