@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 import redis
@@ -20,7 +21,10 @@ from worker.transitions import Rejected, Transition, parse_line
 
 #: Transitions per buffer script call: keeps each atomic step short so Redis stays responsive.
 SCRIPT_CHUNK = 512
-NO_USER_KEY = "no_user_key"
+#: Counted when a profile lacks the job's user key field and another identifier keys it instead.
+USER_KEY_FALLBACK = "user_key_field_missing"
+#: Standard identifiers in the order used for a fallback user key.
+FALLBACK_KEY_ORDER = ("email", "phone", "clientUserId", "shopifyId", "klaviyoId")
 
 
 @dataclass
@@ -70,18 +74,30 @@ def _route(
     targets = jobs.routes(t.audience)
     for job in targets:
         mapper = job.mapper
-        user_key = mapper.user_key(t.user)
-        if user_key is None:
-            skips[job.id][NO_USER_KEY] += 1
-            continue
         result = mapper.map(t.user, {t.audience: t.enter}, include_attributes=t.enter)
         for _field, reason in result.dropped:
             drops[job.id][reason] += 1
         if result.record is None:
             skips[job.id][result.skip_reason or "unmappable"] += 1
             continue
+        user_key = mapper.user_key(t.user)
+        if user_key is None:
+            # The key field is missing but the user has another identifier: send it rather than
+            # drop it, keyed by that identifier. Its order is then kept among events that carry
+            # the same identifier (counted, so an operator can fix the producer or the key field).
+            user_key = fallback_user_key(result.record)
+            drops[job.id][USER_KEY_FALLBACK] += 1
         per_job[job.id].append(Change(user_key, t.audience, t.at_ms, orjson.dumps(result.record)))
     return bool(targets)
+
+
+def fallback_user_key(record: dict[str, Any]) -> str:
+    """A user key from a mapped record's identifiers (every record has at least one)."""
+    identifiers = record["identifiers"]
+    for name in FALLBACK_KEY_ORDER:
+        if name in identifiers:
+            return f"{name}:{identifiers[name]}"
+    return "record:" + orjson.dumps(identifiers, option=orjson.OPT_SORT_KEYS).decode()
 
 
 def _write_counters(

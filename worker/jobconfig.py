@@ -101,16 +101,8 @@ class JobState(StrEnum):
     CREATED = "created"
     BACKFILLING = "backfilling"
     RUNNING = "running"
-    PAUSED = "paused"  # buffers but does not send; see PauseReason
+    PAUSED = "paused"  # buffers but does not send; the job records why (shown by status)
     STOPPED = "stopped"
-
-
-class PauseReason(StrEnum):
-    """Why a job is paused. Shown to operators; cleared when the job resumes."""
-
-    OPERATOR = "operator"  # paused by hand
-    UNAUTHORIZED = "unauthorized"  # Attentive answered 401: the API key is wrong or revoked
-    FORBIDDEN = "forbidden"  # Attentive answered 403: the key lacks a write permission
 
 
 # --------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import pytest
 from worker import inbox, keys
 from worker.buffer import decode_hash, now_ms
 from worker.flush import POLL_GRACE_MS, flush_job
-from worker.ingest import NO_USER_KEY, ingest_chunk, ingest_lines
+from worker.ingest import USER_KEY_FALLBACK, ingest_chunk, ingest_lines
 from worker.jobconfig import JobState
 from worker.status import ingest_status
 from worker.sweep import IDLE_FLUSH_MS, REDRIVEN_POLL_ATTEMPT, sweep
@@ -189,16 +189,19 @@ def test_ingest_counts_rejected_lines_by_reason_and_unroutable_audiences(pipe: P
     }
 
 
-def test_ingest_skips_profiles_without_the_jobs_identifier_per_job(pipe: Pipeline) -> None:
+def test_a_profile_without_the_key_field_is_keyed_by_another_identifier_and_counted(pipe: Pipeline) -> None:
     by_email = pipe.create_job(audiences=("vip",))
     by_phone = pipe.create_job(audiences=("vip",), identifier_mappings={"phone": "phone", "email": "email"})
     pipe.ingest(enter("a@x.io"), enter("b@x.io", phone="+14155550100"))
 
     assert pipe.buffer(by_email).open_size() == 2
-    assert pipe.buffer(by_phone).open_size() == 1
-    skips = decode_hash(pipe.redis.hgetall(keys.job_skips(by_phone.id)))
-    assert skips == {NO_USER_KEY: "1"}
-    assert pipe.redis.exists(keys.job_skips(by_email.id)) == 0
+    assert pipe.buffer(by_phone).open_size() == 2
+    users = sorted(u.decode() for u in pipe.redis.zrange(keys.open_users(by_phone.id), 0, -1))
+    assert users == ["+14155550100", "email:a@x.io"]
+    drops = decode_hash(pipe.redis.hgetall(keys.job_field_drops(by_phone.id)))
+    assert drops == {USER_KEY_FALLBACK: "1"}
+    assert pipe.redis.exists(keys.job_skips(by_phone.id)) == 0
+    assert pipe.redis.exists(keys.job_field_drops(by_email.id)) == 0
 
 
 def test_one_transition_is_routed_to_every_job_exporting_its_audience(pipe: Pipeline) -> None:
