@@ -813,25 +813,9 @@ class Mapper:
         custom: dict[str, Any] = {}
         if include_attributes:
             for key, segments, section, leaf, conv, src in self._attributes:
-                value = get(key, _MISSING)
-                if value is _MISSING:
-                    value = _walk(profile, segments) if segments is not None else None
-                if value is None:
-                    continue
-                out = conv(value)
+                out, size = self._field(profile, get, key, segments, conv, src, size, dropped)
                 if out is None:
                     continue
-                if type(out) is _Drop:
-                    dropped.append((src, out.code))
-                    continue
-                worst = len(out) * _WORST_BYTES_PER_CHAR + 2 if type(out) is str else 32
-                if size + worst <= MAX_RECORD_BYTES:
-                    size += worst
-                else:
-                    size, fits = self._fits(size, out)
-                    if not fits:
-                        dropped.append((src, RECORD_TOO_LARGE))
-                        continue
                 if section is None:
                     attributes[leaf] = out
                 else:
@@ -840,26 +824,9 @@ class Mapper:
                         attributes[section] = sub = {}
                     sub[leaf] = out
             for key, segments, src in self._custom:
-                value = get(key, _MISSING)
-                if value is _MISSING:
-                    value = _walk(profile, segments) if segments is not None else None
-                if value is None:
-                    continue
-                out = _conv_custom(value)
-                if out is None:
-                    continue
-                if type(out) is _Drop:
-                    dropped.append((src, out.code))
-                    continue
-                worst = len(out) * _WORST_BYTES_PER_CHAR + 2 if type(out) is str else 32
-                if size + worst <= MAX_RECORD_BYTES:
-                    size += worst
-                else:
-                    size, fits = self._fits(size, out)
-                    if not fits:
-                        dropped.append((src, RECORD_TOO_LARGE))
-                        continue
-                custom[src] = out
+                out, size = self._field(profile, get, key, segments, _conv_custom, src, size, dropped)
+                if out is not None:
+                    custom[src] = out
         if flags:
             custom.update(flags)
         if custom:
@@ -868,6 +835,42 @@ class Mapper:
         if attributes:
             record["attributes"] = attributes
         return MapResult(record, None, dropped)
+
+    def _field(
+        self,
+        profile: Any,
+        get: Any,
+        key: str,
+        segments: Any,
+        conv: Any,
+        src: str,
+        size: int,
+        dropped: list[tuple[str, str]],
+    ) -> tuple[Any, int]:
+        """One mapped attribute's value, converted and counted against the record size bound.
+
+        Returns ``(None, size)`` when the field is absent or left out (a drop is then recorded),
+        else the value and the new running size.
+        """
+        value = get(key, _MISSING)
+        if value is _MISSING:
+            value = _walk(profile, segments) if segments is not None else None
+        if value is None:
+            return None, size
+        out = conv(value)
+        if out is None:
+            return None, size
+        if type(out) is _Drop:
+            dropped.append((src, out.code))
+            return None, size
+        worst = len(out) * _WORST_BYTES_PER_CHAR + 2 if type(out) is str else 32
+        if size + worst <= MAX_RECORD_BYTES:
+            return out, size + worst
+        size, fits = self._fits(size, out)
+        if not fits:
+            dropped.append((src, RECORD_TOO_LARGE))
+            return None, size
+        return out, size
 
     @staticmethod
     def _fits(size: int, value: Any) -> tuple[int, bool]:
