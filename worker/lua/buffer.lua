@@ -135,6 +135,11 @@ local function drain_waiting(user)
     end
 end
 
+-- True while the flush holding ``token`` still owns the claimed batch (its lease was not reaped).
+local function owns(key, token)
+    return redis.call('HGET', key, 'owner') == token and redis.call('HGET', key, 'state') == 'submitting'
+end
+
 if op == 'ingest' then
     -- op args: groups of (user, audience, event time ms, record JSON)
     local accepted, merged, queued, stale = 0, 0, 0, 0
@@ -192,9 +197,9 @@ elseif op == 'claim' then
 
 elseif op == 'release' then
     -- op args: bid, owner token. Give a claimed batch back unchanged (front of the FIFO).
-    local bid, token = ARGV[5], ARGV[6]
+    local bid = ARGV[5]
     local key = batch_prefix .. bid
-    if redis.call('HGET', key, 'owner') ~= token or redis.call('HGET', key, 'state') ~= 'submitting' then
+    if not owns(key, ARGV[6]) then
         return 0
     end
     redis.call('HSET', key, 'state', 'sealed', 'owner', '')
@@ -205,9 +210,9 @@ elseif op == 'release' then
 elseif op == 'submitted' then
     -- op args: bid, owner token, Attentive job ids (JSON list), poll deadline (ms), settled users
     -- (JSON list of indices that are finished for good: refused by a 400 and dead-lettered)
-    local bid, token = ARGV[5], ARGV[6]
+    local bid = ARGV[5]
     local key = batch_prefix .. bid
-    if redis.call('HGET', key, 'owner') ~= token or redis.call('HGET', key, 'state') ~= 'submitting' then
+    if not owns(key, ARGV[6]) then
         return 0
     end
     redis.call('HSET', key, 'state', 'submitted', 'owner', '', 'attentive_jobs', ARGV[7], 'submitted_at', now,
