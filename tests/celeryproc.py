@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -79,6 +80,11 @@ class CeleryProcesses:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def stop(self) -> None:
+        """Stop every process (TERM, then KILL) and remove the logs and beat schedule."""
+        self._stop_all()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def _stop_all(self) -> None:
         for name in list(self.procs):
             proc = self.procs[name]
             try:
