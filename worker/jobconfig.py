@@ -93,6 +93,14 @@ MAX_DESCRIPTION_CHARS = 2000
 
 #: Lytics audience slugs: letters, digits, ``_`` and ``-``; starting with a letter or digit.
 AUDIENCE_SLUG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*", re.ASCII)
+#: Lytics segment ids (hex in practice); kept to URL-path-safe characters since they go into a path.
+SEGMENT_ID = re.compile(r"[A-Za-z0-9_-]{1,128}", re.ASCII)
+#: Environment variable names (POSIX portable set).
+ENV_VAR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*", re.ASCII)
+#: Variables holding this service's own secrets: never sent to Lytics as a token.
+RESERVED_ENV_VARS = frozenset({"EXPORT_SECRET_KEY"})
+#: Lytics' largest segment scan page.
+MAX_SCAN_PAGE_SIZE = 100
 
 
 class JobState(StrEnum):
@@ -226,11 +234,32 @@ def _phone_region(value: str) -> str:
     return region
 
 
+def _segment_id(value: str) -> str:
+    if not SEGMENT_ID.fullmatch(value):
+        raise _err(
+            "segment_id",
+            "segment id {value!r} must be 1-128 letters, digits, '_' or '-' (the Lytics segment's id "
+            "from GET /v2/segment)",
+            value=value,
+        )
+    return value
+
+
+def _env_var_name(value: str) -> str:
+    if not ENV_VAR_NAME.fullmatch(value):
+        raise _err("env_var", "{value!r} is not an environment variable name", value=value)
+    if value in RESERVED_ENV_VARS:
+        raise _err("env_var", "{value!r} holds this service's own secret; name another variable", value=value)
+    return value
+
+
 FieldPath = Annotated[str, AfterValidator(_field_path)]
 CustomName = Annotated[str, AfterValidator(_custom_name)]
 AudienceSlug = Annotated[str, AfterValidator(_audience_slug)]
 Target = Annotated[IdentifierTarget, BeforeValidator(_identifier_target)]
 AttributeTarget = Annotated[str, AfterValidator(_attribute_target)]
+SegmentId = Annotated[str, AfterValidator(_segment_id)]
+EnvVarName = Annotated[str, AfterValidator(_env_var_name)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -312,12 +341,51 @@ def cross_field_problems(data: Mapping[str, Any]) -> list[str]:
         if name in extra_seen:
             problems.append(f"extra_identifiers[{i}]: {name!r} is listed twice")
         extra_seen.add(name)
+    problems.extend(_backfill_problems(data, {slug for _i, slug in audiences}))
+    return problems
+
+
+def _backfill_problems(data: Mapping[str, Any], audiences: set[str]) -> list[str]:
+    """The backfill section must only name the job's audiences, and only when Existing Users is on."""
+    backfill = data.get("backfill")
+    if isinstance(backfill, BaseModel):
+        backfill = backfill.model_dump()
+    if not isinstance(backfill, Mapping):
+        return []
+    problems: list[str] = []
+    if data.get("existing_users") is False:
+        problems.append(
+            "backfill: existing_users is false, so nothing would be backfilled; remove the backfill "
+            "section or set existing_users: true"
+        )
+    for slug, _segment in _str_pairs(backfill.get("lytics_segments")):
+        if slug not in audiences:
+            problems.append(
+                f"{_key_path('backfill.lytics_segments', slug)}: {slug!r} is not one of the job's audiences "
+                f"({', '.join(sorted(audiences)) or 'none'})"
+            )
     return problems
 
 
 # --------------------------------------------------------------------------------------------------
 # The model
 # --------------------------------------------------------------------------------------------------
+
+
+class BackfillConfig(BaseModel):
+    """Where Existing Users come from: a Lytics segment per audience, scanned once at job start.
+
+    The Lytics token is not stored: the job names the environment variable that holds it on the
+    workers (like ``EXPORT_SECRET_KEY``), so the job table never contains a Lytics secret and a
+    rotated token takes effect on the next worker restart. Audiences without a segment are not
+    backfilled from Lytics (``attentive-export backfill JOB FILE`` can load them from a file).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    lytics_segments: Annotated[dict[AudienceSlug, SegmentId], Field(min_length=1)]
+    lytics_token_env: EnvVarName = "LYTICS_API_TOKEN"
+    page_size: Annotated[int, Field(ge=1, le=MAX_SCAN_PAGE_SIZE)] = MAX_SCAN_PAGE_SIZE
 
 
 class ExportJobConfig(BaseModel):
@@ -340,6 +408,7 @@ class ExportJobConfig(BaseModel):
     user_key_field: Annotated[FieldPath | None, Field()] = None
     flush_interval_seconds: Annotated[int, Field(ge=1, le=300)] = 30
     batch_size: Annotated[int, Field(ge=1, le=256)] = 256
+    backfill: BackfillConfig | None = None
 
     @model_validator(mode="after")
     def _cross_fields(self) -> ExportJobConfig:
@@ -389,12 +458,16 @@ def _message(err: Any) -> str:
     kind = err["type"]
     if kind == "missing":
         return "is required"
+    if kind == "extra_forbidden" and tuple(err["loc"][:1]) == ("backfill",) and len(err["loc"]) == 2:
+        return f"unknown key (a typo?); expected one of {', '.join(BackfillConfig.model_fields)}"
     if kind == "extra_forbidden":
         return f"unknown key (a typo?); expected one of {', '.join(_TOP_LEVEL_KEYS)}"
     if kind == "too_short" and err["loc"] == ("audiences",):
         return "at least one audience is required"
     if kind == "too_short" and err["loc"] == ("identifier_mappings",):
         return "at least one identifier mapping is required"
+    if kind == "too_short" and err["loc"] == ("backfill", "lytics_segments"):
+        return "map at least one audience to its Lytics segment id"
     if kind == "too_short" and err["loc"] == ("label",):
         return "must not be empty"
     msg: str = err["msg"]
