@@ -36,6 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY[:FLAGS]",
         help="a known API key; flags: readonly (or no-write) for 403 on writes, company=NAME (repeatable)",
     )
+    p.add_argument(
+        "--lytics-token",
+        action="append",
+        default=[],
+        metavar="TOKEN",
+        help="a Lytics API token the segment scan endpoint accepts (repeatable)",
+    )
     p.add_argument("--processing-delay", type=float, default=1.0, metavar="SECONDS")
     p.add_argument("--completion-order", choices=COMPLETION_ORDERS, default="fifo")
     p.add_argument("--validation", choices=VALIDATION_MODES, default="sync")
@@ -109,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not tokens:
         print("warning: no --token given; every API request will get 401", file=sys.stderr)
-    sandbox = Sandbox(tokens, options_from(args))
+    sandbox = Sandbox(tokens, options_from(args), args.lytics_token)
     # Each bulk request allocates thousands of short-lived dicts; the default gen-0 threshold (700) runs
     # a collection several times per request and promotes them into ever-longer full collections.
     gc.freeze()

@@ -15,7 +15,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import orjson
@@ -27,6 +27,7 @@ from starlette.routing import Route
 from sandbox.counters import Recorder
 from sandbox.faults import FaultDice, drop_connection
 from sandbox.jobs import STATUSES, Clock, Job, JobBoard
+from sandbox.lytics import LyticsStand
 from sandbox.options import Options, Token
 from sandbox.ratelimit import RateLimiter
 from sandbox.store import UserStore
@@ -74,7 +75,7 @@ def _credential(authorization: str) -> str:
 class Sandbox:
     """All sandbox state and the ASGI app serving it; one instance per process."""
 
-    def __init__(self, tokens: list[Token], options: Options) -> None:
+    def __init__(self, tokens: list[Token], options: Options, lytics_tokens: Sequence[str] = ()) -> None:
         self.tokens = {t.key: t for t in tokens}
         self.initial_tokens = dict(self.tokens)
         self.initial_options = options
@@ -85,6 +86,7 @@ class Sandbox:
         self.board = JobBoard(self.store, self.clock)
         self.limiter = RateLimiter()
         self.recorder = Recorder()
+        self.lytics = LyticsStand(lytics_tokens)  # Lytics' segment scan, for backfills
         self._error_ids = itertools.count(1)
         self._seq = itertools.count(1)
         self.last_request = 0.0
@@ -143,6 +145,7 @@ class Sandbox:
         self.board.clear()
         self.limiter.clear()
         self.recorder.clear()
+        self.lytics.clear()
 
     def _error(self, status: int, message: str, headers: dict[str, str] | None = None) -> Response:
         return _json(status, {"error": {"id": next(self._error_ids), "message": message}}, headers)
@@ -415,6 +418,7 @@ class Sandbox:
             Route("/_sandbox/clock", self.admin_clock, methods=["POST"]),
             Route("/_sandbox/tokens", self.admin_tokens, methods=["POST"]),
             Route("/_sandbox/tokens/{key}", self.admin_tokens, methods=["DELETE"]),
+            *self.lytics.routes(),
         ]
 
 
