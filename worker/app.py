@@ -7,7 +7,9 @@ import logging
 from celery import Celery
 from celery.signals import after_setup_logger
 
-app = Celery("attentive_export", include=["tasks.ingest", "tasks.flush", "tasks.poll", "tasks.sweep"])
+app = Celery(
+    "attentive_export", include=["tasks.ingest", "tasks.flush", "tasks.poll", "tasks.sweep", "tasks.backfill"]
+)
 app.config_from_object("celeryconfig")
 
 

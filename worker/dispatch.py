@@ -20,6 +20,7 @@ class Dispatcher(Protocol):
     def ingest(self, chunk_id: str) -> None: ...
     def flush(self, job_id: str, countdown: float = 0.0) -> None: ...
     def poll(self, job_id: str, batch_id: int, attempt: int, countdown: float) -> None: ...
+    def backfill(self, job_id: str, part: str, countdown: float = 0.0) -> None: ...
 
 
 class CeleryDispatcher:
@@ -38,3 +39,6 @@ class CeleryDispatcher:
 
     def poll(self, job_id: str, batch_id: int, attempt: int, countdown: float) -> None:
         self._app.send_task(POLL_TASK, args=[job_id, batch_id, attempt], countdown=countdown)
+
+    def backfill(self, job_id: str, part: str, countdown: float = 0.0) -> None:
+        self._app.send_task(BACKFILL_TASK, args=[job_id, part], countdown=countdown or None)

@@ -133,3 +133,34 @@ def ingest_status() -> str:
 def job_field_drops(job_id: str) -> str:
     """HASH: field drop reason -> count (a field left out of a record, the record still sent)."""
     return _job(job_id, "field_drops")
+
+
+# --- backfill (worker/backfill.py) ------------------------------------------------------------------
+def backfill_parts(job_id: str) -> str:
+    """SET: the parts of a job's backfill: audience slugs scanned from Lytics, and ``@file``."""
+    return _job(job_id, "backfill:parts")
+
+
+def backfill_part(job_id: str, part: str) -> str:
+    """HASH: one backfill part's progress (scan token, pages, members, finished, last error, times)."""
+    return _job(job_id, f"backfill:part:{part}")
+
+
+def backfill_lock(job_id: str, part: str) -> str:
+    """STRING: lock held by the one task working on a backfill part (redis-py Lock, with a timeout)."""
+    return _job(job_id, f"backfill:lock:{part}")
+
+
+def backfill_file_queue(job_id: str) -> str:
+    """LIST: ids of file-backfill chunks not yet ingested, oldest first."""
+    return _job(job_id, "backfill:file:queue")
+
+
+def backfill_file_chunk(job_id: str, chunk_id: str) -> str:
+    """LIST: canonical transition JSON lines of one file-backfill chunk."""
+    return _job(job_id, f"backfill:file:chunk:{chunk_id}")
+
+
+def backfill_due() -> str:
+    """ZSET: ``<job id>|<part>`` -> time (ms) after which the sweep re-drives the part if it made no progress."""
+    return f"{PREFIX}:backfill:due"

@@ -10,7 +10,7 @@ from typing import Any
 
 import redis
 
-from worker import keys
+from worker import backfill, keys
 from worker.buffer import JobBuffer, decode_hash
 from worker.jobs import JobStore
 
@@ -74,6 +74,7 @@ def job_status(client: redis.Redis, job_id: str) -> dict[str, Any]:
         "last_record_failures": raw.get("last_record_failures") or None,
         "last_flush_at_ms": int(raw["last_flush_at"]) if "last_flush_at" in raw else None,
         "last_ingest_at_ms": int(raw["last_ingest_at"]) if "last_ingest_at" in raw else None,
+        "backfill": backfill.progress(client, job_id),
     }
 
 

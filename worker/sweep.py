@@ -3,14 +3,15 @@
 Run by Celery beat every second or so (one beat per deployment). For every active job it seals
 buffers older than the job's flush interval, gives expired flush leases back to the queue,
 re-drives polls that should have happened, and dispatches flushes for batches nobody is sending.
-It also re-drives inbox chunks whose ingest task was lost. Every step is idempotent.
+It also re-drives inbox chunks whose ingest task was lost and backfill parts that stopped making
+progress (:func:`worker.backfill.redrive_stalled`). Every step is idempotent.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from worker import inbox, keys
+from worker import backfill, inbox, keys
 from worker.buffer import JobBuffer, now_ms
 from worker.flush import POLL_GRACE_MS
 from worker.runtime import Runtime
@@ -28,6 +29,7 @@ class SweepReport:
     polls_redriven: int = 0
     flushes: int = 0
     chunks_redriven: int = 0
+    backfills_redriven: int = 0
 
 
 def sweep(rt: Runtime) -> SweepReport:
@@ -52,4 +54,5 @@ def sweep(rt: Runtime) -> SweepReport:
     for chunk_id in inbox.orphaned_chunks(rt.redis, now):
         rt.dispatch.ingest(chunk_id)
         report.chunks_redriven += 1
+    report.backfills_redriven = backfill.redrive_stalled(rt.redis, rt.dispatch, now)
     return report

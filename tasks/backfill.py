@@ -1,0 +1,23 @@
+"""Backfill task: advance one part of a job's Existing Users backfill, then schedule the next step."""
+
+from __future__ import annotations
+
+from celery import shared_task
+
+from tasks import REDIS_DOWN
+from worker.backfill import run_step
+from worker.dispatch import BACKFILL_TASK
+from worker.runtime import runtime
+
+#: Most flush tasks one step dispatches (as for an ingest chunk; the sweep catches the rest).
+FLUSHES_PER_STEP = 4
+
+
+@shared_task(name=BACKFILL_TASK, autoretry_for=REDIS_DOWN, retry_backoff=True, max_retries=None)
+def backfill(job_id: str, part: str) -> None:
+    rt = runtime()
+    report = run_step(rt.redis, job_id, part)
+    for _ in range(min(report.sealed, FLUSHES_PER_STEP)):
+        rt.dispatch.flush(job_id)
+    if report.next_in is not None:
+        rt.dispatch.backfill(job_id, part, countdown=report.next_in)

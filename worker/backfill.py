@@ -1,0 +1,532 @@
+"""The one-time backfill of Existing Users, as small resumable steps of the ``export.backfill`` task.
+
+A backfill is a set of *parts* per job: one per audience with a Lytics segment in the job's
+``backfill`` section (scanned page by page), plus ``@file`` for members loaded from a file with
+``attentive-export backfill``. Each part's progress lives in a Redis hash (scan token, pages,
+members, finished, last error), so any worker can continue it (DESIGN.md invariant 7) and task
+arguments stay ids: ``export.backfill(job_id, part)`` (invariant 5).
+
+Why it is correct to replay and to mix with real-time changes:
+
+* Every backfilled member becomes an *enter* transition at one fixed time, the backfill's start
+  (``at_ms``), and goes through the normal mapping and buffer. Last-writer-wins by event time
+  (``buffer.lua``) then decides: a real-time exit after the start has a later time and wins,
+  whether it arrives before or after the backfill page; a replayed page (a worker killed after
+  buffering but before saving its token) ties with itself and is dropped as stale.
+* A step buffers a page *then* saves the next token and counters in one MULTI, so a crash redoes
+  at most that page, and counters never count it twice.
+* One task at a time works on a part (a Redis lock with a timeout); a duplicate task just exits.
+  A part whose task was lost is re-driven by the sweep once its ``due`` time passes without progress.
+
+Backfilled transitions go to this job only (not to other jobs exporting the same audience): they
+describe the job's start, not a change at the source.
+
+When every part is finished, a job still in ``backfilling`` becomes ``running``. A job paused
+meanwhile (for example by a refused Attentive key) keeps buffering its backfill like any other
+change and stays paused until an operator resumes it.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import os
+import secrets
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import redis
+from redis.exceptions import LockError, WatchError
+
+from worker import keys
+from worker.buffer import decode_hash, now_ms
+from worker.dispatch import Dispatcher
+from worker.ingest import ingest_lines
+from worker.jobconfig import JobState
+from worker.jobs import ROUTED_STATES, ExportJob, JobNotFound, JobStore
+from worker.lytics import (
+    LyticsClient,
+    LyticsError,
+    LyticsRateLimited,
+    LyticsRetryable,
+)
+
+#: The part holding file backfills (not a valid audience slug, so it cannot collide with one).
+FILE_PART = "@file"
+LYTICS = "lytics"
+FILE = "file"
+
+#: A step stops after this many pages (or file chunks) or this many seconds, whichever comes first,
+#: so a worker is never held for long and progress is saved often.
+PAGES_PER_STEP = 5
+STEP_SECONDS = 10.0
+#: Lock on a part while a step runs; above the worst step (STEP_SECONDS plus a page's retries).
+LOCK_SECONDS = 180
+#: A part with no progress this long after its last step is re-driven by the sweep.
+STALL_MS = 240_000
+#: After a transient Lytics failure (5xx, 429, timeout) outlasting the client's retries.
+RETRY_SECONDS = 30.0
+#: After an error an operator must fix (401/403, unknown segment, missing token): retry this rarely.
+HALT_RETRY_MS = 600_000
+#: Lines per file-backfill chunk (one step ingests up to PAGES_PER_STEP chunks).
+FILE_CHUNK_LINES = 1000
+
+LyticsFactory = Callable[[str], LyticsClient]
+
+
+@dataclass
+class StepReport:
+    """What one step did and what should happen next."""
+
+    pages: int = 0
+    members: int = 0
+    #: Batches sealed while buffering (each wants a flush).
+    sealed: int = 0
+    finished: bool = False
+    #: Run the next step after this many seconds; None: do not (finished, locked, or halted).
+    next_in: float | None = None
+    #: Why the step did nothing, if it did nothing.
+    skipped: str = ""
+    error: str = ""
+
+
+class FileBackfillError(ValueError):
+    """A backfill file cannot be used as given; ``str(exc)`` names the line and the fix."""
+
+
+class _OnlyThisJob(JobStore):
+    """A job store that routes transitions to one job only: backfilled members belong to that job."""
+
+    def __init__(self, client: redis.Redis, job_id: str) -> None:
+        super().__init__(client)
+        self._only = job_id
+
+    def routes(self, audience: str) -> builtins.list[ExportJob]:
+        return [j for j in super().routes(audience) if j.id == self._only]
+
+
+def _due_member(job_id: str, part: str) -> str:
+    return f"{job_id}|{part}"
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+# --- starting -----------------------------------------------------------------------------------------
+def lytics_parts(job: ExportJob) -> list[str]:
+    """Audiences of the job that a Lytics scan backfills (in the job's order)."""
+    cfg = job.config.backfill
+    if not job.config.existing_users or cfg is None:
+        return []
+    return [a for a in job.config.audiences if a in cfg.lytics_segments]
+
+
+def start(
+    client: redis.Redis, jobs: JobStore, job_id: str, dispatcher: Dispatcher, now: int | None = None
+) -> list[str]:
+    """Start a created job: record a Lytics backfill run and go ``backfilling``, or go ``running``.
+
+    Returns the parts started (empty when the job has nothing to scan, then it is simply running).
+    A job whose backfill was already started keeps its run (starting twice does not rescan).
+    """
+    job = jobs.get(job_id)
+    if client.exists(keys.backfill_parts(job_id)):
+        return []
+    parts = lytics_parts(job)
+    if not parts:
+        jobs.set_state(job_id, JobState.RUNNING)
+        return []
+    at = now if now is not None else now_ms()
+    cfg = job.config.backfill
+    assert cfg is not None  # lytics_parts is empty otherwise
+    pipe = client.pipeline(transaction=True)
+    for part in parts:
+        pipe.hset(
+            keys.backfill_part(job_id, part),
+            mapping={
+                "kind": LYTICS,
+                "segment": cfg.lytics_segments[part],
+                "at_ms": at,
+                "started_at_ms": at,
+                "updated_at_ms": at,
+                "next": "",
+                "pages": 0,
+                "members": 0,
+                "finished": 0,
+            },
+        )
+        pipe.sadd(keys.backfill_parts(job_id), part)
+        pipe.zadd(keys.backfill_due(), {_due_member(job_id, part): at + STALL_MS})
+    pipe.execute()
+    jobs.set_state(job_id, JobState.BACKFILLING)
+    for part in parts:
+        dispatcher.backfill(job_id, part)
+    return parts
+
+
+# --- one step -------------------------------------------------------------------------------------------
+def run_step(
+    client: redis.Redis,
+    job_id: str,
+    part: str,
+    lytics: LyticsFactory | None = None,
+) -> StepReport:
+    """Advance one backfill part by a few pages (or file chunks); safe to run twice at once or again."""
+    report = StepReport()
+    due_member = _due_member(job_id, part)
+    jobs = JobStore(client)
+    try:
+        job = jobs.get(job_id)
+    except JobNotFound:
+        client.zrem(keys.backfill_due(), due_member)
+        report.skipped = "job deleted"
+        return report
+    state = decode_hash(client.hgetall(keys.backfill_part(job_id, part)))
+    if not state:
+        client.zrem(keys.backfill_due(), due_member)
+        report.skipped = "no such backfill part"
+        return report
+    if state.get("finished") == "1":
+        client.zrem(keys.backfill_due(), due_member)
+        report.finished = True
+        report.skipped = "already finished"
+        _maybe_running(client, jobs, job_id)
+        return report
+    if job.state is JobState.STOPPED:
+        _record_error(client, job_id, part, "the job was stopped; backfill abandoned", due_in_ms=None)
+        report.skipped = "job stopped"
+        return report
+    if job.state not in ROUTED_STATES:
+        # Not started yet: its transitions would be unroutable. The sweep tries again later.
+        report.skipped = f"job is {job.state}"
+        return report
+    lock = client.lock(keys.backfill_lock(job_id, part), timeout=LOCK_SECONDS, blocking=False)
+    if not lock.acquire():
+        report.skipped = "another task is working on this part"
+        return report
+    try:
+        if state.get("kind") == FILE:
+            _file_step(client, job_id, part, report)
+        else:
+            _scan_step(client, job, part, state, report, lytics or LyticsClient)
+    finally:
+        # LockError: it expired (a very slow step); whoever holds it now carries on.
+        with contextlib.suppress(LockError):
+            lock.release()
+    if report.finished:
+        _maybe_running(client, jobs, job_id)
+    return report
+
+
+def _scan_step(
+    client: redis.Redis,
+    job: ExportJob,
+    part: str,
+    state: dict[str, str],
+    report: StepReport,
+    lytics: LyticsFactory,
+) -> None:
+    cfg = job.config.backfill
+    if cfg is None or part not in cfg.lytics_segments:
+        _halt(client, job.id, part, report, f"audience {part!r} has no Lytics segment in the job's backfill")
+        return
+    token = os.environ.get(cfg.lytics_token_env, "").strip()
+    if not token:
+        _halt(
+            client,
+            job.id,
+            part,
+            report,
+            f"environment variable {cfg.lytics_token_env} (the Lytics API token) is not set on the worker",
+        )
+        return
+    at_ms = int(state["at_ms"])
+    next_token = state.get("next") or None
+    deadline = time.monotonic() + STEP_SECONDS
+    router = _OnlyThisJob(client, job.id)
+    with lytics(token) as scanner:
+        for _ in range(PAGES_PER_STEP):
+            try:
+                page = scanner.scan_page(cfg.lytics_segments[part], next_token, cfg.page_size)
+            except LyticsRetryable as exc:
+                wait = RETRY_SECONDS
+                if isinstance(exc, LyticsRateLimited) and exc.retry_after is not None:
+                    wait = max(wait, exc.retry_after)
+                _record_error(client, job.id, part, str(exc), due_in_ms=int(wait * 1000) + STALL_MS)
+                report.error, report.next_in = str(exc), wait
+                return
+            except LyticsError as exc:  # 401/403, unknown segment, unreadable answer
+                _halt(client, job.id, part, report, str(exc))
+                return
+            lines = [
+                orjson.dumps({"audience": part, "event": "enter", "at": at_ms, "user": member})
+                for member in page.members
+            ]
+            ingested = ingest_lines(client, router, lines)
+            report.sealed += len(ingested.sealed.get(job.id, []))
+            report.pages += 1
+            report.members += len(lines)
+            _save_page(client, job.id, part, page.next_token, len(lines), page.total, page.last)
+            if page.last:
+                report.finished = True
+                return
+            next_token = page.next_token
+            if time.monotonic() > deadline:
+                break
+    report.next_in = 0.0
+
+
+def _save_page(
+    client: redis.Redis, job_id: str, part: str, next_token: str, members: int, total: int | None, last: bool
+) -> None:
+    """Record a buffered page: its successor's token and the counters, atomically."""
+    key = keys.backfill_part(job_id, part)
+    now = now_ms()
+    pipe = client.pipeline(transaction=True)
+    pipe.hset(key, mapping={"next": next_token, "updated_at_ms": now, "finished": int(last)})
+    if total is not None:
+        pipe.hset(key, "total", total)
+    pipe.hincrby(key, "pages", 1)
+    pipe.hincrby(key, "members", members)
+    if last:
+        pipe.hset(key, "finished_at_ms", now)
+        pipe.zrem(keys.backfill_due(), _due_member(job_id, part))
+    else:
+        pipe.zadd(keys.backfill_due(), {_due_member(job_id, part): now + STALL_MS})
+    pipe.execute()
+
+
+def _file_step(client: redis.Redis, job_id: str, part: str, report: StepReport) -> None:
+    queue = keys.backfill_file_queue(job_id)
+    router = _OnlyThisJob(client, job_id)
+    deadline = time.monotonic() + STEP_SECONDS
+    for _ in range(PAGES_PER_STEP):
+        head = client.lindex(queue, 0)
+        if head is None:
+            if _finish_file_part(client, job_id, part):
+                report.finished = True
+                return
+            continue  # a chunk arrived meanwhile
+        chunk_id = _text(head)
+        chunk_key = keys.backfill_file_chunk(job_id, chunk_id)
+        lines = list(client.lrange(chunk_key, 0, -1))
+        ingested = ingest_lines(client, router, lines)
+        report.sealed += len(ingested.sealed.get(job_id, []))
+        report.pages += 1
+        report.members += len(lines)
+        key = keys.backfill_part(job_id, part)
+        pipe = client.pipeline(transaction=True)
+        pipe.lpop(queue)  # still our chunk: only this step (under the lock) pops; producers append
+        pipe.delete(chunk_key)
+        pipe.hincrby(key, "pages", 1)
+        pipe.hincrby(key, "members", len(lines))
+        pipe.hset(key, "updated_at_ms", now_ms())
+        pipe.zadd(keys.backfill_due(), {_due_member(job_id, part): now_ms() + STALL_MS})
+        pipe.execute()
+        if time.monotonic() > deadline:
+            break
+    report.next_in = 0.0
+
+
+def _finish_file_part(client: redis.Redis, job_id: str, part: str) -> bool:
+    """Mark the file part finished unless a producer appended a chunk meanwhile (checked atomically)."""
+    queue = keys.backfill_file_queue(job_id)
+    with client.pipeline(transaction=True) as pipe:
+        try:
+            pipe.watch(queue)  # type: ignore[no-untyped-call]
+            if pipe.llen(queue):
+                return False
+            pipe.multi()
+            pipe.hset(keys.backfill_part(job_id, part), mapping={"finished": 1, "finished_at_ms": now_ms()})
+            pipe.zrem(keys.backfill_due(), _due_member(job_id, part))
+            pipe.execute()
+            return True
+        except WatchError:
+            return False
+
+
+def _record_error(client: redis.Redis, job_id: str, part: str, message: str, due_in_ms: int | None) -> None:
+    now = now_ms()
+    pipe = client.pipeline(transaction=True)
+    pipe.hset(keys.backfill_part(job_id, part), mapping={"last_error": message, "last_error_at_ms": now})
+    pipe.hincrby(keys.backfill_part(job_id, part), "errors", 1)
+    if due_in_ms is None:
+        pipe.zrem(keys.backfill_due(), _due_member(job_id, part))
+    else:
+        pipe.zadd(keys.backfill_due(), {_due_member(job_id, part): now + due_in_ms})
+    pipe.execute()
+
+
+def _halt(client: redis.Redis, job_id: str, part: str, report: StepReport, message: str) -> None:
+    """An error an operator must fix: record it, stop re-dispatching; the sweep retries rarely."""
+    _record_error(client, job_id, part, message, due_in_ms=HALT_RETRY_MS)
+    report.error = message
+
+
+def _maybe_running(client: redis.Redis, jobs: JobStore, job_id: str) -> bool:
+    """Move the job from ``backfilling`` to ``running`` once every part is finished."""
+    parts = [_text(p) for p in client.smembers(keys.backfill_parts(job_id))]
+    pipe = client.pipeline(transaction=False)
+    for part in parts:
+        pipe.hget(keys.backfill_part(job_id, part), "finished")
+    if not all(_text(f or b"0") == "1" for f in pipe.execute()):
+        return False
+    if jobs.get(job_id).state is JobState.BACKFILLING:
+        jobs.set_state(job_id, JobState.RUNNING)
+        return True
+    return False
+
+
+# --- the sweep's part -------------------------------------------------------------------------------------
+def redrive_stalled(
+    client: redis.Redis, dispatcher: Dispatcher, now: int | None = None, limit: int = 100
+) -> int:
+    """Dispatch a step for every part past its due time (its task was lost, or it is time to retry)."""
+    at = now if now is not None else now_ms()
+    due = [_text(m) for m in client.zrangebyscore(keys.backfill_due(), "-inf", at, start=0, num=limit)]
+    if not due:
+        return 0
+    # Push them forward first so the next sweep (a second later) does not dispatch them again.
+    client.zadd(keys.backfill_due(), dict.fromkeys(due, at + STALL_MS), xx=True)
+    for member in due:
+        job_id, _, part = member.partition("|")
+        dispatcher.backfill(job_id, part)
+    return len(due)
+
+
+# --- file backfills ---------------------------------------------------------------------------------------
+@dataclass
+class FileReport:
+    lines: int = 0
+    profiles: int = 0
+    transitions: int = 0
+    chunks: int = 0
+    #: Lines left out (not JSON objects, or transitions for audiences the job does not export).
+    skipped: int = 0
+
+
+def file_lines(
+    lines: Iterable[str], audiences: Iterable[str], audience: str | None, at_ms: int, report: FileReport
+) -> Iterable[bytes]:
+    """Canonical transition lines from a backfill file.
+
+    Each line is a canonical transition (kept as is, with its own time) or a profile, which becomes
+    an *enter* of ``audience`` at ``at_ms``. Raises :class:`FileBackfillError` for a profile when no
+    audience was given, since guessing would flag users in the wrong audience.
+    """
+    exported = set(audiences)
+    for n, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        report.lines += 1
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            report.skipped += 1
+            continue
+        if not isinstance(obj, dict) or not obj:
+            report.skipped += 1
+            continue
+        if "event" in obj and "audience" in obj:
+            if obj["audience"] not in exported:
+                report.skipped += 1
+                continue
+            report.transitions += 1
+            yield raw.strip().encode()
+            continue
+        if audience is None:
+            raise FileBackfillError(
+                f"line {n} is a profile, not a transition: give --audience to say which audience "
+                "the file's members belong to"
+            )
+        report.profiles += 1
+        yield orjson.dumps({"audience": audience, "event": "enter", "at": at_ms, "user": obj})
+
+
+def enqueue_file(
+    client: redis.Redis,
+    job: ExportJob,
+    lines: Iterable[bytes],
+    report: FileReport,
+    dispatcher: Dispatcher,
+    chunk_lines: int = FILE_CHUNK_LINES,
+) -> None:
+    """Store the lines as chunks of the job's ``@file`` part and dispatch a step.
+
+    Nothing becomes visible to the backfill until the whole input was read: if reading fails
+    midway (a profile without an audience), the chunks written so far are deleted.
+    """
+    written: list[str] = []
+    batch: list[bytes] = []
+
+    def put() -> None:
+        chunk_id = f"{now_ms()}-{secrets.token_hex(4)}"
+        client.rpush(keys.backfill_file_chunk(job.id, chunk_id), *batch)
+        written.append(chunk_id)
+        batch.clear()
+
+    try:
+        for line in lines:
+            batch.append(line)
+            if len(batch) >= chunk_lines:
+                put()
+        if batch:
+            put()
+    except BaseException:
+        if written:
+            client.delete(*(keys.backfill_file_chunk(job.id, c) for c in written))
+        raise
+    report.chunks = len(written)
+    if not written:
+        return
+    now = now_ms()
+    part_key = keys.backfill_part(job.id, FILE_PART)
+    pipe = client.pipeline(transaction=True)
+    pipe.rpush(keys.backfill_file_queue(job.id), *written)
+    pipe.hsetnx(part_key, "started_at_ms", now)
+    pipe.hset(part_key, mapping={"kind": FILE, "finished": 0, "updated_at_ms": now})
+    pipe.sadd(keys.backfill_parts(job.id), FILE_PART)
+    pipe.zadd(keys.backfill_due(), {_due_member(job.id, FILE_PART): now + STALL_MS})
+    pipe.execute()
+    dispatcher.backfill(job.id, FILE_PART)
+
+
+# --- status -----------------------------------------------------------------------------------------------
+def _int(value: str | None) -> int | None:
+    return int(value) if value not in (None, "") else None
+
+
+def progress(client: redis.Redis, job_id: str) -> dict[str, Any] | None:
+    """The backfill block of ``status``: per audience (and the file part) pages, members, finished."""
+    parts = sorted(_text(p) for p in client.smembers(keys.backfill_parts(job_id)))
+    if not parts:
+        return None
+    audiences: dict[str, Any] = {}
+    file_part: dict[str, Any] | None = None
+    for part in parts:
+        state = decode_hash(client.hgetall(keys.backfill_part(job_id, part)))
+        view: dict[str, Any] = {
+            "pages": int(state.get("pages", 0)),
+            "members": int(state.get("members", 0)),
+            "finished": state.get("finished") == "1",
+            "errors": int(state.get("errors", 0)),
+            "last_error": state.get("last_error") or None,
+            "last_error_at_ms": _int(state.get("last_error_at_ms")),
+            "started_at_ms": _int(state.get("started_at_ms")),
+            "updated_at_ms": _int(state.get("updated_at_ms")),
+            "finished_at_ms": _int(state.get("finished_at_ms")),
+        }
+        if part == FILE_PART:
+            view["chunks_waiting"] = int(client.llen(keys.backfill_file_queue(job_id)))
+            file_part = view
+        else:
+            view["segment"] = state.get("segment")
+            view["total"] = _int(state.get("total"))
+            view["members_at_ms"] = _int(state.get("at_ms"))
+            audiences[part] = view
+    finished = all(v["finished"] for v in audiences.values()) and (file_part is None or file_part["finished"])
+    return {"finished": finished, "audiences": audiences, "file": file_part}
