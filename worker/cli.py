@@ -12,20 +12,21 @@ import getpass
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import redis
 
-from worker import deadletters, inbox
+from worker import backfill, deadletters, inbox
 from worker.authorizations import AuthorizationError, AuthorizationStore
 from worker.crypto import SecretKeyError, generate_secret_key
 from worker.jobconfig import JobConfigError, JobState, load_job_config
-from worker.jobs import JobNotFound, JobStore
+from worker.jobs import ROUTED_STATES, ExportJob, JobNotFound, JobStore
 from worker.settings import Settings
 from worker.status import ingest_status, job_status
-from worker.transitions import Rejected, parse_line
+from worker.transitions import Rejected, parse_line, parse_time_ms
 
 #: Transitions per inbox chunk (one ingest task each) when ingesting a file.
 INGEST_CHUNK = 1000
@@ -93,11 +94,37 @@ def cmd_jobs_create(args: argparse.Namespace, settings: Settings) -> None:
     config = load_job_config(args.file)
     client = _redis(settings)
     AuthorizationStore(client, settings.secret_key).get(config.authorization)
-    state = JobState.CREATED if args.no_start else JobState.RUNNING
-    job = JobStore(client).create(config, state=state)
+    store = JobStore(client)
+    job = store.create(config, state=JobState.CREATED)
+    if not args.no_start:
+        _start_job(client, store, job.id)
+        job = store.get(job.id)
     print(f"created export job {job.id} ({config.label}), state {job.state}")
-    if config.existing_users and not args.no_start:
-        print("note: backfill of existing members is not run by this command yet; ingest them with `ingest`")
+    _backfill_notes(job)
+
+
+def _start_job(client: redis.Redis, store: JobStore, job_id: str) -> None:
+    """Start a created job: backfill Existing Users from Lytics first when configured, else run."""
+    from worker.dispatch import CeleryDispatcher
+
+    backfill.start(client, store, job_id, CeleryDispatcher())
+
+
+def _backfill_notes(job: ExportJob) -> None:
+    """Tell the operator which audiences are backfilled from Lytics and how to load the others."""
+    if not job.config.existing_users or job.state is JobState.CREATED:
+        return
+    scanned = backfill.lytics_parts(job)
+    if scanned:
+        print(
+            f"backfilling existing members of {', '.join(scanned)} from Lytics; follow it with `status {job.id}`"
+        )
+    others = [a for a in job.config.audiences if a not in scanned]
+    if others:
+        print(
+            f"note: no Lytics segment configured for {', '.join(others)} (backfill.lytics_segments); "
+            f"load existing members from a file with `attentive-export backfill {job.id} --audience A FILE`"
+        )
 
 
 def cmd_jobs_list(args: argparse.Namespace, settings: Settings) -> None:
@@ -131,6 +158,14 @@ def cmd_jobs_pause(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def cmd_jobs_resume(args: argparse.Namespace, settings: Settings) -> None:
+    client = _redis(settings)
+    store = JobStore(client)
+    if store.get(args.job).state is JobState.CREATED:  # first start: backfill before running
+        _start_job(client, store, args.job)
+        job = store.get(args.job)
+        print(f"job {job.id} is now {job.state}")
+        _backfill_notes(job)
+        return
     _set_state(args, settings, JobState.RUNNING)
 
 
@@ -206,6 +241,45 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> None:
         dispatcher.ingest(inbox.put_chunk(client, batch))
         chunks, total = chunks + 1, total + len(batch)
     print(f"queued {total} lines in {chunks} chunks; follow progress with `attentive-export status`")
+
+
+def cmd_backfill(args: argparse.Namespace, settings: Settings) -> None:
+    """Backfill Existing Users of a started job from a JSONL file, as chunks for backfill tasks."""
+    from worker.dispatch import CeleryDispatcher
+
+    client = _redis(settings)
+    job = JobStore(client).get(args.job)
+    if job.state not in ROUTED_STATES:
+        raise UserError(
+            f"job {job.id} is {job.state}: "
+            + (
+                "start it first with `jobs resume`"
+                if job.state is JobState.CREATED
+                else "it takes no changes"
+            )
+        )
+    if args.audience is not None and args.audience not in job.config.audiences:
+        raise UserError(
+            f"--audience {args.audience!r} is not exported by job {job.id} ({', '.join(job.config.audiences)})"
+        )
+    at_ms = int(time.time() * 1000)
+    if args.at is not None:
+        parsed = parse_time_ms(args.at)
+        if parsed is None:
+            raise UserError(f"--at {args.at!r} is not an ISO-8601 time or epoch number")
+        at_ms = parsed
+    report = backfill.FileReport()
+    try:
+        with _open_input(args.input) as lines:
+            converted = backfill.file_lines(lines, job.config.audiences, args.audience, at_ms, report)
+            backfill.enqueue_file(client, job, converted, report, CeleryDispatcher())
+    except backfill.FileBackfillError as exc:
+        raise UserError(f"{args.input}: {exc}; nothing was queued") from None
+    skipped = f", {report.skipped} skipped (not a JSON object, or an audience this job does not export)"
+    print(
+        f"queued {report.profiles} profiles and {report.transitions} transitions in {report.chunks} chunks"
+        f"{skipped if report.skipped else ''}; follow progress with `attentive-export status {job.id}`"
+    )
 
 
 class _open_input:
@@ -307,6 +381,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ing.add_argument("input", help="JSONL file, or - for stdin")
     ing.set_defaults(func=cmd_ingest)
+
+    bf = sub.add_parser(
+        "backfill",
+        help="backfill existing members of a job from a JSONL file of profiles or canonical transitions",
+    )
+    bf.add_argument("job")
+    bf.add_argument("input", help="JSONL file, or - for stdin")
+    bf.add_argument(
+        "--audience", help="the audience a file of profiles belongs to (each profile becomes an enter)"
+    )
+    bf.add_argument(
+        "--at",
+        help="when the file's membership was true (ISO-8601 or epoch; default: now). A real-time change "
+        "with a later time wins over the backfill, so give the export time of an older file",
+    )
+    bf.set_defaults(func=cmd_backfill)
 
     demo = sub.add_parser("demo", help="run everything locally against the sandbox and show the result")
     demo.add_argument("--users", type=int, default=1000)
