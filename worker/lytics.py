@@ -19,6 +19,7 @@ Why the client is shaped this way:
 from __future__ import annotations
 
 import os
+import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,7 +31,6 @@ from tenacity import (
     Retrying,
     retry_if_exception_type,
     stop_after_attempt,
-    wait_exponential_jitter,
 )
 
 #: Lytics' production API host; ``LYTICS_API_URL`` points elsewhere (the sandbox in tests).
@@ -172,7 +172,8 @@ class LyticsClient:
         exc = state.outcome.exception() if state.outcome else None
         if isinstance(exc, LyticsRateLimited) and exc.retry_after is not None:
             return min(exc.retry_after, MAX_WAIT_SECONDS)
-        return float(wait_exponential_jitter(initial=0.5, max=MAX_WAIT_SECONDS)(state))
+        # Exponential from half a second, jittered so workers retrying together spread out.
+        return min(MAX_WAIT_SECONDS, 0.5 * 2 ** (state.attempt_number - 1) + random.uniform(0, 0.5))
 
     def _get_page(self, segment_id: str, params: dict[str, str | int]) -> ScanPage:
         where = f"Lytics segment scan of {segment_id!r}"

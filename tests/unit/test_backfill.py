@@ -1,0 +1,462 @@
+"""The Existing Users backfill: configuration, the step state machine, last-writer-wins against
+real-time changes, resumption after a crash, the sweep's re-drive, file backfills and status.
+
+No Celery and no network: fakeredis, a recording dispatcher and a Lytics on ``httpx.MockTransport``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import fakeredis
+import httpx
+import pytest
+
+from worker import backfill, keys
+from worker.backfill import FILE_PART, FileBackfillError, FileReport, run_step
+from worker.buffer import decode_hash
+from worker.ingest import ingest_lines
+from worker.jobconfig import JobConfigError, JobState, parse_job_config
+from worker.jobs import ExportJob, JobStore
+from worker.lytics import LyticsClient
+from worker.status import job_status
+
+from .pipeline_kit import RecordingDispatcher
+from .test_lytics import FakeScan
+
+TOKEN = "lytics-secret-token-123"
+T0 = 1_790_000_000_000  # the backfill's start, epoch ms
+
+
+class Dispatcher(RecordingDispatcher):
+    """The pipeline kit's recording dispatcher plus backfill steps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backfills: list[tuple[str, str, float]] = []
+
+    def backfill(self, job_id: str, part: str, countdown: float = 0.0) -> None:
+        self.backfills.append((job_id, part, countdown))
+
+
+def config(**overrides: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "label": "backfill test",
+        "authorization": "auth-1",
+        "audiences": ["vip", "lapsed"],
+        "identifier_mappings": {"email": "email"},
+        "backfill": {"lytics_segments": {"vip": "seg-vip"}, "lytics_token_env": "TEST_LYTICS_TOKEN"},
+    }
+    data.update(overrides)
+    return data
+
+
+# --- configuration --------------------------------------------------------------------------------------
+def test_config_backfill_section_round_trips_with_defaults() -> None:
+    cfg = parse_job_config(config())
+    assert cfg.backfill is not None
+    assert cfg.backfill.lytics_segments == {"vip": "seg-vip"}
+    assert cfg.backfill.page_size == 100
+    assert parse_job_config(cfg.model_dump(mode="json")) == cfg
+    assert parse_job_config(config(backfill=None)).backfill is None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "problem"),
+    [
+        (
+            {"backfill": {"lytics_segments": {"vipp": "s1"}}},
+            "backfill.lytics_segments.vipp: 'vipp' is not one of the job's audiences (lapsed, vip)",
+        ),
+        ({"backfill": {"lytics_segments": {}}}, "backfill.lytics_segments: map at least one audience"),
+        ({"backfill": {"lytics_segments": {"vip": "a/b"}}}, "backfill.lytics_segments.vip: segment id 'a/b'"),
+        (
+            {"backfill": {"lytics_segmnts": {"vip": "s"}}},
+            "backfill.lytics_segmnts: unknown key (a typo?); expected one of lytics_segments, lytics_token_env, page_size",
+        ),
+        (
+            {"backfill": {"lytics_segments": {"vip": "s"}, "lytics_token_env": "EXPORT_SECRET_KEY"}},
+            "holds this service's own secret",
+        ),
+        (
+            {"backfill": {"lytics_segments": {"vip": "s"}, "lytics_token_env": "not a name"}},
+            "is not an environment variable name",
+        ),
+        (
+            {"backfill": {"lytics_segments": {"vip": "s"}, "page_size": 101}},
+            "backfill.page_size: input should be less than or equal to 100",
+        ),
+        ({"existing_users": False}, "backfill: existing_users is false"),
+        (
+            {"backfill": {"lytics_segments": {"vip": "s"}, "lytics_token": "abc"}},
+            "backfill.lytics_token: unknown key",
+        ),
+    ],
+)
+def test_config_backfill_problems(overrides: dict[str, Any], problem: str) -> None:
+    with pytest.raises(JobConfigError) as info:
+        parse_job_config(config(**overrides))
+    assert any(p.startswith(problem) or problem in p for p in info.value.problems), info.value.problems
+
+
+# --- fixtures -------------------------------------------------------------------------------------------
+class World:
+    def __init__(self, client: fakeredis.FakeRedis, members: int, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.redis = client
+        self.jobs = JobStore(client)
+        self.dispatch = Dispatcher()
+        self.lytics = FakeScan(members=members)
+        monkeypatch.setenv("TEST_LYTICS_TOKEN", TOKEN)
+        monkeypatch.setattr(backfill, "now_ms", lambda: T0)
+
+    def factory(self) -> Callable[[str], LyticsClient]:
+        return lambda token: LyticsClient(
+            token,
+            "https://lytics.test",
+            transport=httpx.MockTransport(self.lytics.handler),
+            sleep=lambda s: None,
+        )
+
+    def job(self, **overrides: Any) -> ExportJob:
+        job = self.jobs.create(parse_job_config(config(**overrides)), state=JobState.CREATED)
+        backfill.start(self.redis, self.jobs, job.id, self.dispatch, now=T0)
+        return self.jobs.get(job.id)
+
+    def step(self, job: ExportJob, part: str = "vip") -> backfill.StepReport:
+        return run_step(self.redis, job.id, part, self.factory())
+
+    def run_to_end(self, job: ExportJob, part: str = "vip", limit: int = 100) -> int:
+        steps = 0
+        while True:
+            steps += 1
+            assert steps <= limit, "backfill did not finish"
+            report = self.step(job, part)
+            if report.next_in is None:
+                return steps
+
+    def part(self, job: ExportJob, part: str = "vip") -> dict[str, str]:
+        return decode_hash(self.redis.hgetall(keys.backfill_part(job.id, part)))
+
+    def lww(self, job: ExportJob, user: str, audience: str = "vip") -> int | None:
+        raw = self.redis.hget(keys.last_writer(job.id), f"{audience}|{user}")
+        return int(raw) if raw is not None else None
+
+    def pending(self, job: ExportJob, user: str) -> list[dict[str, Any]]:
+        """The user's records not yet sent, oldest first: the open batch, then changes waiting for it."""
+        records: list[dict[str, Any]] = []
+        raw = self.redis.hget(keys.open_records(job.id), user)
+        if raw:
+            records += json.loads(raw)
+        waiting = self.redis.hget(keys.waiting(job.id), user)
+        for entry in (waiting or b"").decode().splitlines():
+            records.append(json.loads(entry.split("\t", 1)[1]))
+        return records
+
+    def counters(self, job: ExportJob) -> dict[str, Any]:
+        return job_status(self.redis, job.id)["counters"]
+
+    def realtime(self, event: str, email: str, at: int, audience: str = "vip") -> None:
+        line = json.dumps({"audience": audience, "event": event, "at": at, "user": {"email": email}})
+        ingest_lines(self.redis, JobStore(self.redis), [line])
+
+
+@pytest.fixture
+def world(fake_redis: fakeredis.FakeRedis, monkeypatch: pytest.MonkeyPatch) -> World:
+    monkeypatch.setattr(backfill, "PAGES_PER_STEP", 1)
+    return World(fake_redis, 250, monkeypatch)
+
+
+# --- starting -------------------------------------------------------------------------------------------
+def test_start_records_the_run_sets_backfilling_and_dispatches_ids_only(world: World) -> None:
+    job = world.job()
+    assert job.state is JobState.BACKFILLING
+    assert world.dispatch.backfills == [(job.id, "vip", 0.0)]
+    part = world.part(job)
+    assert part["segment"] == "seg-vip" and part["at_ms"] == str(T0)
+    assert part["finished"] == "0" and part["pages"] == "0"
+    assert world.redis.zscore(keys.backfill_due(), f"{job.id}|vip") == T0 + backfill.STALL_MS
+    # Starting again does not restart (or rescan) the run.
+    assert backfill.start(world.redis, world.jobs, job.id, world.dispatch) == []
+    assert len(world.dispatch.backfills) == 1
+
+
+def test_a_job_without_a_backfill_source_just_runs(world: World) -> None:
+    job = world.job(backfill=None)
+    assert job.state is JobState.RUNNING and world.dispatch.backfills == []
+    assert job_status(world.redis, job.id)["backfill"] is None
+    no_users = world.job(existing_users=False, backfill=None)
+    assert no_users.state is JobState.RUNNING
+
+
+# --- stepping -------------------------------------------------------------------------------------------
+def test_each_step_buffers_one_page_saves_the_token_and_the_last_one_makes_the_job_running(
+    world: World,
+) -> None:
+    job = world.job()
+    first = world.step(job)
+    assert (first.pages, first.members, first.next_in, first.finished) == (1, 100, 0.0, False)
+    assert world.part(job)["next"] == "100" and world.part(job)["pages"] == "1"
+    assert world.counters(job)["accepted"] == 100
+    assert world.lytics.requests[-1].url.params.get("start") is None
+    assert world.jobs.get(job.id).state is JobState.BACKFILLING
+
+    second = world.step(job)
+    assert second.members == 100 and world.lytics.requests[-1].url.params["start"] == "100"
+    third = world.step(job)
+    assert third.finished and third.next_in is None and third.members == 50
+    part = world.part(job)
+    assert (part["pages"], part["members"], part["finished"], part["total"]) == ("3", "250", "1", "250")
+    assert world.jobs.get(job.id).state is JobState.RUNNING
+    assert world.redis.zscore(keys.backfill_due(), f"{job.id}|vip") is None
+    assert world.counters(job)["accepted"] == 250
+    # Every member is an enter at the backfill's start, with the audience flag set.
+    assert world.lww(job, "m7@x.io") == T0
+    [record] = world.pending(job, "m7@x.io")
+    assert record["attributes"]["custom"] == {"vip": True}
+    # A late duplicate task finds the part finished and does nothing.
+    assert world.step(job).skipped == "already finished"
+
+
+def test_several_pages_per_step_when_allowed(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(backfill, "PAGES_PER_STEP", 5)
+    job = world.job()
+    report = world.step(job)
+    assert report.pages == 3 and report.finished
+
+
+def test_job_goes_running_only_when_every_audience_is_finished(world: World) -> None:
+    job = world.job(
+        backfill={"lytics_segments": {"vip": "a", "lapsed": "b"}, "lytics_token_env": "TEST_LYTICS_TOKEN"}
+    )
+    assert sorted(p for _j, p, _c in world.dispatch.backfills) == ["lapsed", "vip"]
+    world.run_to_end(job, "vip")
+    assert world.jobs.get(job.id).state is JobState.BACKFILLING
+    world.run_to_end(job, "lapsed")
+    assert world.jobs.get(job.id).state is JobState.RUNNING
+    assert world.lww(job, "m0@x.io", "lapsed") == T0
+
+
+def test_a_worker_killed_after_buffering_a_page_redoes_it_without_double_counting(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = world.job()
+    world.step(job)
+    real_save = backfill._save_page
+
+    def crash(*args: Any, **kwargs: Any) -> None:
+        raise SystemExit("worker killed before saving the token")
+
+    monkeypatch.setattr(backfill, "_save_page", crash)
+    with pytest.raises(SystemExit):
+        world.step(job)
+    assert world.part(job)["next"] == "100"  # the page was buffered but its token not saved
+    # The lock of the killed step would expire; here the test releases it as the timeout would.
+    world.redis.delete(keys.backfill_lock(job.id, "vip"))
+    monkeypatch.setattr(backfill, "_save_page", real_save)
+    world.run_to_end(job)
+    part = world.part(job)
+    assert part["members"] == "250" and part["pages"] == "3"
+    counters = world.counters(job)
+    assert counters["accepted"] == 250
+    assert counters["stale"] == 100  # the replayed page tied with itself and was dropped
+    assert [r.url.params.get("start") for r in world.lytics.requests] == [None, "100", "100", "200"]
+
+
+def test_only_one_step_works_on_a_part_at_a_time(world: World) -> None:
+    job = world.job()
+    lock = world.redis.lock(keys.backfill_lock(job.id, "vip"), timeout=60)
+    assert lock.acquire(blocking=False)
+    report = world.step(job)
+    assert report.skipped.startswith("another task") and report.next_in is None
+    assert world.lytics.requests == []
+    lock.release()
+    assert world.step(job).pages == 1
+
+
+def test_backfilled_members_go_to_this_job_only(world: World) -> None:
+    other = world.jobs.create(parse_job_config(config(label="other", backfill=None)), state=JobState.RUNNING)
+    job = world.job()
+    world.run_to_end(job)
+    assert world.counters(job)["accepted"] == 250
+    assert world.counters(other)["accepted"] == 0
+
+
+# --- last writer wins against real-time changes -----------------------------------------------------------
+def test_a_realtime_exit_after_the_start_is_never_overwritten_by_the_backfill(world: World) -> None:
+    job = world.job()
+    world.step(job)  # m5 was backfilled as a member at T0
+    world.realtime("exit", "m5@x.io", T0 + 1_000)  # then exits in real time
+    world.realtime("exit", "m150@x.io", T0 + 2_000)  # exits before its page is scanned
+    world.run_to_end(job)
+    for user, exit_at in (("m5@x.io", T0 + 1_000), ("m150@x.io", T0 + 2_000)):
+        assert world.lww(job, user) == exit_at
+        assert world.pending(job, user)[-1]["attributes"]["custom"] == {"vip": False}
+    assert world.counters(job)["stale"] == 1  # m150's backfilled enter lost to the newer exit
+
+
+def test_a_realtime_change_older_than_the_start_loses_to_the_backfill(world: World) -> None:
+    job = world.job()
+    world.realtime("exit", "m3@x.io", T0 - 60_000)  # stale news: the scan says m3 is a member now
+    world.run_to_end(job)
+    assert world.lww(job, "m3@x.io") == T0
+    assert world.pending(job, "m3@x.io")[-1]["attributes"]["custom"] == {"vip": True}
+
+
+# --- failures -------------------------------------------------------------------------------------------
+def test_transient_lytics_failure_reschedules_with_a_countdown(world: World) -> None:
+    job = world.job()
+    world.lytics.replies = [503, 503, 503]
+    report = world.step(job)
+    assert report.next_in == backfill.RETRY_SECONDS and report.pages == 0
+    part = world.part(job)
+    assert "503" in part["last_error"] and part["errors"] == "1" and part["next"] == ""
+    assert world.step(job).pages == 1  # Lytics is back: the same page is fetched
+
+
+def test_refused_token_halts_without_retry_storm_and_never_stores_the_token(world: World) -> None:
+    job = world.job()
+    world.lytics.replies = [401]
+    report = world.step(job)
+    assert report.next_in is None and "401" in report.error
+    assert len(world.lytics.requests) == 1
+    stored = json.dumps(job_status(world.redis, job.id))
+    assert TOKEN not in stored and "401" in stored
+    assert world.redis.zscore(keys.backfill_due(), f"{job.id}|vip") == T0 + backfill.HALT_RETRY_MS
+    assert world.jobs.get(job.id).state is JobState.BACKFILLING
+
+
+def test_missing_token_variable_is_reported_by_name(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    job = world.job()
+    monkeypatch.delenv("TEST_LYTICS_TOKEN")
+    report = world.step(job)
+    assert report.next_in is None and "TEST_LYTICS_TOKEN" in report.error
+    assert world.lytics.requests == []
+
+
+def test_a_stopped_job_abandons_its_backfill(world: World) -> None:
+    job = world.job()
+    world.jobs.set_state(job.id, JobState.STOPPED)
+    report = world.step(job)
+    assert report.skipped == "job stopped" and report.next_in is None
+    assert world.redis.zscore(keys.backfill_due(), f"{job.id}|vip") is None
+
+
+def test_a_paused_job_keeps_buffering_its_backfill_and_stays_paused(world: World) -> None:
+    job = world.job()
+    world.jobs.set_state(job.id, JobState.PAUSED, "key refused")
+    world.run_to_end(job)
+    assert world.counters(job)["accepted"] == 250
+    assert world.jobs.get(job.id).state is JobState.PAUSED
+
+
+# --- the sweep ------------------------------------------------------------------------------------------
+def test_sweep_redrives_a_part_whose_task_was_lost_once_it_is_due(world: World) -> None:
+    job = world.job()
+    world.dispatch.backfills.clear()
+    assert backfill.redrive_stalled(world.redis, world.dispatch, now=T0 + 1_000) == 0
+    assert world.dispatch.backfills == []
+    due = T0 + backfill.STALL_MS
+    assert backfill.redrive_stalled(world.redis, world.dispatch, now=due) == 1
+    assert world.dispatch.backfills == [(job.id, "vip", 0.0)]
+    # Pushed forward: the next sweep a second later does not dispatch it again.
+    assert backfill.redrive_stalled(world.redis, world.dispatch, now=due + 1_000) == 0
+
+
+def test_sweep_task_wiring_redrives_backfills(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker.runtime import Runtime
+    from worker.settings import Settings
+    from worker.sweep import sweep
+
+    job = world.job()
+    world.dispatch.backfills.clear()
+    world.redis.zadd(keys.backfill_due(), {f"{job.id}|vip": 0})
+    report = sweep(Runtime(Settings(), world.redis, world.dispatch))
+    assert report.backfills_redriven == 1 and world.dispatch.backfills == [(job.id, "vip", 0.0)]
+
+
+# --- file backfills -------------------------------------------------------------------------------------
+def test_file_lines_turn_profiles_into_enters_and_keep_transitions() -> None:
+    report = FileReport()
+    lines = [
+        '{"email": "a@x.io", "first_name": "A"}\n',
+        "\n",
+        '{"audience": "lapsed", "event": "exit", "at": 5, "user": {"email": "b@x.io"}}\n',
+        '{"audience": "elsewhere", "event": "enter", "at": 5, "user": {"email": "c@x.io"}}\n',
+        "not json\n",
+        "[1, 2]\n",
+    ]
+    out = [json.loads(x) for x in backfill.file_lines(lines, ["vip", "lapsed"], "vip", T0, report)]
+    assert out == [
+        {"audience": "vip", "event": "enter", "at": T0, "user": {"email": "a@x.io", "first_name": "A"}},
+        {"audience": "lapsed", "event": "exit", "at": 5, "user": {"email": "b@x.io"}},
+    ]
+    assert (report.lines, report.profiles, report.transitions, report.skipped) == (5, 1, 1, 3)
+
+
+def test_a_profile_without_an_audience_is_refused_and_nothing_is_queued(world: World) -> None:
+    job = world.jobs.create(parse_job_config(config(backfill=None)), state=JobState.RUNNING)
+    report = FileReport()
+    lines = ['{"audience": "vip", "event": "enter", "at": 5, "user": {"email": "x@x.io"}}\n'] * 3 + [
+        '{"email": "p@x.io"}\n'
+    ]
+    with pytest.raises(FileBackfillError, match="line 4 is a profile"):
+        backfill.enqueue_file(
+            world.redis,
+            job,
+            backfill.file_lines(lines, ["vip"], None, T0, report),
+            report,
+            world.dispatch,
+            chunk_lines=2,
+        )
+    assert world.redis.keys("*backfill*") == [] and world.dispatch.backfills == []
+
+
+def test_file_backfill_is_chunked_stepped_and_finished(world: World) -> None:
+    job = world.jobs.create(parse_job_config(config(backfill=None)), state=JobState.RUNNING)
+    report = FileReport()
+    lines = [json.dumps({"email": f"f{i}@x.io"}) for i in range(25)]
+    converted = backfill.file_lines(lines, job.config.audiences, "lapsed", T0, report)
+    backfill.enqueue_file(world.redis, job, converted, report, world.dispatch, chunk_lines=10)
+    assert report.chunks == 3 and world.dispatch.backfills == [(job.id, FILE_PART, 0.0)]
+    steps = world.run_to_end(job, FILE_PART)
+    assert steps == 4  # three chunks, then the step that finds the queue empty
+    status = job_status(world.redis, job.id)["backfill"]
+    assert (
+        status["file"]["members"] == 25
+        and status["file"]["finished"]
+        and status["file"]["chunks_waiting"] == 0
+    )
+    assert status["finished"] and status["audiences"] == {}
+    assert world.lww(job, "f3@x.io", "lapsed") == T0
+    assert world.jobs.get(job.id).state is JobState.RUNNING
+    assert world.redis.keys("*backfill:file:chunk*") == []
+    # A second file later reopens the part.
+    report2 = FileReport()
+    backfill.enqueue_file(
+        world.redis,
+        job,
+        backfill.file_lines(lines[:1], ["lapsed"], "lapsed", T0 + 5, report2),
+        report2,
+        world.dispatch,
+    )
+    assert job_status(world.redis, job.id)["backfill"]["file"]["finished"] is False
+    world.run_to_end(job, FILE_PART)
+    assert world.lww(job, "f0@x.io", "lapsed") == T0 + 5
+
+
+def test_status_shows_progress_per_audience(world: World) -> None:
+    job = world.job()
+    world.step(job)
+    block = job_status(world.redis, job.id)["backfill"]
+    vip = block["audiences"]["vip"]
+    assert (vip["pages"], vip["members"], vip["total"], vip["finished"], vip["segment"]) == (
+        1,
+        100,
+        250,
+        False,
+        "seg-vip",
+    )
+    assert vip["members_at_ms"] == T0 and vip["last_error"] is None
+    assert block["finished"] is False and block["file"] is None
