@@ -173,7 +173,8 @@ class LyticsClient:
         if isinstance(exc, LyticsRateLimited) and exc.retry_after is not None:
             return min(exc.retry_after, MAX_WAIT_SECONDS)
         # Exponential from half a second, jittered so workers retrying together spread out.
-        return min(MAX_WAIT_SECONDS, 0.5 * 2 ** (state.attempt_number - 1) + random.uniform(0, 0.5))
+        attempt: int = state.attempt_number
+        return min(MAX_WAIT_SECONDS, 0.5 * 2.0 ** (attempt - 1) + random.uniform(0, 0.5))
 
     def _get_page(self, segment_id: str, params: dict[str, str | int]) -> ScanPage:
         where = f"Lytics segment scan of {segment_id!r}"
