@@ -375,10 +375,7 @@ def _maybe_running(client: redis.Redis, jobs: JobStore, job_id: str) -> bool:
         pipe.hget(keys.backfill_part(job_id, part), "finished")
     if not all(_text(f or b"0") == "1" for f in pipe.execute()):
         return False
-    if jobs.get(job_id).state is JobState.BACKFILLING:
-        jobs.set_state(job_id, JobState.RUNNING)
-        return True
-    return False
+    return jobs.set_state_if(job_id, JobState.RUNNING, only_from={JobState.BACKFILLING})
 
 
 # --- the sweep's part -------------------------------------------------------------------------------------

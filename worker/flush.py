@@ -21,7 +21,8 @@ from worker.attentive import (
     Unauthorized,
 )
 from worker.buffer import ClaimedBatch, JobBuffer, merge_records, now_ms
-from worker.jobs import ExportJob
+from worker.jobconfig import JobState
+from worker.jobs import SENDING_STATES, ExportJob
 from worker.ratelimit import RateLimiter, backoff_delay
 from worker.runtime import Runtime
 
@@ -164,7 +165,7 @@ def _submit_isolating(
 def pause_for_auth_error(rt: Runtime, job: ExportJob, exc: AttentiveError) -> str:
     """Pause the job after a 401/403 (retrying would only storm Attentive); returns the reason."""
     reason = _pause_reason(exc)
-    rt.jobs.set_state(job.id, "paused", reason)
+    rt.jobs.set_state_if(job.id, JobState.PAUSED, SENDING_STATES, reason)
     rt.forget_client(job)
     rt.redis.hset(keys.job_status(job.id), "last_error", reason)
     log.warning("job %s paused: %s", job.id, reason)

@@ -12,6 +12,7 @@ import builtins
 import datetime as dt
 import json
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,12 +117,44 @@ class JobStore:
 
     def set_state(self, job_id: str, state: JobState | str, reason: str = "") -> ExportJob:
         """Change a job's state; ``reason`` is shown to operators (kept only while paused)."""
-        job = self.get(job_id)
-        job.state = JobState(state)
-        job.pause_reason = reason if job.state is JobState.PAUSED else ""
-        job.updated_at = _now_iso()
-        self._save(job)
+        job = self._change_state(job_id, JobState(state), reason, None)
+        assert job is not None  # no precondition, so the change always happens
         return job
+
+    def set_state_if(
+        self, job_id: str, state: JobState, only_from: Iterable[JobState], reason: str = ""
+    ) -> bool:
+        """Change the state only if the job is in one of ``only_from``; True if it changed.
+
+        So a backfill finishing never overwrites a pause that a flush wrote a moment earlier, and
+        a flush pausing never overwrites an operator's stop.
+        """
+        return self._change_state(job_id, state, reason, frozenset(only_from)) is not None
+
+    def _change_state(
+        self, job_id: str, state: JobState, reason: str, only_from: frozenset[JobState] | None
+    ) -> ExportJob | None:
+        """Read-modify-write of one job under WATCH, so concurrent state changes never get lost."""
+        while True:
+            with self._redis.pipeline(transaction=True) as pipe:
+                try:
+                    pipe.watch(keys.jobs())  # type: ignore[no-untyped-call]
+                    raw = pipe.hget(keys.jobs(), job_id)
+                    if raw is None:
+                        raise JobNotFound(job_id)
+                    job = ExportJob.from_json(raw)
+                    if only_from is not None and job.state not in only_from:
+                        return None
+                    job.state = state
+                    job.pause_reason = reason if state is JobState.PAUSED else ""
+                    job.updated_at = _now_iso()
+                    pipe.multi()
+                    pipe.hset(keys.jobs(), job.id, job.to_json())
+                    pipe.incr(keys.jobs_version())
+                    pipe.execute()
+                    return job
+                except redis.WatchError:
+                    continue
 
     def delete(self, job_id: str) -> None:
         self.get(job_id)
