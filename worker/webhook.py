@@ -1,0 +1,504 @@
+"""The HTTP receiver for Lytics audience-trigger webhooks (and canonical transitions).
+
+``POST /v1/transitions`` takes one Lytics trigger body, a JSON array of them (Lytics batching), a
+CloudEvents envelope, a canonical transition, or NDJSON (``application/x-ndjson``: one of those per
+line). It does not map profiles: it stores the raw body (or the NDJSON lines) as one inbox chunk in
+Redis and enqueues the ingest task with the chunk id, so broker messages carry ids only (DESIGN.md
+invariant 5). It answers ``202 {"accepted": lines, "chunk": id, ...}`` only after the chunk is in
+Redis (invariant 1); with Redis unreachable it answers 503, which Lytics retries. The process keeps
+nothing between requests, so any number of receivers can run behind a load balancer (invariant 7).
+
+What is refused at the door, and why (invariant 6: a clear answer):
+
+- a body that is not JSON (400, with the line and column), empty (400), too large (413, the limit
+  is ``WEBHOOK_MAX_BYTES``), of another content type (415), or without the shared token (401);
+- a body in which *no* transition is usable (400, with the reasons): nothing in it could ever reach
+  Attentive, so retrying is pointless, and a 400 shows a misconfigured webhook (wrong template,
+  wrong fields) in Lytics' delivery log at once instead of only in our counters.
+
+A body with at least one usable transition is accepted whole, and its unusable events (a missing
+slug, a bad time, an unknown shape...) are counted by reason by ingest (``attentive-export status``,
+``ingest`` block) and listed in the 202 answer. Lytics does not retry a 400 (``do_not_retry``
+defaults to 400, 401, 403, 404), so refusing a batch for one bad event would drop the good ones with
+it. The door check reuses :func:`worker.transitions.parse_payload` (cheap: no mapping, no Redis), so
+the door and ingest never disagree on what is usable.
+
+Redelivery is harmless: Lytics retries create another chunk, and ingest drops a transition that is
+not newer than one already accepted for the same user and audience (invariant 3).
+
+Auth is a shared secret (``WEBHOOK_TOKEN``; several comma-separated tokens allow rotation) given as
+``Authorization: Bearer <token>``, ``X-Webhook-Token: <token>`` or ``?token=<token>`` (Lytics' static
+headers or query parameters). Without a token the receiver refuses to start unless auth is turned off
+explicitly. Tokens are never logged; the access log hides ``token=`` query values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+import logging
+import os
+import re
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import orjson
+import redis
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from worker import inbox
+from worker.settings import DEFAULT_REDIS_URL
+from worker.transitions import Rejected, parse_payload
+
+log = logging.getLogger("worker.webhook")
+
+#: Where Lytics (or any producer) sends transitions.
+TRANSITIONS_PATH = "/v1/transitions"
+HEALTH_PATH = "/healthz"
+#: 5 MiB: a Lytics batch of 1,000 triggers with a few dozen profile fields fits comfortably.
+DEFAULT_MAX_BYTES = 5 * 1024 * 1024
+#: A token shorter than this is too easy to guess for an endpoint on the internet.
+MIN_TOKEN_LENGTH = 16
+TOKEN_HEADER = "x-webhook-token"
+TOKEN_PARAM = "token"
+#: Methods Lytics can be configured to use (``POST`` is its default and always accepted).
+LYTICS_METHODS = ("POST", "GET", "PUT", "PATCH", "DELETE")
+#: Seconds a client should wait before retrying after a 503.
+RETRY_AFTER_SECONDS = 5
+#: Reasons listed in a 400 for a body with no usable transition.
+MAX_DETAILS = 5
+
+NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "application/jsonl"})
+JSON_TYPES = frozenset({"application/json", "text/json"})
+UTF8_CHARSETS = frozenset({"utf-8", "utf8", "us-ascii"})
+
+
+class WebhookConfigError(Exception):
+    """The receiver cannot start as configured; the message says how to fix it."""
+
+
+class IngestDispatcher(Protocol):
+    """The one step the receiver asks for (``worker.dispatch.CeleryDispatcher`` fits)."""
+
+    def ingest(self, chunk_id: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class WebhookSettings:
+    """What the receiver needs; build it with :meth:`from_env`."""
+
+    redis_url: str = DEFAULT_REDIS_URL
+    #: Accepted shared secrets. Empty only when ``require_auth`` is off. Never logged.
+    tokens: tuple[str, ...] = field(default=(), repr=False)
+    require_auth: bool = True
+    max_bytes: int = DEFAULT_MAX_BYTES
+    methods: tuple[str, ...] = ("POST",)
+
+    def __post_init__(self) -> None:
+        if self.require_auth and not self.tokens:
+            raise WebhookConfigError(
+                "WEBHOOK_TOKEN is not set: the receiver refuses to accept unauthenticated webhooks. "
+                "Set WEBHOOK_TOKEN to a long random secret (python -c 'import secrets; "
+                "print(secrets.token_urlsafe(32))') and give it to Lytics, or start with "
+                "--insecure-no-auth on a private network"
+            )
+        for token in self.tokens:
+            if len(token) < MIN_TOKEN_LENGTH or any(c.isspace() for c in token):
+                raise WebhookConfigError(
+                    f"WEBHOOK_TOKEN: each token must be at least {MIN_TOKEN_LENGTH} characters "
+                    "without spaces (python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+                )
+        if self.max_bytes < 1:
+            raise WebhookConfigError("WEBHOOK_MAX_BYTES must be a positive number of bytes")
+        unknown = [m for m in self.methods if m not in LYTICS_METHODS]
+        if unknown:
+            raise WebhookConfigError(
+                f"WEBHOOK_METHOD {unknown[0]!r} is not one Lytics can send ({', '.join(LYTICS_METHODS)})"
+            )
+
+    @classmethod
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, insecure_no_auth: bool = False
+    ) -> WebhookSettings:
+        """Read ``REDIS_URL``, ``WEBHOOK_TOKEN`` (comma-separated for rotation), ``WEBHOOK_MAX_BYTES``
+        and ``WEBHOOK_METHOD`` (the method configured in Lytics, besides POST).
+
+        ``insecure_no_auth`` only allows starting without a token: a token that is set is enforced.
+        """
+        source = os.environ if env is None else env
+        tokens = tuple(t.strip() for t in source.get("WEBHOOK_TOKEN", "").split(",") if t.strip())
+        raw_max = source.get("WEBHOOK_MAX_BYTES", "").strip()
+        try:
+            max_bytes = int(raw_max) if raw_max else DEFAULT_MAX_BYTES
+        except ValueError:
+            raise WebhookConfigError(
+                f"WEBHOOK_MAX_BYTES must be a whole number of bytes, got {raw_max!r}"
+            ) from None
+        method = source.get("WEBHOOK_METHOD", "").strip().upper() or "POST"
+        redis_url = source.get("REDIS_URL", "").strip() or DEFAULT_REDIS_URL
+        return cls(
+            redis_url=redis_url,
+            tokens=tokens,
+            require_auth=bool(tokens) or not insecure_no_auth,
+            max_bytes=max_bytes,
+            methods=tuple(dict.fromkeys(("POST", method))),
+        )
+
+
+class BadBody(Exception):
+    """A body refused with 400; ``extra`` goes into the JSON answer."""
+
+    def __init__(self, code: str, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.extra = extra
+
+
+@dataclass(frozen=True)
+class Accepted:
+    lines: int
+    chunk_id: str
+    transitions: int
+    unusable: dict[str, int]
+
+
+def _error(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None, **extra: Any
+) -> Response:
+    return JSONResponse({"error": code, "message": message, **extra}, status_code=status, headers=headers)
+
+
+def _decode(text: bytes) -> Any:
+    """Parse like ingest does (``transitions.parse_line``): orjson, then the lenient stdlib parser
+    for what orjson refuses but is usable (integers beyond 64 bits, NaN)."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
+
+
+def _parse_json(text: bytes, where: str, line: int | None = None) -> Any:
+    try:
+        return _decode(text)
+    except UnicodeDecodeError as exc:
+        raise BadBody(
+            "invalid_json", f"{where} is not UTF-8 text: {exc.reason} at byte {exc.start}"
+        ) from None
+    except json.JSONDecodeError as exc:
+        position = {"line": line if line is not None else exc.lineno, "column": exc.colno}
+        if line is None:
+            position["position"] = exc.pos
+        raise BadBody(
+            "invalid_json",
+            f"{where} is not valid JSON: {exc.msg} at line {position['line']} column {exc.colno}",
+            **position,
+        ) from None
+
+
+def body_lines(body: bytes, ndjson: bool) -> list[bytes]:
+    """The texts to store: the whole body, or each non-blank NDJSON line (kept raw)."""
+    if not ndjson:
+        return [body]
+    return [line.rstrip(b"\r") for line in body.split(b"\n") if line.strip()]
+
+
+def check_lines(
+    lines: Iterable[bytes], ndjson: bool, received_ms: int
+) -> tuple[int, Counter[str], list[str]]:
+    """Syntax and shape check at the door: (usable transitions, unusable by reason, first details).
+
+    Raises :class:`BadBody` for text that is not JSON or a top level that is not an object or array.
+    """
+    usable = 0
+    unusable: Counter[str] = Counter()
+    details: list[str] = []
+    for number, line in enumerate(lines, start=1):
+        where = f"line {number}" if ndjson else "the body"
+        payload = _parse_json(line, where, number if ndjson else None)
+        if not isinstance(payload, dict | list):
+            raise BadBody(
+                "not_an_object",
+                f"{where} must be a JSON object (a Lytics trigger, CloudEvents envelope or transition) "
+                f"or an array of them, got {type(payload).__name__}",
+            )
+        for item in parse_payload(payload, received_ms):
+            if isinstance(item, Rejected):
+                unusable[item.reason] += 1
+                if len(details) < MAX_DETAILS:
+                    details.append(f"{where}: {item.detail}" if ndjson else item.detail)
+            else:
+                usable += 1
+    return usable, unusable, details
+
+
+class Receiver:
+    """Request handling, with its Redis client and dispatcher (both shared by all requests)."""
+
+    def __init__(
+        self, settings: WebhookSettings, client: redis.Redis, dispatcher: IngestDispatcher | None
+    ) -> None:
+        self.settings = settings
+        self.redis = client
+        self._dispatcher = dispatcher
+        self._tokens = tuple(t.encode() for t in settings.tokens)
+
+    @property
+    def dispatcher(self) -> IngestDispatcher:
+        if self._dispatcher is None:  # imported late: the Celery app reads the broker URL on import
+            from worker.dispatch import CeleryDispatcher
+
+            self._dispatcher = CeleryDispatcher()
+        return self._dispatcher
+
+    # -- auth
+
+    def authorized(self, request: Request) -> bool:
+        if not self.settings.require_auth:
+            return True
+        presented: list[str] = []
+        scheme, _, value = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer":
+            presented.append(value.strip())
+        if TOKEN_HEADER in request.headers:
+            presented.append(request.headers[TOKEN_HEADER].strip())
+        presented += request.query_params.getlist(TOKEN_PARAM)
+        ok = False
+        for candidate in presented:
+            given = candidate.encode("utf-8", "replace")
+            for token in self._tokens:  # every comparison runs: timing says nothing about which
+                ok |= hmac.compare_digest(given, token)
+        return ok
+
+    # -- endpoints
+
+    async def transitions(self, request: Request) -> Response:
+        if request.method not in self.settings.methods:
+            return _error(
+                405,
+                "method_not_allowed",
+                f"use {' or '.join(self.settings.methods)} (set WEBHOOK_METHOD to the method configured in Lytics)",
+                headers={"Allow": ", ".join(self.settings.methods)},
+            )
+        if not self.authorized(request):
+            return _error(
+                401, "unauthorized", "missing or invalid credentials", headers={"WWW-Authenticate": "Bearer"}
+            )
+        ndjson = _content_kind(request.headers.get("content-type", ""))
+        if ndjson is None:
+            return _error(
+                415,
+                "unsupported_media_type",
+                "send application/json (a Lytics trigger, an array of them, a CloudEvents envelope or a "
+                "transition) or application/x-ndjson (one per line), UTF-8",
+            )
+        too_large = _error(
+            413, "too_large", f"the body is larger than {self.settings.max_bytes} bytes (WEBHOOK_MAX_BYTES)"
+        )
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                return _error(400, "bad_request", "Content-Length is not a number")
+            if int(declared) > self.settings.max_bytes:
+                return too_large
+        try:
+            body = await _read_limited(request, self.settings.max_bytes)
+        except ClientDisconnect:
+            return _error(400, "bad_request", "the client disconnected before the body was complete")
+        if body is None:
+            return too_large
+        if not body.strip():
+            return _error(400, "empty_body", "the body is empty: send at least one transition")
+        try:
+            accepted = await run_in_threadpool(self.accept, body, ndjson)
+        except BadBody as exc:
+            return _error(400, exc.code, exc.message, **exc.extra)
+        except redis.RedisError as exc:
+            log.warning("Redis unavailable, answered 503: %s", type(exc).__name__)
+            return _error(
+                503,
+                "unavailable",
+                "storage is unavailable; nothing was accepted, retry later",
+                headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+            )
+        return JSONResponse(
+            {
+                "accepted": accepted.lines,
+                "chunk": accepted.chunk_id,
+                "transitions": accepted.transitions,
+                "unusable": accepted.unusable,
+            },
+            status_code=202,
+        )
+
+    def accept(self, body: bytes, ndjson: bool) -> Accepted:
+        """Check, store, dispatch (in a worker thread: JSON parsing and Redis calls block)."""
+        lines = body_lines(body, ndjson)
+        usable, unusable, details = check_lines(lines, ndjson, int(time.time() * 1000))
+        if not usable:
+            if not unusable:
+                raise BadBody("no_transitions", "the body holds no transitions (an empty array)")
+            raise BadBody(
+                "no_usable_transitions",
+                "no transition in the body can be used: " + "; ".join(details),
+                unusable=dict(unusable),
+            )
+        chunk_id = inbox.put_chunk(self.redis, lines)
+        # The chunk is durable and registered as pending from here on: if the broker refuses the
+        # task, the sweep re-drives the chunk (inbox.ORPHAN_AFTER_MS), so the answer stays 202.
+        try:
+            self.dispatcher.ingest(chunk_id)
+        except Exception as exc:
+            log.warning(
+                "ingest task for chunk %s not sent (%s); the sweep re-drives it", chunk_id, type(exc).__name__
+            )
+        return Accepted(len(lines), chunk_id, usable, dict(unusable))
+
+    async def health(self, _request: Request) -> Response:
+        try:
+            await run_in_threadpool(self.redis.ping)
+        except redis.RedisError:
+            return JSONResponse({"status": "unavailable", "redis": "unreachable"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+
+def _content_kind(header: str) -> bool | None:
+    """``True`` for NDJSON, ``False`` for JSON (also when absent), ``None`` when unsupported."""
+    media, *params = (part.strip().lower() for part in header.split(";"))
+    for param in params:
+        name, _, value = param.partition("=")
+        if name.strip() == "charset" and value.strip().strip('"') not in UTF8_CHARSETS:
+            return None
+    if media in NDJSON_TYPES:
+        return True
+    if not media or media in JSON_TYPES or (media.startswith("application/") and media.endswith("+json")):
+        return False  # +json covers application/cloudevents+json and cloudevents-batch+json
+    return None
+
+
+async def _read_limited(request: Request, limit: int) -> bytes | None:
+    """The body, or None as soon as it exceeds ``limit`` (a missing Content-Length proves nothing)."""
+    parts: list[bytes] = []
+    size = 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            return None
+        parts.append(part)
+    return b"".join(parts)
+
+
+# --- logging ---------------------------------------------------------------------------------------
+_TOKEN_IN_QUERY = re.compile(rf"([?&]{TOKEN_PARAM}=)[^&\s\"]*", re.IGNORECASE)
+
+
+class RedactTokenFilter(logging.Filter):
+    """Hides ``token=`` query values in log lines (uvicorn's access log prints the query string)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str):
+            record.msg = _TOKEN_IN_QUERY.sub(r"\1***", record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                _TOKEN_IN_QUERY.sub(r"\1***", a) if isinstance(a, str) else a for a in record.args
+            )
+        return True
+
+
+def install_log_redaction() -> None:
+    """Attach the filter to uvicorn's access logger once (also when run as ``uvicorn worker.webhook:app``)."""
+    logger = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, RedactTokenFilter) for f in logger.filters):
+        logger.addFilter(RedactTokenFilter())
+
+
+# --- app -------------------------------------------------------------------------------------------
+def redis_client(url: str) -> redis.Redis:
+    """Short timeouts: a hung Redis should turn into a 503 Lytics retries, not a hung request."""
+    return redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
+
+
+def create_app(
+    settings: WebhookSettings,
+    client: redis.Redis | None = None,
+    dispatcher: IngestDispatcher | None = None,
+) -> Starlette:
+    """The ASGI app. Tests pass a fake Redis and a recording dispatcher; by default it connects to
+    ``settings.redis_url`` and sends Celery tasks to ``CELERY_BROKER_URL``."""
+    owned = client is None
+    receiver = Receiver(
+        settings, client if client is not None else redis_client(settings.redis_url), dispatcher
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        install_log_redaction()
+        yield
+        if owned:
+            receiver.redis.close()
+
+    app = Starlette(
+        routes=[
+            Route(TRANSITIONS_PATH, receiver.transitions, methods=list(LYTICS_METHODS)),
+            Route(HEALTH_PATH, receiver.health, methods=["GET"]),
+        ],
+        lifespan=lifespan,
+    )
+    app.state.receiver = receiver
+    return app
+
+
+_app: Starlette | None = None
+
+
+def __getattr__(name: str) -> Any:
+    """``worker.webhook.app``, built from the environment on first access, so ``uvicorn
+    worker.webhook:app`` works while importing this module (tests, the CLI) needs no configuration."""
+    global _app
+    if name == "app":
+        if _app is None:
+            _app = create_app(WebhookSettings.from_env())
+        return _app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def serve(
+    host: str,
+    port: int,
+    insecure_no_auth: bool = False,
+    access_log: bool = True,
+    env: Mapping[str, str] | None = None,
+) -> None:
+    """Run the receiver with uvicorn until stopped (``attentive-export serve``)."""
+    import uvicorn
+
+    settings = WebhookSettings.from_env(env, insecure_no_auth=insecure_no_auth)
+    app = create_app(settings)
+    install_log_redaction()
+    if settings.require_auth:
+        auth = f"{len(settings.tokens)} token(s) from WEBHOOK_TOKEN"
+    else:
+        auth = "NONE (--insecure-no-auth): anyone who can reach this port can queue transitions"
+    print(
+        f"receiving transitions on http://{host}:{port}{TRANSITIONS_PATH} "
+        f"({'/'.join(settings.methods)}, auth: {auth}, max body {settings.max_bytes} bytes)",
+        flush=True,
+    )
+    if insecure_no_auth and settings.require_auth:
+        print("note: --insecure-no-auth ignored because WEBHOOK_TOKEN is set", flush=True)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        access_log=access_log,
+        server_header=False,
+        log_level="info",
+    )
