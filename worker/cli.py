@@ -301,6 +301,16 @@ class _open_input:
             self._fh.close()
 
 
+def cmd_serve(args: argparse.Namespace, _settings: Settings) -> None:
+    """Receive Lytics audience-trigger webhooks over HTTP (worker/webhook.py)."""
+    from worker.webhook import WebhookConfigError, serve
+
+    try:
+        serve(args.host, args.port, args.insecure_no_auth, access_log=not args.no_access_log)
+    except WebhookConfigError as exc:
+        raise UserError(str(exc)) from None
+
+
 def cmd_demo(args: argparse.Namespace, _settings: Settings) -> None:
     from worker.demo import run_demo
 
@@ -402,6 +412,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--users", type=int, default=1000)
     demo.add_argument("--port", type=int, default=8787)
     demo.set_defaults(func=cmd_demo)
+
+    sv = sub.add_parser(
+        "serve", help="receive Lytics audience-trigger webhooks on POST /v1/transitions (WEBHOOK_TOKEN)"
+    )
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a container)")
+    sv.add_argument("--port", type=int, default=8080)
+    sv.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="start without WEBHOOK_TOKEN: anyone who reaches the port can queue transitions",
+    )
+    sv.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
+    sv.set_defaults(func=cmd_serve)
     return p
 
 
