@@ -204,15 +204,16 @@ def _parse_json(text: bytes, where: str, line: int | None = None) -> Any:
         ) from None
 
 
-def body_lines(body: bytes, ndjson: bool) -> list[bytes]:
-    """The texts to store: the whole body, or each non-blank NDJSON line (kept raw)."""
+def body_lines(body: bytes, ndjson: bool) -> list[tuple[int, bytes]]:
+    """The texts to store with their line numbers in the body: the whole body, or each non-blank
+    NDJSON line (kept raw, without its line ending)."""
     if not ndjson:
-        return [body]
-    return [line.rstrip(b"\r") for line in body.split(b"\n") if line.strip()]
+        return [(1, body)]
+    return [(n, line.rstrip(b"\r")) for n, line in enumerate(body.split(b"\n"), start=1) if line.strip()]
 
 
 def check_lines(
-    lines: Iterable[bytes], ndjson: bool, received_ms: int
+    lines: Iterable[tuple[int, bytes]], ndjson: bool, received_ms: int
 ) -> tuple[int, Counter[str], list[str]]:
     """Syntax and shape check at the door: (usable transitions, unusable by reason, first details).
 
@@ -221,7 +222,7 @@ def check_lines(
     usable = 0
     unusable: Counter[str] = Counter()
     details: list[str] = []
-    for number, line in enumerate(lines, start=1):
+    for number, line in lines:
         where = f"line {number}" if ndjson else "the body"
         payload = _parse_json(line, where, number if ndjson else None)
         if not isinstance(payload, dict | list):
@@ -351,7 +352,7 @@ class Receiver:
                 "no transition in the body can be used: " + "; ".join(details),
                 unusable=dict(unusable),
             )
-        chunk_id = inbox.put_chunk(self.redis, lines)
+        chunk_id = inbox.put_chunk(self.redis, [text for _n, text in lines])
         # The chunk is durable and registered as pending from here on: if the broker refuses the
         # task, the sweep re-drives the chunk (inbox.ORPHAN_AFTER_MS), so the answer stays 202.
         try:
