@@ -30,6 +30,8 @@ Auth is a shared secret (``WEBHOOK_TOKEN``; several comma-separated tokens allow
 ``Authorization: Bearer <token>``, ``X-Webhook-Token: <token>`` or ``?token=<token>`` (Lytics' static
 headers or query parameters). Without a token the receiver refuses to start unless auth is turned off
 explicitly. Tokens are never logged; the access log hides ``token=`` query values.
+Lytics' OAuth2 client-credentials option would need a token endpoint here; it is not offered, the
+static bearer header does the same job.
 """
 
 from __future__ import annotations
