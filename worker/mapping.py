@@ -393,18 +393,23 @@ def _make_phone_converter(region: str) -> Converter:
     return convert
 
 
+def _clean_text(value: str) -> Any:
+    """A trimmed string; None when blank; the drop for an over-long or unsafe one."""
+    s = value.strip()
+    if not s:
+        return None
+    if len(s) > MAX_VALUE_CHARS:
+        return _D_LONG
+    if _bad_chars(s):
+        return _D_CHARS
+    return s
+
+
 def _text(value: Any) -> Any:
     """A typed string attribute: trimmed strings; numbers as strings; no bools, arrays or maps."""
     t = type(value)
     if t is str:
-        s = value.strip()
-        if not s:
-            return None
-        if len(s) > MAX_VALUE_CHARS:
-            return _D_LONG
-        if _bad_chars(s):
-            return _D_CHARS
-        return s
+        return _clean_text(value)
     if t is int:
         return str(value) if INT64_MIN <= value <= INT64_MAX else _D_RANGE
     if t is float:
@@ -613,14 +618,7 @@ def _conv_custom(value: Any) -> Any:
     """A custom attribute: primitives kept (strings trimmed), arrays joined with commas, maps refused."""
     t = type(value)
     if t is str:
-        s = value.strip()
-        if not s:
-            return None
-        if len(s) > MAX_VALUE_CHARS:
-            return _D_LONG
-        if _bad_chars(s):
-            return _D_CHARS
-        return s
+        return _clean_text(value)
     if t is bool:
         return value
     if t is int:
