@@ -6,11 +6,8 @@ from celery import shared_task
 
 from tasks import REDIS_DOWN
 from worker.backfill import run_step
-from worker.dispatch import BACKFILL_TASK
+from worker.dispatch import BACKFILL_TASK, FLUSHES_PER_STEP
 from worker.runtime import runtime
-
-#: Most flush tasks one step dispatches (as for an ingest chunk; the sweep catches the rest).
-FLUSHES_PER_STEP = 4
 
 
 @shared_task(name=BACKFILL_TASK, autoretry_for=REDIS_DOWN, retry_backoff=True, max_retries=None)
