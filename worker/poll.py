@@ -134,14 +134,21 @@ def _settle_results(
     """Read one finished Attentive job's results and dead-letter the records it refused (once)."""
     idx: list[int] = sub["idx"]
     failures: dict[int, str] = {}
+    unreadable = 0
     if url:
         for line in client.iter_results(url):
-            if line.failed and line.index is not None and 0 <= line.index < len(idx):
-                failures[idx[line.index]] = (
-                    f"attentive_record_{line.status_code}: {line.message or ''}".strip()
-                )
+            if line.unparseable:
+                unreadable += 1
+                continue
+            # The line format is undocumented: without an ``index``, a line's position is the best
+            # evidence of which record it reports on (better than counting a failure as delivered).
+            pos = line.index if line.index is not None else line.line_number
+            if line.failed and 0 <= pos < len(idx):
+                failures[idx[pos]] = f"attentive_record_{line.status_code}: {line.message or ''}".strip()
     else:
         rt.redis.hincrby(keys.job_status(job.id), "results_unavailable", 1)
+    if unreadable:  # outcome unknown: counted for operators, neither delivered nor dead-lettered
+        rt.redis.hincrby(keys.job_status(job.id), "results_unreadable_lines", unreadable)
     # The "done" mark and the dead letters commit together (MULTI), so a worker dying in between
     # cannot leave the job marked done with its refused records never dead-lettered. WATCH makes a
     # twin poll's second settlement a no-op, so nothing is dead-lettered twice.

@@ -72,6 +72,8 @@ class FakeAttentive:
         self.accepted: dict[str, list[dict[str, Any]]] = {}
         self.statuses: dict[str, list[str | Reply]] = {}
         self.record_failures: dict[str, tuple[int, str]] = {}
+        #: Results lines without ``index`` (the line format is undocumented; order is all there is).
+        self.results_without_index = False
         self.bulk: Callable[[list[dict[str, Any]]], Reply] = self.accept
         self._ids = itertools.count(1)
 
@@ -120,7 +122,10 @@ class FakeAttentive:
                 response: dict[str, Any] = {"statusCode": code, "body": {}}
                 if message:
                     response["body"] = {"error": {"message": message}}
-                lines.append(json.dumps({"index": i, "request": user, "response": response}))
+                line: dict[str, Any] = {"index": i, "request": user, "response": response}
+                if self.results_without_index:
+                    del line["index"]
+                lines.append(json.dumps(line))
             return httpx.Response(200, text="\n".join(lines) + "\n")
         return httpx.Response(404, json={"error": {"message": f"no route {request.method} {path}"}})
 

@@ -353,3 +353,18 @@ def test_twin_polls_settling_at_once_deadletter_once_and_leave_no_batch_behind(
     assert status["batches_completed"] == "1" and status["record_failures"] == "1"
     assert pipe.redis.exists(keys.batch(job.id, bid)) == 0  # no stray batch hash re-created
     assert poll_batch(pipe.rt, job.id, bid, 1).done
+
+
+def test_results_lines_without_index_are_matched_by_position(pipe: Pipeline) -> None:
+    job = pipe.create_job()
+    emails = users(4)
+    bid, _ = submitted(pipe, job, emails)
+    pipe.attentive.results_without_index = True
+    pipe.attentive.record_failures = {"u2@x.io": (400, "Invalid attribute value")}
+
+    assert poll_batch(pipe.rt, job.id, bid, 0).done
+
+    status = pipe.status(job)
+    assert (status["users_delivered"], status["record_failures"]) == ("3", "1")
+    [dead] = deadletters.read(pipe.redis, job.id)
+    assert dead["user"] == "u2@x.io"
