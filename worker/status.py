@@ -31,6 +31,8 @@ COUNTERS = (
     "deadlettered_users",
     "responses_429",
     "leases_expired",
+    "results_unavailable",
+    "results_unreadable_lines",
 )
 
 
