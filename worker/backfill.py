@@ -135,6 +135,9 @@ def start(
     """
     job = jobs.get(job_id)
     if client.exists(keys.backfill_parts(job_id)):
+        # Recorded before (maybe by a process that died before switching the state): finish the
+        # switch; the sweep re-drives the parts from their saved cursors.
+        jobs.set_state_if(job_id, JobState.BACKFILLING, {JobState.CREATED})
         return []
     parts = lytics_parts(job)
     if not parts:

@@ -182,6 +182,15 @@ def test_start_records_the_run_sets_backfilling_and_dispatches_ids_only(world: W
     assert len(world.dispatch.backfills) == 1
 
 
+def test_a_start_cut_short_after_recording_the_run_is_finished_by_starting_again(world: World) -> None:
+    job = world.job()
+    # As if the process died after recording the run but before switching the job's state.
+    world.jobs.set_state(job.id, JobState.CREATED)
+    assert backfill.start(world.redis, world.jobs, job.id, world.dispatch) == []
+    assert world.jobs.get(job.id).state is JobState.BACKFILLING
+    assert world.part(job)["pages"] == "0"  # the recorded run is kept, not restarted
+
+
 def test_a_job_without_a_backfill_source_just_runs(world: World) -> None:
     job = world.job(backfill=None)
     assert job.state is JobState.RUNNING and world.dispatch.backfills == []
