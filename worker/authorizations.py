@@ -46,6 +46,7 @@ from worker.attentive import (
 )
 from worker.crypto import Cipher, SecretKeyError, SecretKeyInvalid, SecretKeyMismatch, SecretKeyMissing
 from worker.ratelimit import api_key_hash
+from worker.replies import text
 
 logger = logging.getLogger(__name__)
 
@@ -111,12 +112,8 @@ def key_hint(api_key: str) -> str:
     return MASK + (api_key[-visible:] if visible else "")
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else value
-
-
 def _parse_all(raw: Mapping[Any, bytes | str]) -> list[Authorization]:
-    return [Authorization.model_validate_json(_text(v)) for v in raw.values()]
+    return [Authorization.model_validate_json(text(v)) for v in raw.values()]
 
 
 def _check_label_free(label: str, records: Iterable[Authorization]) -> None:
@@ -245,7 +242,7 @@ class AuthorizationStore:
         wanted = (id_or_label or "").strip()
         raw = self._redis.hget(self._key, wanted) if wanted else None
         if raw is not None:
-            return Authorization.model_validate_json(_text(raw))
+            return Authorization.model_validate_json(text(raw))
         folded = wanted.casefold()
         for record in self._load_all():
             if record.label.casefold() == folded:

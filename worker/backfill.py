@@ -42,7 +42,7 @@ import redis
 from redis.exceptions import LockError, WatchError
 
 from worker import keys
-from worker.buffer import decode_hash, now_ms
+from worker.buffer import now_ms
 from worker.dispatch import Dispatcher
 from worker.ingest import ingest_lines
 from worker.jobconfig import JobState
@@ -53,6 +53,7 @@ from worker.lytics import (
     LyticsRateLimited,
     LyticsRetryable,
 )
+from worker.replies import decode_hash, text
 
 #: The part holding file backfills (not a valid audience slug, so it cannot collide with one).
 FILE_PART = "@file"
@@ -110,10 +111,6 @@ class _OnlyThisJob(JobStore):
 
 def _due_member(job_id: str, part: str) -> str:
     return f"{job_id}|{part}"
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 # --- starting -----------------------------------------------------------------------------------------
@@ -314,7 +311,7 @@ def _file_step(client: redis.Redis, job_id: str, part: str, report: StepReport) 
                 report.finished = True
                 return
             continue  # a chunk arrived meanwhile
-        chunk_id = _text(head)
+        chunk_id = text(head)
         chunk_key = keys.backfill_file_chunk(job_id, chunk_id)
         lines = list(client.lrange(chunk_key, 0, -1))
         ingested = ingest_lines(client, router, lines)
@@ -372,11 +369,11 @@ def _halt(client: redis.Redis, job_id: str, part: str, report: StepReport, messa
 
 def _maybe_running(client: redis.Redis, jobs: JobStore, job_id: str) -> bool:
     """Move the job from ``backfilling`` to ``running`` once every part is finished."""
-    parts = [_text(p) for p in client.smembers(keys.backfill_parts(job_id))]
+    parts = [text(p) for p in client.smembers(keys.backfill_parts(job_id))]
     pipe = client.pipeline(transaction=False)
     for part in parts:
         pipe.hget(keys.backfill_part(job_id, part), "finished")
-    if not all(_text(f or b"0") == "1" for f in pipe.execute()):
+    if not all(text(f or b"0") == "1" for f in pipe.execute()):
         return False
     return jobs.set_state_if(job_id, JobState.RUNNING, only_from={JobState.BACKFILLING})
 
@@ -387,7 +384,7 @@ def redrive_stalled(
 ) -> int:
     """Dispatch a step for every part past its due time (its task was lost, or it is time to retry)."""
     at = now if now is not None else now_ms()
-    due = [_text(m) for m in client.zrangebyscore(keys.backfill_due(), "-inf", at, start=0, num=limit)]
+    due = [text(m) for m in client.zrangebyscore(keys.backfill_due(), "-inf", at, start=0, num=limit)]
     if not due:
         return 0
     # Push them forward first so the next sweep (a second later) does not dispatch them again.
@@ -502,7 +499,7 @@ def _int(value: str | None) -> int | None:
 
 def progress(client: redis.Redis, job_id: str) -> dict[str, Any] | None:
     """The backfill block of ``status``: per audience (and the file part) pages, members, finished."""
-    parts = sorted(_text(p) for p in client.smembers(keys.backfill_parts(job_id)))
+    parts = sorted(text(p) for p in client.smembers(keys.backfill_parts(job_id)))
     if not parts:
         return None
     audiences: dict[str, Any] = {}

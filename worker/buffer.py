@@ -20,6 +20,7 @@ import orjson
 import redis
 
 from worker import keys
+from worker.replies import decode_hash
 
 
 @cache
@@ -201,15 +202,6 @@ class JobBuffer:
 
     def outstanding_users(self) -> int:
         return int(self._redis.hlen(keys.outstanding(self.job_id)))
-
-
-def decode_hash(raw: Any) -> dict[str, str]:
-    """A Redis hash as text, whether the client decodes responses or not."""
-    return {_text(k): _text(v) for k, v in raw.items()}
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def merge_records(records: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import redis
 
 from worker import keys
+from worker.replies import text
 
 #: A chunk not ingested this long after it was written is re-driven by the sweep.
 ORPHAN_AFTER_MS = 60_000
@@ -46,7 +47,7 @@ def orphaned_chunks(client: redis.Redis, now_ms: int | None = None, limit: int =
     """Chunks written long ago and still pending: their ingest task was lost or keeps failing."""
     now = now_ms if now_ms is not None else int(time.time() * 1000)
     raw = client.zrangebyscore(keys.inbox_pending(), "-inf", now - ORPHAN_AFTER_MS, start=0, num=limit)
-    ids = [i.decode() if isinstance(i, bytes) else str(i) for i in raw]
+    ids = [text(i) for i in raw]
     if ids:
         # Push them forward so one sweep does not re-drive the same chunk every second.
         client.zadd(keys.inbox_pending(), dict.fromkeys(ids, now), xx=True)

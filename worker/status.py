@@ -11,8 +11,9 @@ from typing import Any
 import redis
 
 from worker import backfill, keys
-from worker.buffer import JobBuffer, decode_hash
+from worker.buffer import JobBuffer
 from worker.jobs import JobStore
+from worker.replies import decode_hash
 
 #: Counters shown even when zero, in display order.
 COUNTERS = (

@@ -205,7 +205,7 @@ class Pipeline:
 
     def status(self, job: ExportJob) -> dict[str, str]:
         from worker import keys
-        from worker.buffer import decode_hash
+        from worker.replies import decode_hash
 
         return decode_hash(self.rt.redis.hgetall(keys.job_status(job.id)))
 

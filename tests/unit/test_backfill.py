@@ -16,11 +16,11 @@ import pytest
 
 from worker import backfill, keys
 from worker.backfill import FILE_PART, FileBackfillError, FileReport, run_step
-from worker.buffer import decode_hash
 from worker.ingest import ingest_lines
 from worker.jobconfig import JobConfigError, JobState, parse_job_config
 from worker.jobs import ExportJob, JobStore
 from worker.lytics import LyticsClient
+from worker.replies import decode_hash
 from worker.status import job_status
 
 from .pipeline_kit import RecordingDispatcher

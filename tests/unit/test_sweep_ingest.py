@@ -7,10 +7,11 @@ import json
 import pytest
 
 from worker import inbox, keys
-from worker.buffer import decode_hash, now_ms
+from worker.buffer import now_ms
 from worker.flush import POLL_GRACE_MS, flush_job
 from worker.ingest import USER_KEY_FALLBACK, ingest_chunk, ingest_lines
 from worker.jobconfig import JobState
+from worker.replies import decode_hash
 from worker.status import ingest_status
 from worker.sweep import IDLE_FLUSH_MS, REDRIVEN_POLL_ATTEMPT, sweep
 
