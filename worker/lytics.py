@@ -18,7 +18,6 @@ Why the client is shaped this way:
 
 from __future__ import annotations
 
-import os
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -33,9 +32,8 @@ from tenacity import (
     stop_after_attempt,
 )
 
-#: Lytics' production API host; ``LYTICS_API_URL`` points elsewhere (the sandbox in tests).
-DEFAULT_LYTICS_API_URL = "https://api.lytics.io"
-LYTICS_API_URL_ENV = "LYTICS_API_URL"
+from worker.settings import Settings
+
 #: Lytics' maximum (and our default) page size for a segment scan.
 MAX_PAGE_SIZE = 100
 #: Attempts per page for transient failures before the caller is told to try later.
@@ -84,8 +82,8 @@ class ScanPage:
 
 
 def lytics_api_url() -> str:
-    """The configured Lytics host (``LYTICS_API_URL``), without a trailing slash."""
-    return (os.environ.get(LYTICS_API_URL_ENV, "").strip() or DEFAULT_LYTICS_API_URL).rstrip("/")
+    """The configured Lytics host (``LYTICS_API_URL``, see :mod:`worker.settings`), no trailing slash."""
+    return Settings.from_env().lytics_api_url
 
 
 def _retry_after_seconds(response: httpx.Response) -> float | None:

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 #: Attentive's production host. The v2 paths carry their own ``/v2`` prefix (CONTRACT.md §0).
 DEFAULT_ATTENTIVE_API_URL = "https://api.attentivemobile.com"
+#: Lytics' API host, for the segment scan behind backfills.
+DEFAULT_LYTICS_API_URL = "https://api.lytics.io"
 #: Local Redis, database 0. Tests override it with ``TEST_REDIS_URL``.
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 #: Attentive allows 100 requests/s per key on the bulk and job-status endpoints; stay 10% under.
@@ -29,6 +31,7 @@ class Settings:
     redis_url: str = DEFAULT_REDIS_URL
     broker_url: str = DEFAULT_REDIS_URL
     attentive_api_url: str = DEFAULT_ATTENTIVE_API_URL
+    lytics_api_url: str = DEFAULT_LYTICS_API_URL
     #: Fernet key (urlsafe base64, 32 bytes) that encrypts stored API keys. Never logged.
     secret_key: str | None = field(default=None, repr=False)
     rate_limit_per_second: float = DEFAULT_RATE_LIMIT_PER_SECOND
@@ -41,7 +44,7 @@ class Settings:
 
     @classmethod
     def from_env(cls) -> Settings:
-        """Read ``REDIS_URL``, ``CELERY_BROKER_URL``, ``ATTENTIVE_API_URL``, ``EXPORT_SECRET_KEY``,
+        """Read ``REDIS_URL``, ``CELERY_BROKER_URL``, ``ATTENTIVE_API_URL``, ``LYTICS_API_URL``, ``EXPORT_SECRET_KEY``,
         ``ATTENTIVE_RATE_LIMIT`` (requests/s for all workers together), ``ATTENTIVE_FIRST_POLL_SECONDS``,
         ``ATTENTIVE_POLL_CAP_SECONDS``, ``FLUSH_LEASE_SECONDS``."""
         redis_url = _env("REDIS_URL", DEFAULT_REDIS_URL)
@@ -49,6 +52,7 @@ class Settings:
             redis_url=redis_url,
             broker_url=_env("CELERY_BROKER_URL", redis_url),
             attentive_api_url=_env("ATTENTIVE_API_URL", DEFAULT_ATTENTIVE_API_URL).rstrip("/"),
+            lytics_api_url=_env("LYTICS_API_URL", DEFAULT_LYTICS_API_URL).rstrip("/"),
             secret_key=os.environ.get("EXPORT_SECRET_KEY") or None,
             rate_limit_per_second=float(_env("ATTENTIVE_RATE_LIMIT", str(DEFAULT_RATE_LIMIT_PER_SECOND))),
             first_poll_seconds=float(_env("ATTENTIVE_FIRST_POLL_SECONDS", "2")),
