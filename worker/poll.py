@@ -14,6 +14,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import redis
 
 from worker import deadletters, keys
@@ -154,8 +155,8 @@ def _settle_results(
     # twin poll's second settlement a no-op, so nothing is dead-lettered twice.
     batch_key = keys.batch(job.id, batch_id)
     done_field = f"done:{sub['id']}"
-    users: list[str] = json.loads(batch["users"])
-    records: list[list[dict[str, Any]]] = json.loads(batch["records"])
+    users: list[str] = orjson.loads(batch["users"]) if failures else []
+    records: list[list[dict[str, Any]]] = orjson.loads(batch["records"]) if failures else []
     entries = [(users[i], reason, merge_records(records[i])) for i, reason in failures.items()]
     with rt.redis.pipeline(transaction=True) as pipe:
         try:

@@ -146,6 +146,23 @@ def test_submit_bulk_tolerates_extra_fields_in_202(make_client: Any) -> None:
     assert client.submit_bulk([user()]) == JOB_ID
 
 
+def test_submit_bulk_encodes_what_the_fast_encoder_leaves_to_the_stdlib(make_client: Any) -> None:
+    # The text "null" inside a value, integer dict keys and huge integers take the stdlib path; the
+    # body must be the same JSON either way.
+    client, rec, _ = make_client(ACCEPTED, ACCEPTED, ACCEPTED)
+    odd = [
+        [dict(user(1), attributes={"firstName": "null", "custom": {"note": "null"}})],
+        [dict(user(2), attributes={"custom": {7: "seven"}})],
+        [dict(user(3), attributes={"custom": {"big": 2**70}})],
+    ]
+    for users in odd:
+        assert client.submit_bulk(users) == JOB_ID
+    bodies = [json.loads(r.content) for r in rec.requests]
+    assert bodies[0] == {"users": odd[0]}
+    assert bodies[1]["users"][0]["attributes"]["custom"] == {"7": "seven"}
+    assert bodies[2]["users"][0]["attributes"]["custom"] == {"big": 2**70}
+
+
 @pytest.mark.parametrize(
     "users, match",
     [
@@ -635,6 +652,8 @@ def test_me_coerces_numeric_ids(make_client: Any) -> None:
 
 
 def test_result_line_status_variants() -> None:
+    assert ResultLine.from_line(b'{"index":2,"response":{"statusCode":202}}', 0).index == 2
+    assert ResultLine.from_line(b"\xff", 0).unparseable
     assert ResultLine.from_line('{"response":413}', 0).status_code == 413
     assert ResultLine.from_line('{"response":{"statusCode":"400 Bad Request"}}', 0).status_code == 400
     assert ResultLine.from_line('{"response":{"code":"INVALID"},"status":404}', 0).status_code == 404
