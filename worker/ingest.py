@@ -80,7 +80,7 @@ def _route(
         if result.record is None:
             skips[job.id][result.skip_reason or "unmappable"] += 1
             continue
-        user_key = mapper.user_key(t.user)
+        user_key = result.user_key
         if user_key is None:
             # The key field is missing but the user has another identifier: send it rather than
             # drop it, keyed by that identifier. Its order is then kept among events that carry

@@ -132,6 +132,9 @@ class MapResult:
     record: dict[str, Any] | None
     skip_reason: str | None = None
     dropped: list[tuple[str, str]] = field(default_factory=list)
+    #: :meth:`Mapper.user_key` of the profile, set with a record (found while mapping, so ingest
+    #: does not normalise the key field a second time).
+    user_key: str | None = None
 
 
 class _Drop:
@@ -703,6 +706,9 @@ class Mapper:
             (*_accessor(src), target, by_target[target], src)
             for src, target in config.identifier_mappings.items()
         )
+        #: Whether the user key field is one of the identifiers (then mapping finds the key itself).
+        self._key_field = config.key_field
+        self._key_is_identifier = self._key_field in config.identifier_mappings
         self._extra: tuple[tuple[str, tuple[str, ...] | None, str], ...] = tuple(
             (*_accessor(src), src) for src in config.extra_identifiers
         )
@@ -766,6 +772,8 @@ class Mapper:
         get = profile.get
         dropped: list[tuple[str, str]] = []
         identifiers: dict[str, Any] = {}
+        key_field = self._key_field
+        user_key: str | None = None
         for key, segments, target, conv, src in self._identifiers:
             value = get(key, _MISSING)
             if value is _MISSING:
@@ -779,8 +787,12 @@ class Mapper:
                 dropped.append((src, out.code))
             else:
                 identifiers[target] = out
+                if src == key_field:
+                    user_key = out
         if not identifiers:
             return MapResult(None, NO_IDENTIFIER, dropped)
+        if not self._key_is_identifier:
+            user_key = self.user_key(profile)
         if self._extra:
             custom_ids = []
             for key, segments, src in self._extra:
@@ -832,7 +844,7 @@ class Mapper:
         record: dict[str, Any] = {"identifiers": identifiers}
         if attributes:
             record["attributes"] = attributes
-        return MapResult(record, None, dropped)
+        return MapResult(record, None, dropped, user_key)
 
     def _field(
         self,

@@ -221,6 +221,7 @@ def _check(mapper: Mapper, profile: Any, audiences: dict[str, bool], include: bo
         assert set(record.get("attributes", {})) <= {"custom"}
     key = mapper.user_key(profile)
     assert key is None or isinstance(key, str)
+    assert result.user_key == key  # ingest keys users by what mapping found, so they must agree
 
 
 @settings(PROFILES, max_examples=6000)
