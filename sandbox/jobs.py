@@ -7,8 +7,8 @@ widely, so jobs finish out of submission order.
 
 Applying a completed job's records to the store is deferred: completion fixes the job's place in the
 completion order and queues it; the queue is drained, in that order, before anything reads the store
-and by the background task whenever requests pause. No observer can tell the difference, and under a
-burst of submissions the sandbox spends its CPU accepting requests. Parsed users are not kept between
+and by the background task once it grows long (app.MAX_BACKLOG). No observer can tell the difference,
+and the sandbox spends its CPU answering requests, not on work that Attentive does on its own servers. Parsed users are not kept between
 validation and application (the raw body is): thousands of long-lived dicts per request made Python's
 cyclic GC the bottleneck.
 """
