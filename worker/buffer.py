@@ -20,7 +20,7 @@ import orjson
 import redis
 
 from worker import keys
-from worker.replies import decode_hash
+from worker.replies import decode_hash, text
 
 
 @cache
@@ -86,9 +86,9 @@ class JobBuffer:
         self.job_id = job_id
         self.batch_size = batch_size
         self._keys = [
-            keys.open_users(job_id),
-            keys.open_records(job_id),
-            keys.open_audiences(job_id),
+            keys.open_entries(job_id),
+            keys.open_order(job_id),
+            keys.open_since(job_id),
             keys.last_writer(job_id),
             keys.outstanding(job_id),
             keys.waiting(job_id),
@@ -192,7 +192,19 @@ class JobBuffer:
         return decode_hash(self._redis.hgetall(keys.batch(self.job_id, batch_id)))
 
     def open_size(self) -> int:
-        return int(self._redis.zcard(keys.open_users(self.job_id)))
+        return int(self._redis.llen(keys.open_order(self.job_id)))
+
+    def open_users(self) -> list[str]:
+        """Users in the open batch, in arrival order."""
+        return [text(u) for u in self._redis.lrange(keys.open_order(self.job_id), 0, -1)]
+
+    def open_records(self, user: str) -> list[dict[str, Any]]:
+        """The user's records pending in the open batch, oldest first (empty if none)."""
+        entry = self._redis.hget(keys.open_entries(self.job_id), user)
+        if entry is None:
+            return []
+        records: list[dict[str, Any]] = orjson.loads(text(entry).split("\t", 1)[1])
+        return records
 
     def sealed_count(self) -> int:
         return int(self._redis.llen(keys.sealed(self.job_id)))

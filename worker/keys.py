@@ -59,19 +59,19 @@ def job_deadletters(job_id: str) -> str:
     return _job(job_id, "deadletters")
 
 
-def open_users(job_id: str) -> str:
-    """ZSET: users in the open (unsealed) batch, scored by first arrival (ms)."""
-    return _job(job_id, "open:users")
+def open_entries(job_id: str) -> str:
+    """HASH: user -> ``|aud|aud|<TAB>[record,...]``, the audiences and records pending in the open batch."""
+    return _job(job_id, "open:entries")
 
 
-def open_records(job_id: str) -> str:
-    """HASH: user -> JSON array text of the user's pending records in the open batch."""
-    return _job(job_id, "open:records")
+def open_order(job_id: str) -> str:
+    """LIST: users of the open (unsealed) batch in arrival order."""
+    return _job(job_id, "open:order")
 
 
-def open_audiences(job_id: str) -> str:
-    """HASH: user -> ``|aud|aud|`` audiences pending for the user in the open batch."""
-    return _job(job_id, "open:audiences")
+def open_since(job_id: str) -> str:
+    """STRING: when the open batch got its first user (ms), for the interval seal."""
+    return _job(job_id, "open:since")
 
 
 def last_writer(job_id: str) -> str:

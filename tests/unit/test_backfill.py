@@ -16,6 +16,7 @@ import pytest
 
 from worker import backfill, keys
 from worker.backfill import FILE_PART, FileBackfillError, FileReport, run_step
+from worker.buffer import JobBuffer
 from worker.ingest import ingest_lines
 from worker.jobconfig import JobConfigError, JobState, parse_job_config
 from worker.jobs import ExportJob, JobStore
@@ -145,10 +146,7 @@ class World:
 
     def pending(self, job: ExportJob, user: str) -> list[dict[str, Any]]:
         """The user's records not yet sent, oldest first: the open batch, then changes waiting for it."""
-        records: list[dict[str, Any]] = []
-        raw = self.redis.hget(keys.open_records(job.id), user)
-        if raw:
-            records += json.loads(raw)
+        records = JobBuffer(self.redis, job.id).open_records(user)
         waiting = self.redis.hget(keys.waiting(job.id), user)
         for entry in (waiting or b"").decode().splitlines():
             records.append(json.loads(entry.split("\t", 1)[1]))

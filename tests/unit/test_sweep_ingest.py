@@ -197,7 +197,7 @@ def test_a_profile_without_the_key_field_is_keyed_by_another_identifier_and_coun
 
     assert pipe.buffer(by_email).open_size() == 2
     assert pipe.buffer(by_phone).open_size() == 2
-    users = sorted(u.decode() for u in pipe.redis.zrange(keys.open_users(by_phone.id), 0, -1))
+    users = sorted(pipe.buffer(by_phone).open_users())
     assert users == ["+14155550100", "email:a@x.io"]
     drops = decode_hash(pipe.redis.hgetall(keys.job_field_drops(by_phone.id)))
     assert drops == {USER_KEY_FALLBACK: "1"}
@@ -226,7 +226,7 @@ def test_redelivered_chunk_changes_nothing(pipe: Pipeline) -> None:
     ingest_lines(pipe.redis, pipe.rt.jobs, lines)
     buffer = pipe.buffer(job)
     before = {
-        "open": pipe.redis.hgetall(keys.open_records(job.id)),
+        "open": pipe.redis.hgetall(keys.open_entries(job.id)),
         "waiting": pipe.redis.hgetall(keys.waiting(job.id)),
         "sealed": pipe.redis.lrange(keys.sealed(job.id), 0, -1),
         "batch": buffer.batch(1),
@@ -238,7 +238,7 @@ def test_redelivered_chunk_changes_nothing(pipe: Pipeline) -> None:
     assert again.sealed == {job.id: []}
     assert pipe.status(job)["stale"] == "4" and pipe.status(job)["accepted"] == accepted
     after = {
-        "open": pipe.redis.hgetall(keys.open_records(job.id)),
+        "open": pipe.redis.hgetall(keys.open_entries(job.id)),
         "waiting": pipe.redis.hgetall(keys.waiting(job.id)),
         "sealed": pipe.redis.lrange(keys.sealed(job.id), 0, -1),
         "batch": buffer.batch(1),

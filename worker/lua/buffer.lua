@@ -5,9 +5,10 @@
 -- share the job's hash tag, so the script also runs on Redis Cluster.
 --
 -- KEYS (same order for every op):
---   1 open_users   ZSET  user -> first arrival (ms) in the open batch
---   2 open_recs    HASH  user -> JSON array text of that user's pending records, oldest first
---   3 open_auds    HASH  user -> "|aud|aud|": audiences already pending for the user
+--   1 open_entries HASH  user -> "|aud|aud|<TAB>[record,record]": audiences and records pending in the
+--                        open batch (tabs never occur in slugs, and JSON text escapes them)
+--   2 open_order   LIST  users of the open batch in arrival order (the order they are sent in)
+--   3 open_since   STR   when the open batch got its first user (ms): the interval seal's clock
 --   4 lww          HASH  "aud|user" -> newest accepted event time (ms)
 --   5 outstanding  HASH  user -> id of the unfinished batch that carries the user
 --   6 waiting      HASH  user -> "aud\trecord\n..." changes held until the user's batch finishes
@@ -25,8 +26,12 @@
 --   * a second change for an audience already pending seals the open batch first (early flush);
 --   * while a user's batch is unfinished at Attentive, the user's later changes wait, in order, and
 --     join the open batch only when that batch completes. Other users are never held back.
+--
+-- Speed: Redis runs this for every transition, so per-user state is read in bulk (HMGET) at the start
+-- of an op into Lua tables that every later write goes through; a new user then costs two writes
+-- (HSET entry, RPUSH order) and last-writer-wins times are written back in one HSET.
 
-local K_OPEN_USERS, K_OPEN_RECS, K_OPEN_AUDS, K_LWW = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local K_OPEN, K_ORDER, K_SINCE, K_LWW = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local K_OUTSTANDING, K_WAITING, K_SEALED, K_SEQ = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local K_STATUS, K_LEASES, K_POLLS = KEYS[9], KEYS[10], KEYS[11]
 
@@ -35,72 +40,154 @@ local now = tonumber(ARGV[2])
 local batch_prefix = ARGV[3]
 local batch_size = tonumber(ARGV[4])
 
+-- Lua's unpack() has a stack limit; commands with many arguments are sent in slices of this many.
+local SLICE = 1000
+
 local sealed_now = {}
--- Users in the open batch, read once and kept up to date here (saves a ZCARD per change).
-local open_count = redis.call('ZCARD', K_OPEN_USERS)
+-- Users in the open batch, read once and kept up to date here.
+local open_count = redis.call('LLEN', K_ORDER)
+
+-- Per-op caches of per-user state: nil = not read yet, false = absent. Every write below updates
+-- them, so a cached value is never stale within the op. open_all_cached: every open entry is in
+-- open_cache (true when the open batch is empty or was just sealed), so misses need no HGET.
+local open_cache, out_cache, wait_cache = {}, {}, {}
+local open_all_cached = open_count == 0
+
+local function hmget(key, fields)
+    local out = {}
+    for s = 1, #fields, SLICE do
+        local part = redis.call('HMGET', key, unpack(fields, s, math.min(s + SLICE - 1, #fields)))
+        for j = 1, #part do
+            out[#out + 1] = part[j]
+        end
+    end
+    return out
+end
+
+local function sliced(cmd, key, args)
+    for s = 1, #args, SLICE do
+        redis.call(cmd, key, unpack(args, s, math.min(s + SLICE - 1, #args)))
+    end
+end
+
+-- Read the state of many users at once (SLICE is even, so HSET field/value pairs never split).
+local function prefetch(users)
+    if not open_all_cached then
+        local entries = hmget(K_OPEN, users)
+        for j, u in ipairs(users) do
+            if open_cache[u] == nil then open_cache[u] = entries[j] end
+        end
+    end
+    local owners, waits = hmget(K_OUTSTANDING, users), hmget(K_WAITING, users)
+    for j, u in ipairs(users) do
+        if out_cache[u] == nil then out_cache[u] = owners[j] end
+        if wait_cache[u] == nil then wait_cache[u] = waits[j] and true or false end
+    end
+end
+
+local function open_entry(user)
+    local v = open_cache[user]
+    if v == nil then
+        v = (not open_all_cached and redis.call('HGET', K_OPEN, user)) or false
+        open_cache[user] = v
+    end
+    return v
+end
+
+local function outstanding_of(user)
+    local v = out_cache[user]
+    if v == nil then
+        v = redis.call('HGET', K_OUTSTANDING, user)
+        out_cache[user] = v
+    end
+    return v
+end
+
+local function has_waiting(user)
+    local v = wait_cache[user]
+    if v == nil then
+        v = redis.call('HEXISTS', K_WAITING, user) == 1
+        wait_cache[user] = v
+    end
+    return v
+end
 
 local function seal()
-    local users = redis.call('ZRANGE', K_OPEN_USERS, 0, -1)
-    if #users == 0 then
+    if open_count == 0 then
         return
     end
+    local users = redis.call('LRANGE', K_ORDER, 0, -1)
     local bid = redis.call('INCR', K_SEQ)
-    local recs = redis.call('HMGET', K_OPEN_RECS, unpack(users))
-    local pairs_ = {}
+    local owner = tostring(bid)
+    local entries = hmget(K_OPEN, users)
+    local recs, pairs_ = {}, {}
     for i, u in ipairs(users) do
+        local e = entries[i]
+        recs[i] = string.sub(e, string.find(e, '\t', 1, true) + 1)
         pairs_[#pairs_ + 1] = u
-        pairs_[#pairs_ + 1] = bid
+        pairs_[#pairs_ + 1] = owner
+        out_cache[u] = owner
     end
-    redis.call('HSET', K_OUTSTANDING, unpack(pairs_))
+    sliced('HSET', K_OUTSTANDING, pairs_)
     redis.call('HSET', batch_prefix .. bid,
         'users', cjson.encode(users),
         'records', '[' .. table.concat(recs, ',') .. ']',
         'n', #users, 'state', 'sealed', 'attempts', 0, 'sealed_at', now)
     redis.call('RPUSH', K_SEALED, bid)
-    redis.call('DEL', K_OPEN_USERS, K_OPEN_RECS, K_OPEN_AUDS)
+    redis.call('DEL', K_OPEN, K_ORDER, K_SINCE)
     open_count = 0
+    open_cache = {}
+    open_all_cached = true
     redis.call('HINCRBY', K_STATUS, 'batches_sealed', 1)
     sealed_now[#sealed_now + 1] = bid
 end
 
+local function set_entry(user, entry)
+    redis.call('HSET', K_OPEN, user, entry)
+    open_cache[user] = entry
+end
+
 local function add_to_open(user, aud, rec)
-    redis.call('ZADD', K_OPEN_USERS, now, user)
-    redis.call('HSET', K_OPEN_RECS, user, '[' .. rec .. ']')
-    redis.call('HSET', K_OPEN_AUDS, user, '|' .. aud .. '|')
+    if open_count == 0 then
+        redis.call('SET', K_SINCE, now)
+    end
+    set_entry(user, '|' .. aud .. '|\t[' .. rec .. ']')
+    redis.call('RPUSH', K_ORDER, user)
     open_count = open_count + 1
     if open_count >= batch_size then
         seal()
     end
 end
 
-local function merge_into_open(user, aud, rec)
-    local recs = redis.call('HGET', K_OPEN_RECS, user)
-    redis.call('HSET', K_OPEN_RECS, user, string.sub(recs, 1, -2) .. ',' .. rec .. ']')
-    redis.call('HSET', K_OPEN_AUDS, user, redis.call('HGET', K_OPEN_AUDS, user) .. aud .. '|')
+local function merge_into_open(user, aud, rec, entry)
+    local tab = string.find(entry, '\t', 1, true)
+    set_entry(user, string.sub(entry, 1, tab - 1) .. aud .. '|\t' .. string.sub(entry, tab + 1, -2) .. ',' .. rec .. ']')
 end
 
-local function pending_audience(user, aud)
-    local auds = redis.call('HGET', K_OPEN_AUDS, user)
-    return auds and string.find(auds, '|' .. aud .. '|', 1, true) ~= nil
+-- Whether ``entry`` (an open entry) already holds a change for ``aud``.
+local function pending_audience(entry, aud)
+    local auds = string.sub(entry, 1, string.find(entry, '\t', 1, true) - 1)
+    return string.find(auds, '|' .. aud .. '|', 1, true) ~= nil
 end
 
 local function append_waiting(user, aud, rec)
     local w = redis.call('HGET', K_WAITING, user) or ''
     redis.call('HSET', K_WAITING, user, w .. aud .. '\t' .. rec .. '\n')
+    wait_cache[user] = true
 end
 
 -- Returns 'accepted' | 'merged' | 'queued'.
 local function place(user, aud, rec)
-    local in_open = redis.call('ZSCORE', K_OPEN_USERS, user)
-    local has_waiting = redis.call('HEXISTS', K_WAITING, user) == 1
-    if in_open then
-        if not has_waiting and not pending_audience(user, aud) then
-            merge_into_open(user, aud, rec)
+    local entry = open_entry(user)
+    local waiting = has_waiting(user)
+    if entry then
+        if not waiting and not pending_audience(entry, aud) then
+            merge_into_open(user, aud, rec, entry)
             return 'merged'
         end
         seal() -- early flush: the user's pending change goes first
     end
-    if has_waiting or redis.call('HEXISTS', K_OUTSTANDING, user) == 1 then
+    if waiting or outstanding_of(user) then
         append_waiting(user, aud, rec)
         return 'queued'
     end
@@ -108,26 +195,24 @@ local function place(user, aud, rec)
     return 'accepted'
 end
 
--- Move a freed user's waiting changes into the open batch, oldest first, as far as the rules allow.
-local function drain_waiting(user)
-    local w = redis.call('HGET', K_WAITING, user)
-    if not w then
-        return
-    end
+-- Move a freed user's waiting changes ``w`` into the open batch, oldest first, as far as the rules allow.
+local function drain_waiting(user, w)
     redis.call('HDEL', K_WAITING, user)
+    wait_cache[user] = false
     local pos = 1
     while pos <= #w do
         local nl = string.find(w, '\n', pos, true)
-        local entry = string.sub(w, pos, nl - 1)
-        local tab = string.find(entry, '\t', 1, true)
-        local aud, rec = string.sub(entry, 1, tab - 1), string.sub(entry, tab + 1)
-        local in_open = redis.call('ZSCORE', K_OPEN_USERS, user)
-        if redis.call('HEXISTS', K_OUTSTANDING, user) == 1 or (in_open and pending_audience(user, aud)) then
+        local line = string.sub(w, pos, nl - 1)
+        local tab = string.find(line, '\t', 1, true)
+        local aud, rec = string.sub(line, 1, tab - 1), string.sub(line, tab + 1)
+        local entry = open_entry(user)
+        if outstanding_of(user) or (entry and pending_audience(entry, aud)) then
             redis.call('HSET', K_WAITING, user, string.sub(w, pos))
+            wait_cache[user] = true
             return
         end
-        if in_open then
-            merge_into_open(user, aud, rec)
+        if entry then
+            merge_into_open(user, aud, rec, entry)
         else
             add_to_open(user, aud, rec)
         end
@@ -143,20 +228,38 @@ end
 if op == 'ingest' then
     -- op args: groups of (user, audience, event time ms, record JSON)
     local accepted, merged, queued, stale = 0, 0, 0, 0
+    local fields, users, seen = {}, {}, {}
     for i = 5, #ARGV, 4 do
-        local user, aud, at, rec = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3]
-        local lww_field = aud .. '|' .. user
-        local newest = tonumber(redis.call('HGET', K_LWW, lww_field))
-        if newest and at <= newest then
+        local user = ARGV[i]
+        fields[#fields + 1] = ARGV[i + 1] .. '|' .. user
+        if not seen[user] then
+            seen[user] = true
+            users[#users + 1] = user
+        end
+    end
+    local stored = hmget(K_LWW, fields)
+    prefetch(users)
+    local newest = {} -- lww field -> newest time accepted by this op
+    for k, lww_field in ipairs(fields) do
+        local i = 1 + 4 * k
+        local at = tonumber(ARGV[i + 2])
+        local known = newest[lww_field] or tonumber(stored[k])
+        if known and at <= known then
             stale = stale + 1
         else
-            redis.call('HSET', K_LWW, lww_field, at)
-            local r = place(user, aud, rec)
+            newest[lww_field] = at
+            local r = place(ARGV[i], ARGV[i + 1], ARGV[i + 3])
             if r == 'accepted' then accepted = accepted + 1
             elseif r == 'merged' then merged = merged + 1
             else queued = queued + 1 end
         end
     end
+    local writes = {}
+    for f, at in pairs(newest) do
+        writes[#writes + 1] = f
+        writes[#writes + 1] = string.format('%d', at)
+    end
+    sliced('HSET', K_LWW, writes)
     redis.call('HINCRBY', K_STATUS, 'accepted', accepted + merged + queued)
     if stale > 0 then redis.call('HINCRBY', K_STATUS, 'stale', stale) end
     if merged > 0 then redis.call('HINCRBY', K_STATUS, 'merged', merged) end
@@ -166,8 +269,8 @@ if op == 'ingest' then
 
 elseif op == 'seal_due' then
     -- op args: flush interval (ms). Seals the open batch if its oldest entry is that old.
-    local oldest = redis.call('ZRANGE', K_OPEN_USERS, 0, 0, 'WITHSCORES')
-    if #oldest > 0 and now - tonumber(oldest[2]) >= tonumber(ARGV[5]) then
+    local since = tonumber(redis.call('GET', K_SINCE))
+    if open_count > 0 and since and now - since >= tonumber(ARGV[5]) then
         seal()
     end
     return sealed_now
@@ -253,10 +356,21 @@ elseif op == 'complete' then
     if not users_json then
         return {0, sealed_now}
     end
-    for _, user in ipairs(cjson.decode(users_json)) do
-        if redis.call('HGET', K_OUTSTANDING, user) == bid then
-            redis.call('HDEL', K_OUTSTANDING, user)
-            drain_waiting(user)
+    local users = cjson.decode(users_json)
+    local owners = hmget(K_OUTSTANDING, users)
+    local freed = {}
+    for i, user in ipairs(users) do
+        if owners[i] == bid then
+            freed[#freed + 1] = user
+            out_cache[user] = false
+        end
+    end
+    -- Free them all first: draining may seal a batch that makes some of them outstanding again.
+    sliced('HDEL', K_OUTSTANDING, freed)
+    local waits = hmget(K_WAITING, freed)
+    for i, user in ipairs(freed) do
+        if waits[i] then
+            drain_waiting(user, waits[i])
         end
     end
     redis.call('DEL', key)
