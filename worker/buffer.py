@@ -66,16 +66,21 @@ class IngestOutcome:
 
 @dataclass(frozen=True, slots=True)
 class ClaimedBatch:
-    """A sealed batch a flush owns under a lease: one entry per user, each a list of records."""
+    """A sealed batch a flush owns under a lease: per user, its entry as stored (see :func:`entry_json`)."""
 
     batch_id: int
     users: list[str]
-    records: list[list[dict[str, Any]]]
+    entries: list[bytes]
     attempts: int
     token: str
     #: Indices of users already finished for good in an earlier send (delivered by a completed
     #: Attentive job, or refused and dead-lettered): a re-send leaves them out.
     settled: frozenset[int] = frozenset()
+
+    @property
+    def records(self) -> list[list[dict[str, Any]]]:
+        """Each user's pending records, oldest first (parsed on every call)."""
+        return [entry_records(e) for e in self.entries]
 
 
 class JobBuffer:
@@ -129,15 +134,15 @@ class JobBuffer:
         got = self._run("claim", token, lease_ms, now=now)
         if got is None:
             return None
-        bid, users, records, attempts, settled = got
-        return ClaimedBatch(
-            int(bid),
-            orjson.loads(users),
-            orjson.loads(records),
-            int(attempts or 0),
-            token,
-            frozenset(json.loads(settled)),
-        )
+        raw_bid, users_json, attempts, settled = got
+        bid = int(raw_bid)
+        users: list[str] = orjson.loads(users_json)
+        try:
+            entries = self.entries(bid, users)
+        except BaseException:
+            self._run("release", bid, token)
+            raise
+        return ClaimedBatch(bid, users, entries, int(attempts or 0), token, frozenset(orjson.loads(settled)))
 
     def release(self, batch: ClaimedBatch) -> bool:
         """Give a claimed batch back, unsent, to the front of the queue."""
@@ -191,6 +196,22 @@ class JobBuffer:
     def batch(self, batch_id: int) -> dict[str, str]:
         return decode_hash(self._redis.hgetall(keys.batch(self.job_id, batch_id)))
 
+    def entries(self, batch_id: int, users: Sequence[str]) -> list[bytes]:
+        """The stored entries of ``users`` in a sealed batch, in that order.
+
+        A batch's entries never change until it completes, so reading them outside the script is safe.
+        Raises:
+            LookupError: an entry is missing (the batch completed meanwhile, or its data was lost).
+        """
+        if not users:
+            return []
+        found: list[bytes] = []
+        for entry in self._redis.hmget(keys.batch_entries(self.job_id, batch_id), list(users)):
+            if entry is None:
+                raise LookupError(f"job {self.job_id} batch {batch_id}: user entries missing")
+            found.append(entry.encode() if isinstance(entry, str) else entry)
+        return found
+
     def open_size(self) -> int:
         return int(self._redis.llen(keys.open_order(self.job_id)))
 
@@ -201,10 +222,7 @@ class JobBuffer:
     def open_records(self, user: str) -> list[dict[str, Any]]:
         """The user's records pending in the open batch, oldest first (empty if none)."""
         entry = self._redis.hget(keys.open_entries(self.job_id), user)
-        if entry is None:
-            return []
-        records: list[dict[str, Any]] = orjson.loads(text(entry).split("\t", 1)[1])
-        return records
+        return [] if entry is None else entry_records(text(entry).encode())
 
     def sealed_count(self) -> int:
         return int(self._redis.llen(keys.sealed(self.job_id)))
@@ -214,6 +232,36 @@ class JobBuffer:
 
     def outstanding_users(self) -> int:
         return int(self._redis.hlen(keys.outstanding(self.job_id)))
+
+
+def _split_entry(entry: bytes) -> tuple[int, bytes]:
+    """(number of records, the JSON array text of them) from ``|aud|aud|<TAB>[record,...]``."""
+    tab = entry.index(b"\t")
+    # One record per audience: each change appends one of each (buffer.lua keeps them paired).
+    return entry.count(b"|", 0, tab) - 1, entry[tab + 1 :]
+
+
+def entry_records(entry: bytes) -> list[dict[str, Any]]:
+    """The records of one stored entry, oldest first."""
+    records: list[dict[str, Any]] = orjson.loads(_split_entry(entry)[1])
+    return records
+
+
+def entry_record(entry: bytes) -> dict[str, Any]:
+    """The request item of one stored entry: its records merged (see :func:`merge_records`)."""
+    return merge_records(entry_records(entry))
+
+
+def entry_json(entry: bytes) -> bytes:
+    """The request item of one stored entry as JSON text.
+
+    Usually the entry holds one record, whose text is sliced out as it is: no parse and re-encode
+    on the flush path. Several records are merged first.
+    """
+    count, array = _split_entry(entry)
+    if count == 1:
+        return array[1:-1]
+    return orjson.dumps(entry_record(entry))
 
 
 def merge_records(records: Sequence[dict[str, Any]]) -> dict[str, Any]:

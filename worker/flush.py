@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +21,7 @@ from worker.attentive import (
     RateLimited,
     Unauthorized,
 )
-from worker.buffer import ClaimedBatch, JobBuffer, merge_records, now_ms
+from worker.buffer import ClaimedBatch, JobBuffer, entry_json, entry_record, now_ms
 from worker.jobconfig import JobState
 from worker.jobs import SENDING_STATES, ExportJob
 from worker.ratelimit import RateLimiter, backoff_delay
@@ -79,15 +80,15 @@ def flush_job(rt: Runtime, job_id: str, budget_seconds: float = FLUSH_BUDGET_SEC
 def _flush_batch(rt: Runtime, job: ExportJob, buffer: JobBuffer, batch: ClaimedBatch) -> bool | float | str:
     """True if submitted, a float to retry after that many seconds, a str pause reason."""
     status_key = keys.job_status(job.id)
-    users = [merge_records(records) for records in batch.records]
-    to_send = [i for i in range(len(users)) if i not in batch.settled]
+    to_send = [i for i in range(len(batch.users)) if i not in batch.settled]
     if not to_send:  # a re-send whose users were all finished in earlier sends
         buffer.complete(batch.batch_id, {"batches_completed": 1})
         return False
     try:
         client = rt.client_for(job)
         limiter = rt.limiter_for(job)
-        submissions, refused = _submit_isolating(client, limiter, users, to_send)
+        encoded = {i: entry_json(batch.entries[i]) for i in to_send}
+        submissions, refused = _submit_isolating(client, limiter, encoded, to_send)
     except (Unauthorized, Forbidden) as exc:
         buffer.release(batch)
         return pause_for_auth_error(rt, job, exc)
@@ -116,7 +117,10 @@ def _flush_batch(rt: Runtime, job: ExportJob, buffer: JobBuffer, batch: ClaimedB
             rt.redis,
             job.id,
             batch.batch_id,
-            ((batch.users[i], f"attentive_400: {msg}", users[i]) for i, msg in refused.items()),
+            (
+                (batch.users[i], f"attentive_400: {msg}", entry_record(batch.entries[i]))
+                for i, msg in refused.items()
+            ),
         )
     rt.redis.hset(status_key, mapping={"consecutive_429": 0, "consecutive_errors": 0})
     if not submissions:  # every user was refused: nothing to poll
@@ -135,9 +139,10 @@ def _flush_batch(rt: Runtime, job: ExportJob, buffer: JobBuffer, batch: ClaimedB
 
 
 def _submit_isolating(
-    client: Any, limiter: RateLimiter, users: list[dict[str, Any]], indices: list[int]
+    client: Any, limiter: RateLimiter, users: Mapping[int, bytes], indices: list[int]
 ) -> tuple[list[tuple[str, list[int]]], dict[int, str]]:
-    """POST ``users[i] for i in indices``; on a 400 split in halves until refused users are isolated.
+    """POST ``users[i] for i in indices`` (JSON records); on a 400 split in halves until refused users
+    are isolated.
 
     Returns (Attentive job id, indices of the users it carries) per accepted request, and the
     refused users' indices with Attentive's message. Other errors propagate.
@@ -150,7 +155,7 @@ def _submit_isolating(
         if not limiter.acquire(TOKEN_WAIT_SECONDS):
             raise NoToken(limiter.next_wait)
         try:
-            job_id = client.submit_bulk([users[i] for i in idx])
+            job_id = client.submit_bulk_json([users[i] for i in idx])
         except InvalidRequest as exc:
             if len(idx) == 1:
                 refused[idx[0]] = exc.attentive_message or exc.message

@@ -100,8 +100,13 @@ def batch_seq(job_id: str) -> str:
 
 
 def batch(job_id: str, batch_id: int | str) -> str:
-    """HASH: one batch (users, records, state, attempts, owner, Attentive job ids)."""
+    """HASH: one batch (users in request order, state, attempts, owner, Attentive job ids)."""
     return _job(job_id, f"batch:{batch_id}")
+
+
+def batch_entries(job_id: str, batch_id: int | str) -> str:
+    """HASH: a batch's user -> entry, as in :func:`open_entries` (the open batch's hash, renamed)."""
+    return _job(job_id, f"batch:{batch_id}:entries")
 
 
 def leases(job_id: str) -> str:

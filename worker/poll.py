@@ -19,7 +19,7 @@ import redis
 
 from worker import deadletters, keys
 from worker.attentive import AttentiveError, Forbidden, NotFound, RateLimited, Unauthorized
-from worker.buffer import JobBuffer, merge_records, now_ms
+from worker.buffer import JobBuffer, entry_record, now_ms
 from worker.flush import POLL_GRACE_MS, TOKEN_WAIT_SECONDS, pause_for_auth_error
 from worker.jobs import ExportJob
 from worker.ratelimit import backoff_delay
@@ -78,7 +78,7 @@ def poll_batch(rt: Runtime, job_id: str, batch_id: int, attempt: int) -> PollRep
             # for a job whose batches have all completed since.
             rt.redis.hset(status_key, "last_attentive_status", state)
             if state == "COMPLETED":
-                _settle_results(rt, job, batch_id, batch, sub, client, st.url)
+                _settle_results(rt, job, buffer, batch_id, batch, sub, client, st.url)
             elif state in ("FAILED", "CANCELLED"):
                 return _failed(rt, job, buffer, batch_id, batch, f"Attentive job {sub['id']} ended {state}")
             elif not st.is_known_status or state == "NEEDS_REVIEW":
@@ -126,6 +126,7 @@ def _again(buffer: JobBuffer, batch_id: int, delay: float, statuses: tuple[str, 
 def _settle_results(
     rt: Runtime,
     job: ExportJob,
+    buffer: JobBuffer,
     batch_id: int,
     batch: dict[str, str],
     sub: dict[str, Any],
@@ -156,8 +157,6 @@ def _settle_results(
     batch_key = keys.batch(job.id, batch_id)
     done_field = f"done:{sub['id']}"
     users: list[str] = orjson.loads(batch["users"]) if failures else []
-    records: list[list[dict[str, Any]]] = orjson.loads(batch["records"]) if failures else []
-    entries = [(users[i], reason, merge_records(records[i])) for i, reason in failures.items()]
     with rt.redis.pipeline(transaction=True) as pipe:
         try:
             pipe.watch(batch_key)  # type: ignore[no-untyped-call]
@@ -165,6 +164,13 @@ def _settle_results(
                 batch_key, done_field
             ):
                 return
+            # Records are read only to dead-letter them. A batch completing meanwhile deletes its
+            # entries and changes the watched hash, so a miss here means a twin settled it.
+            stored = buffer.entries(batch_id, [users[i] for i in failures])
+            entries = [
+                (users[i], reason, entry_record(e))
+                for (i, reason), e in zip(failures.items(), stored, strict=True)
+            ]
             settled = set(json.loads(pipe.hget(batch_key, "settled") or "[]")).union(idx)
             pipe.multi()
             pipe.hset(
@@ -180,7 +186,7 @@ def _settle_results(
                 sample = [f"{users[i]}: {reason}" for i, reason in list(failures.items())[:FAILURE_SAMPLE]]
                 pipe.hset(keys.job_status(job.id), "last_record_failures", json.dumps(sample))
             pipe.execute()
-        except redis.WatchError:
+        except (redis.WatchError, LookupError):
             return  # the batch changed meanwhile (a twin settled it): the caller re-checks and re-polls
 
 
@@ -195,14 +201,18 @@ def _failed(
             rt.dispatch.flush(job.id)
         return PollReport(done=True)
     users: list[str] = json.loads(batch["users"])
-    records: list[list[dict[str, Any]]] = json.loads(batch["records"])
     settled = set(json.loads(batch.get("settled") or "[]"))
+    open_users = [u for i, u in enumerate(users) if i not in settled]
+    try:
+        stored = buffer.entries(batch_id, open_users)
+    except LookupError:
+        return PollReport(done=True)  # completed meanwhile by a twin poll: nothing left to give up on
     why = f"{reason}; gave up after {attempts} sends"
     deadletters.record(
         rt.redis,
         job.id,
         batch_id,
-        ((users[i], why, merge_records(records[i])) for i in range(len(users)) if i not in settled),
+        ((u, why, entry_record(e)) for u, e in zip(open_users, stored, strict=True)),
     )
     buffer.complete(batch_id, {"batches_deadlettered": 1})
     return PollReport(done=True)

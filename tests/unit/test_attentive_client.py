@@ -146,6 +146,33 @@ def test_submit_bulk_tolerates_extra_fields_in_202(make_client: Any) -> None:
     assert client.submit_bulk([user()]) == JOB_ID
 
 
+def test_submit_bulk_json_frames_encoded_records(make_client: Any) -> None:
+    client, rec, _ = make_client(ACCEPTED)
+    users = [user(i) for i in range(256)]
+    assert client.submit_bulk_json([json.dumps(u).encode() for u in users]) == JOB_ID
+    body = json.loads(rec.requests[0].content)
+    assert body == {"users": users}
+    assert schema_errors("UserAttributes", body) == []
+    assert contract_problems(body) == []
+
+
+@pytest.mark.parametrize(
+    "records, match",
+    [
+        ([], "empty"),
+        ([b"{}"] * 257, "at most 256"),
+        (b"{}", "sequence"),
+        (['{"identifiers":{}}'], "records\\[0\\]"),
+        ([b"{}", b'["not an object"]'], "records\\[1\\]"),
+    ],
+)
+def test_submit_bulk_json_refuses_locally(make_client: Any, records: Any, match: str) -> None:
+    client, rec, _ = make_client(ACCEPTED)
+    with pytest.raises(ValueError, match=match):
+        client.submit_bulk_json(records)
+    assert rec.requests == []
+
+
 def test_submit_bulk_encodes_what_the_fast_encoder_leaves_to_the_stdlib(make_client: Any) -> None:
     # The text "null" inside a value, integer dict keys and huge integers take the stdlib path; the
     # body must be the same JSON either way.

@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from worker.buffer import Change, JobBuffer, merge_records
+from worker import keys
+from worker.buffer import Change, JobBuffer, entry_json, merge_records
 
 
 @pytest.fixture(params=["fake", "real"])
@@ -115,6 +116,7 @@ def test_expired_lease_is_requeued_and_completed_batch_deleted(redis_client: Any
     assert buf.mark_submitted(again, [{"id": "j-new", "idx": [0]}], 10**13)
     buf.complete(again.batch_id, {"users_delivered": 1})
     assert buf.batch(again.batch_id) == {}
+    assert redis_client.exists(keys.batch_entries("j1", again.batch_id)) == 0
     assert buf.outstanding_users() == 0
 
 
@@ -140,3 +142,37 @@ def test_merge_records_deep_merges_later_wins() -> None:
         "attributes": {"firstName": "A", "custom": {"vip": True, "lapsed": False}},
     }
     assert a["attributes"]["custom"] == {"vip": True}
+
+
+def test_claimed_entries_encode_to_the_request_items(redis_client: Any) -> None:
+    """A single record is sent as stored; several are merged; a record's own "|" or tab changes nothing."""
+    buf = JobBuffer(redis_client, "j1")
+    buf.ingest(
+        [
+            change("a@x.io", "vip", 1, note="x|vip|y\tz"),
+            change("b@x.io", "vip", 1),
+            change("b@x.io", "lapsed", 2, flag=False),
+        ]
+    )
+    buf.seal_now()
+    claimed = buf.claim(10_000)
+    assert claimed is not None and claimed.users == ["a@x.io", "b@x.io"]
+    single, merged = (json.loads(entry_json(e)) for e in claimed.entries)
+    assert single == {
+        "identifiers": {"email": "a@x.io"},
+        "attributes": {"custom": {"vip": True, "note": "x|vip|y\tz"}},
+    }
+    assert merged == merge_records(claimed.records[1])
+    assert merged["attributes"]["custom"] == {"vip": True, "lapsed": False}
+    # The open batch's hash became the batch's: nothing is left open.
+    assert buf.open_size() == 0 and redis_client.exists(keys.open_entries("j1")) == 0
+
+
+def test_claim_gives_the_batch_back_when_its_entries_are_gone(redis_client: Any) -> None:
+    buf = JobBuffer(redis_client, "j1")
+    buf.ingest([change("a@x.io", "vip", 1)])
+    [bid] = buf.seal_now()
+    redis_client.delete(keys.batch_entries("j1", bid))
+    with pytest.raises(LookupError):
+        buf.claim(10_000)
+    assert buf.sealed_count() == 1 and buf.batch(bid)["state"] == "sealed"

@@ -231,7 +231,31 @@ class AttentiveClient:
         for i, user in enumerate(users):
             if not isinstance(user, Mapping):
                 raise ValueError(f"users[{i}] is a {type(user).__name__}, not a mapping")
-        content = _encode_users(users)
+        return self._post_bulk(_encode_users(users))
+
+    def submit_bulk_json(self, records: Sequence[bytes]) -> str:
+        """:meth:`submit_bulk` for records already encoded as JSON objects (UTF-8).
+
+        The flush path keeps records as the JSON text mapping produced, so a batch is sent without a
+        parse and re-encode. Only the framing is checked here: what is inside each object is the
+        mapping layer's responsibility, and Attentive's 400 is the judge.
+
+        Raises:
+            ValueError: empty, over 256 records, or an item that is not ``{...}`` bytes (nothing sent).
+            InvalidRequest: Attentive answered 400. Other :class:`AttentiveError` subclasses otherwise.
+        """
+        if isinstance(records, str | bytes) or not isinstance(records, Sequence):
+            raise ValueError("records must be a sequence of JSON objects (bytes)")
+        if not records:
+            raise ValueError("records is empty; Attentive requires 1 to 256 users per request")
+        if len(records) > MAX_USERS_PER_REQUEST:
+            raise ValueError(f"{len(records)} users; Attentive accepts at most {MAX_USERS_PER_REQUEST}")
+        for i, record in enumerate(records):
+            if not isinstance(record, bytes) or not (record.startswith(b"{") and record.endswith(b"}")):
+                raise ValueError(f"records[{i}] is not a JSON object's bytes")
+        return self._post_bulk(b'{"users":[' + b",".join(records) + b"]}")
+
+    def _post_bulk(self, content: bytes) -> str:
         request = self._http.build_request(
             "POST",
             "/v2/bulk/user/attributes",
