@@ -6,7 +6,8 @@ from celery import shared_task
 
 from tasks import REDIS_DOWN
 from worker.backfill import run_step
-from worker.dispatch import BACKFILL_TASK, FLUSHES_PER_STEP
+from worker.dispatch import BACKFILL_TASK
+from worker.flush import request_flush
 from worker.runtime import runtime
 
 
@@ -14,7 +15,7 @@ from worker.runtime import runtime
 def backfill(job_id: str, part: str) -> None:
     rt = runtime()
     report = run_step(rt.redis, job_id, part)
-    for _ in range(min(report.sealed, FLUSHES_PER_STEP)):
-        rt.dispatch.flush(job_id)
+    if report.sealed:
+        request_flush(rt, job_id)
     if report.next_in is not None:
         rt.dispatch.backfill(job_id, part, countdown=report.next_in)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from celery import shared_task
 
 from tasks import REDIS_DOWN
-from worker.dispatch import FLUSHES_PER_STEP, INGEST_TASK
+from worker.dispatch import INGEST_TASK
+from worker.flush import request_flush
 from worker.ingest import ingest_chunk
 from worker.runtime import runtime
 
@@ -15,5 +16,5 @@ def ingest(chunk_id: str) -> None:
     rt = runtime()
     report = ingest_chunk(rt.redis, rt.jobs, chunk_id)
     for job_id, sealed in report.sealed.items():
-        for _ in range(min(len(sealed), FLUSHES_PER_STEP)):
-            rt.dispatch.flush(job_id)
+        if sealed:
+            request_flush(rt, job_id)

@@ -15,11 +15,6 @@ POLL_TASK = "export.poll"
 SWEEP_TASK = "export.sweep"
 BACKFILL_TASK = "export.backfill"
 
-#: Most flush tasks one step (an ingest chunk, a backfill page) dispatches for a job. Each flush task
-#: keeps claiming batches until none is left, so a few keep every free worker busy without a task
-#: (and its broker round trips) per batch; the sweep dispatches more if batches sit unclaimed.
-FLUSHES_PER_STEP = 4
-
 
 class Dispatcher(Protocol):
     def ingest(self, chunk_id: str) -> None: ...

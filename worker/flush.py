@@ -35,6 +35,9 @@ TOKEN_WAIT_SECONDS = 5.0
 FLUSH_BUDGET_SECONDS = 10.0
 #: Grace after a poll's due time before the sweep re-drives it (its task was lost).
 POLL_GRACE_MS = 120_000
+#: How long a queued flush task counts as on its way. Past it (a lost message), the next seal queues
+#: another; the sweep re-drives unclaimed batches regardless.
+FLUSH_QUEUED_TTL_MS = 30_000
 
 
 class NoToken(Exception):
@@ -52,9 +55,23 @@ class FlushReport:
     paused: str = ""
 
 
+def request_flush(rt: Runtime, job_id: str) -> bool:
+    """Queue a flush task for newly sealed batches, unless one is queued and has not started yet.
+
+    One queued task is enough: a flush claims batches until none is left, and it clears the mark
+    when it starts, so batches sealed while it runs get a task of their own. (A task per sealed
+    batch cost a broker round trip each and mostly found nothing left to claim.)
+    """
+    if rt.redis.set(keys.flush_queued(job_id), 1, nx=True, px=FLUSH_QUEUED_TTL_MS):
+        rt.dispatch.flush(job_id)
+        return True
+    return False
+
+
 def flush_job(rt: Runtime, job_id: str, budget_seconds: float = FLUSH_BUDGET_SECONDS) -> FlushReport:
     """Submit sealed batches of one job until none is left, the budget is spent, or sending must stop."""
     report = FlushReport()
+    rt.redis.delete(keys.flush_queued(job_id))  # started: a batch sealed from now on queues a new task
     job = rt.jobs.cached(job_id)
     if job is None or not job.sending:
         return report

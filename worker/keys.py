@@ -109,6 +109,11 @@ def batch_entries(job_id: str, batch_id: int | str) -> str:
     return _job(job_id, f"batch:{batch_id}:entries")
 
 
+def flush_queued(job_id: str) -> str:
+    """STRING with a TTL: a flush task for the job is queued and has not started yet."""
+    return _job(job_id, "flush:queued")
+
+
 def leases(job_id: str) -> str:
     """ZSET: batch id -> lease expiry (ms) while a flush task owns the batch."""
     return _job(job_id, "leases")

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from worker import deadletters, keys
-from worker.flush import flush_job
+from worker.flush import FLUSH_QUEUED_TTL_MS, flush_job, request_flush
 from worker.jobconfig import JobState
 from worker.poll import poll_batch
 from worker.ratelimit import RateLimiter
@@ -253,3 +253,14 @@ def test_flush_of_an_unknown_job_does_nothing(pipe: Pipeline) -> None:
     report = flush_job(pipe.rt, "no-such-job")
     assert report.submitted == [] and report.retry_in is None
     assert pipe.attentive.requests == []
+
+
+def test_one_flush_task_is_queued_until_it_starts(pipe: Pipeline) -> None:
+    job = pipe.create_job()
+    assert request_flush(pipe.rt, job.id) and not request_flush(pipe.rt, job.id)
+    assert pipe.dispatch.flushes == [(job.id, 0.0)]
+    flush_job(pipe.rt, job.id)  # the queued task starts: batches sealed from now on need a new one
+    assert request_flush(pipe.rt, job.id)
+    assert pipe.dispatch.flushes == [(job.id, 0.0), (job.id, 0.0)]
+    ttl = pipe.redis.pttl(keys.flush_queued(job.id))
+    assert 0 < ttl <= FLUSH_QUEUED_TTL_MS  # a lost message does not block flushing for good
