@@ -76,6 +76,8 @@ class ClaimedBatch:
     #: Indices of users already finished for good in an earlier send (delivered by a completed
     #: Attentive job, or refused and dead-lettered): a re-send leaves them out.
     settled: frozenset[int] = frozenset()
+    #: Sealed batches of the job still queued behind this one when it was claimed.
+    queued_behind: int = 0
 
     @property
     def records(self) -> list[list[dict[str, Any]]]:
@@ -134,7 +136,7 @@ class JobBuffer:
         got = self._run("claim", token, lease_ms, now=now)
         if got is None:
             return None
-        raw_bid, users_json, attempts, settled = got
+        raw_bid, users_json, attempts, settled, left = got
         bid = int(raw_bid)
         users: list[str] = orjson.loads(users_json)
         try:
@@ -142,7 +144,9 @@ class JobBuffer:
         except BaseException:
             self._run("release", bid, token)
             raise
-        return ClaimedBatch(bid, users, entries, int(attempts or 0), token, frozenset(orjson.loads(settled)))
+        return ClaimedBatch(
+            bid, users, entries, int(attempts or 0), token, frozenset(orjson.loads(settled)), int(left)
+        )
 
     def release(self, batch: ClaimedBatch) -> bool:
         """Give a claimed batch back, unsent, to the front of the queue."""

@@ -139,12 +139,15 @@ def _flush_batch(rt: Runtime, job: ExportJob, buffer: JobBuffer, batch: ClaimedB
                 for i, msg in refused.items()
             ),
         )
-    rt.redis.hset(status_key, mapping={"consecutive_429": 0, "consecutive_errors": 0})
     if not submissions:  # every user was refused: nothing to poll
+        rt.redis.hset(status_key, mapping={"consecutive_429": 0, "consecutive_errors": 0})
         buffer.complete(batch.batch_id, {"batches_completed": 1})
         return False
     jobs = [{"id": job_id, "idx": idx} for job_id, idx in submissions]
-    first_poll = rt.settings.first_poll_seconds
+    # Polls share the request budget with sends: the first one waits until the batches queued
+    # behind this one are likely sent, so a backlog goes out at the full rate (polls are also
+    # spare-capacity only, see worker.poll).
+    first_poll = rt.settings.first_poll_seconds + batch.queued_behind / limiter.rate_per_second
     deadline = now_ms() + int(first_poll * 1000) + POLL_GRACE_MS
     if not buffer.mark_submitted(batch, jobs, deadline, settled=refused):
         # Our lease ran out and the batch went back to the queue: it will be sent again (an upsert,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -31,6 +31,12 @@ log = logging.getLogger(__name__)
 MAX_SEND_ATTEMPTS = 3
 #: How many refused records per batch are logged to status as a sample.
 FAILURE_SAMPLE = 5
+#: For this long after its batch was sent, a poll takes only spare request budget: sends (new data)
+#: go first, and a confirmation can wait. A poll finding none comes back after as long again as
+#: its batch has been out (so a few times at most), without counting as an attempt. After it, polls
+#: queue for tokens like sends, so even a saturated key never starves completion (nor the users
+#: waiting behind an unfinished batch).
+POLL_YIELDS_MS = 60_000
 
 
 @dataclass
@@ -38,6 +44,7 @@ class PollReport:
     done: bool
     next_in: float | None = None  # seconds until the next poll, when not done
     statuses: tuple[str, ...] = ()
+    yielded: bool = False  # no request was made (sends went first): the attempt does not count
 
 
 def next_poll_delay(attempt: int, first: float = 2.0, cap: float = 60.0) -> float:
@@ -56,6 +63,7 @@ def poll_batch(rt: Runtime, job_id: str, batch_id: int, attempt: int) -> PollRep
     if batch.get("state") != "submitted":
         return PollReport(done=True)  # settled by a twin poll, or re-queued for sending
     status_key = keys.job_status(job_id)
+    first, cap = rt.settings.first_poll_seconds, rt.settings.poll_cap_seconds
     sub_jobs: list[dict[str, Any]] = json.loads(batch["attentive_jobs"])
     statuses: list[str] = []
     try:
@@ -64,7 +72,13 @@ def poll_batch(rt: Runtime, job_id: str, batch_id: int, attempt: int) -> PollRep
         for sub in sub_jobs:
             if f"done:{sub['id']}" in batch:
                 continue
-            if not limiter.acquire(TOKEN_WAIT_SECONDS):
+            age_ms = now_ms() - int(batch.get("submitted_at") or 0)
+            if age_ms < POLL_YIELDS_MS:
+                if limiter.try_acquire(spare_only=True) > 0:
+                    rt.redis.hincrby(status_key, "polls_yielded", 1)
+                    delay = max(first, min(cap, age_ms / 1000)) * random.uniform(0.8, 1.2)
+                    return replace(_again(buffer, batch_id, delay), yielded=True)
+            elif not limiter.acquire(TOKEN_WAIT_SECONDS):
                 return _again(buffer, batch_id, max(limiter.next_wait, 0.5))
             try:
                 st = client.job_status(sub["id"])
@@ -98,7 +112,7 @@ def poll_batch(rt: Runtime, job_id: str, batch_id: int, attempt: int) -> PollRep
         return _again(
             buffer,
             batch_id,
-            next_poll_delay(attempt, rt.settings.first_poll_seconds, rt.settings.poll_cap_seconds),
+            next_poll_delay(attempt, first, cap),
         )
 
     fresh = buffer.batch(batch_id)
@@ -106,7 +120,7 @@ def poll_batch(rt: Runtime, job_id: str, batch_id: int, attempt: int) -> PollRep
         return _again(
             buffer,
             batch_id,
-            next_poll_delay(attempt, rt.settings.first_poll_seconds, rt.settings.poll_cap_seconds),
+            next_poll_delay(attempt, first, cap),
             tuple(statuses),
         )
     # Summed over every send of the batch: a re-send carries only the users earlier sends left open.

@@ -116,23 +116,31 @@ class RateLimiter:
     def __repr__(self) -> str:
         return f"RateLimiter(key_hash={self.key_hash!r}, rate={self.rate_per_second}/s, burst={self.burst})"
 
-    def try_acquire(self) -> float:
+    def try_acquire(self, *, spare_only: bool = False) -> float:
         """Take a token if one is due now.
+
+        Args:
+            spare_only: take it only from spare capacity: when the schedule runs at most one
+                interval ahead of the clock (a request or so just went), so never while requests
+                queue for tokens (they keep it a whole burst ahead). Low-priority requests use this
+                to yield to the rest.
 
         Returns:
             0.0 if a token was taken; otherwise the seconds to wait before trying again (nothing taken).
         """
-        wait_us, now_us = self._acquire(keys=self._keys, args=[self.interval_us, self.burst])
+        reserve = max(0, self.burst - 2) if spare_only else 0
+        wait_us, now_us = self._acquire(keys=self._keys, args=[self.interval_us, self.burst, reserve])
         if int(wait_us) == 0:
             self.last_granted_at = int(now_us) / _US
             return 0.0
         return int(wait_us) / _US
 
-    def acquire(self, timeout: float) -> bool:
+    def acquire(self, timeout: float, *, spare_only: bool = False) -> bool:
         """Block, sleeping the waits Redis hands out, until a token is taken or ``timeout`` seconds pass.
 
         Gives up early (returns False without sleeping out the rest) once the next token is due after the
         deadline; :attr:`next_wait` then says when it is due. ``timeout=0`` makes a single attempt.
+        ``spare_only`` as in :meth:`try_acquire`.
 
         Returns:
             True if a token was taken.
@@ -143,7 +151,7 @@ class RateLimiter:
         granted = False
         # Each pass either ends the loop or sleeps a positive wait, so the loop ends by the deadline.
         while True:
-            wait = self.try_acquire()
+            wait = self.try_acquire(spare_only=spare_only)
             if wait == 0.0:
                 granted = True
                 break

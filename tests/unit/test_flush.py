@@ -264,3 +264,13 @@ def test_one_flush_task_is_queued_until_it_starts(pipe: Pipeline) -> None:
     assert pipe.dispatch.flushes == [(job.id, 0.0), (job.id, 0.0)]
     ttl = pipe.redis.pttl(keys.flush_queued(job.id))
     assert 0 < ttl <= FLUSH_QUEUED_TTL_MS  # a lost message does not block flushing for good
+
+
+def test_first_poll_waits_for_the_batches_queued_behind(pipe: Pipeline) -> None:
+    job = pipe.create_job(batch_size=2)
+    pipe.ingest(*(enter(e) for e in users(6)))  # three full batches sealed
+
+    assert flush_job(pipe.rt, job.id).submitted == [1, 2, 3]
+
+    first, rate = pipe.rt.settings.first_poll_seconds, RATE
+    assert [p[3] for p in pipe.dispatch.polls] == pytest.approx([first + 2 / rate, first + 1 / rate, first])

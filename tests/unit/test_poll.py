@@ -12,10 +12,11 @@ from worker.buffer import now_ms
 from worker.flush import flush_job
 from worker.jobconfig import JobState
 from worker.jobs import ExportJob
-from worker.poll import MAX_SEND_ATTEMPTS, poll_batch
+from worker.poll import MAX_SEND_ATTEMPTS, POLL_YIELDS_MS, poll_batch
+from worker.ratelimit import RateLimiter
 from worker.status import job_status
 
-from .pipeline_kit import Pipeline, emails_of, enter, error, exit_, users
+from .pipeline_kit import KEY_HASH, Pipeline, emails_of, enter, error, exit_, users
 
 
 @pytest.fixture(params=["fake", "real"])
@@ -368,3 +369,35 @@ def test_results_lines_without_index_are_matched_by_position(pipe: Pipeline) -> 
     assert (status["users_delivered"], status["record_failures"]) == ("3", "1")
     [dead] = deadletters.read(pipe.redis, job.id)
     assert dead["user"] == "u2@x.io"
+
+
+def test_a_young_batchs_poll_yields_to_queued_sends_and_spends_nothing(
+    pipe: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = pipe.create_job()
+    bid, _ = submitted(pipe, job, users(2))
+    slow = RateLimiter(pipe.redis, KEY_HASH, 1.0)  # burst 5, one token a second
+    monkeypatch.setattr(pipe.rt, "limiter_for", lambda job: slow)
+    assert [slow.try_acquire() for _ in range(3)] == [0.0] * 3  # sends: the schedule runs 3 s ahead
+    gets = len(pipe.attentive.status_gets())
+
+    report = poll_batch(pipe.rt, job.id, bid, 0)
+
+    assert not report.done and report.yielded and report.next_in is not None and report.next_in > 0
+    assert len(pipe.attentive.status_gets()) == gets  # no request spent on the poll
+    assert pipe.status(job)["polls_yielded"] == "1"
+    assert slow.try_acquire() == 0.0  # the poll took no token: the next send still has one
+
+
+def test_a_poll_older_than_the_yield_period_queues_for_tokens_like_a_send(
+    pipe: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = pipe.create_job()
+    bid, _ = submitted(pipe, job, users(2))
+    pipe.redis.hset(keys.batch(job.id, bid), "submitted_at", now_ms() - POLL_YIELDS_MS - 1_000)
+    slow = RateLimiter(pipe.redis, KEY_HASH, 1.0)
+    monkeypatch.setattr(pipe.rt, "limiter_for", lambda job: slow)
+    assert [slow.try_acquire() for _ in range(3)] == [0.0] * 3
+
+    assert poll_batch(pipe.rt, job.id, bid, 0).done  # took the 4th burst token and settled the batch
+    assert "polls_yielded" not in pipe.status(job)

@@ -103,6 +103,30 @@ def test_refused_attempts_take_nothing(fake_redis: fakeredis.FakeRedis, clock: F
     assert rl.try_acquire() == 0.0
 
 
+def test_spare_only_goes_only_when_nobody_is_queueing(
+    fake_redis: fakeredis.FakeRedis, clock: FakeClock
+) -> None:
+    rl = limiter(fake_redis, rate=10.0, burst=3)
+    assert rl.try_acquire(spare_only=True) == 0.0  # idle limiter: spare capacity
+    assert rl.try_acquire(spare_only=True) == 0.0  # one interval ahead still counts as spare
+    assert rl.try_acquire(spare_only=True) == pytest.approx(0.1)  # two ahead: not spare
+    assert rl.try_acquire() == 0.0  # ordinary requests still have the rest of the burst
+    clock.advance(0.1)
+    assert rl.try_acquire(spare_only=True) == pytest.approx(0.1)  # still ahead: others went first
+    clock.advance(0.1)
+    assert rl.try_acquire(spare_only=True) == 0.0
+    # While ordinary requests take every token as it comes, spare-only ones never get through.
+    clock.advance(0.5)
+    while rl.try_acquire() == 0.0:
+        pass
+    sends = 0
+    for _ in range(20):
+        clock.advance(0.1)
+        sends += rl.try_acquire() == 0.0
+        assert rl.try_acquire(spare_only=True) > 0
+    assert sends == 20
+
+
 def test_idle_time_refills_only_up_to_the_burst(fake_redis: fakeredis.FakeRedis, clock: FakeClock) -> None:
     rl = limiter(fake_redis, rate=10.0, burst=3)
     rl.try_acquire()

@@ -280,8 +280,9 @@ elseif op == 'seal_now' then
     return sealed_now
 
 elseif op == 'claim' then
-    -- op args: owner token, lease (ms). Returns {bid, users, attempts, settled} or nil; the caller
-    -- reads the records from the batch's entries hash (immutable until the batch completes).
+    -- op args: owner token, lease (ms). Returns {bid, users, attempts, settled, sealed batches left}
+    -- or nil; the caller reads the records from the batch's entries hash (immutable until the batch
+    -- completes).
     local token, lease = ARGV[5], tonumber(ARGV[6])
     while true do
         local bid = redis.call('LPOP', K_SEALED)
@@ -294,7 +295,7 @@ elseif op == 'claim' then
             redis.call('ZADD', K_LEASES, now + lease, bid)
             redis.call('HSET', K_STATUS, 'last_claim_at', now)
             local b = redis.call('HMGET', key, 'users', 'attempts', 'settled')
-            return {bid, b[1], b[2], b[3] or '[]'}
+            return {bid, b[1], b[2], b[3] or '[]', redis.call('LLEN', K_SEALED)}
         end
         -- a stale id (batch already completed or re-queued twice) is dropped from the FIFO
     end
@@ -324,7 +325,7 @@ elseif op == 'submitted' then
     redis.call('ZREM', K_LEASES, bid)
     redis.call('ZADD', K_POLLS, tonumber(ARGV[8]), bid)
     redis.call('HINCRBY', K_STATUS, 'batches_submitted', 1)
-    redis.call('HSET', K_STATUS, 'last_flush_at', now)
+    redis.call('HSET', K_STATUS, 'last_flush_at', now, 'consecutive_429', 0, 'consecutive_errors', 0)
     return 1
 
 elseif op == 'poll_due' then

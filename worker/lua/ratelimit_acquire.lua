@@ -4,6 +4,9 @@
 -- KEYS[2]  429 back-off: integer microseconds since the epoch until which nobody may send
 -- ARGV[1]  emission interval T in integer microseconds (ceil(1e6 / rate), so never above the rate)
 -- ARGV[2]  burst b: how many requests may go at once after an idle period (b >= 1)
+-- ARGV[3]  reserve r (optional, 0 <= r < b): burst slots this request may not use. With r = b - 2 a
+--          request goes only while the schedule runs at most one interval ahead of the clock, i.e.
+--          only on capacity nobody is queueing for (low-priority work such as job-status polls).
 --
 -- Returns {wait_us, now_us}: wait_us = 0 means a token was taken at Redis time now_us; otherwise nothing
 -- was taken and wait_us (>= 1) is how long until the next token could be granted.
@@ -13,7 +16,7 @@
 -- max(TAT, t) + T. Integers in microseconds stay exact in Lua's doubles (2^53 us is ~285 years).
 
 local interval = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2])
+local burst = tonumber(ARGV[2]) - tonumber(ARGV[3] or '0')
 
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
