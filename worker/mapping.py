@@ -137,6 +137,10 @@ class MapResult:
     user_key: str | None = None
 
 
+#: Section marker of custom attributes in Mapper._all_attributes (never a real section name).
+_CUSTOM = "\x00custom"
+
+
 class _Drop:
     """A converter's verdict that a value is dropped, with its reason (one shared instance per code)."""
 
@@ -724,6 +728,13 @@ class Mapper:
         self._custom: tuple[tuple[str, tuple[str, ...] | None, str], ...] = tuple(
             (*_accessor(src), src) for src in config.custom_attributes
         )
+        #: Typed attributes then custom ones, as (key, segments, section, leaf, converter, path);
+        #: custom ones have section _CUSTOM and their field path as leaf.
+        self._all_attributes: tuple[
+            tuple[str, tuple[str, ...] | None, str | None, str, Converter, str], ...
+        ] = self._attributes + tuple(
+            (key, seg, _CUSTOM, src, _conv_custom, src) for key, seg, src in self._custom
+        )
         key_field = config.key_field
         key_conv = next(
             (conv for _, _, _, conv, src in self._identifiers if src == key_field), _conv_other_id
@@ -822,21 +833,37 @@ class Mapper:
         attributes: dict[str, Any] = {}
         custom: dict[str, Any] = {}
         if include_attributes:
-            for key, segments, section, leaf, conv, src in self._attributes:
-                out, size = self._field(profile, get, key, segments, conv, src, size, dropped)
+            # One loop over typed and custom attributes with the value checks inline: this runs for
+            # every transition, and a call per field cost about a fifth of mapping time.
+            for key, segments, section, leaf, conv, src in self._all_attributes:
+                value = get(key, _MISSING)
+                if value is _MISSING:
+                    value = _walk(profile, segments) if segments is not None else None
+                if value is None:
+                    continue
+                out = conv(value)
                 if out is None:
                     continue
+                if type(out) is _Drop:
+                    dropped.append((src, out.code))
+                    continue
+                worst = len(out) * _WORST_BYTES_PER_CHAR + 2 if type(out) is str else 32
+                if size + worst <= MAX_RECORD_BYTES:
+                    size += worst
+                else:
+                    size, fits = self._fits(size, out)
+                    if not fits:
+                        dropped.append((src, RECORD_TOO_LARGE))
+                        continue
                 if section is None:
                     attributes[leaf] = out
+                elif section is _CUSTOM:
+                    custom[leaf] = out
                 else:
                     sub = attributes.get(section)
                     if sub is None:
                         attributes[section] = sub = {}
                     sub[leaf] = out
-            for key, segments, src in self._custom:
-                out, size = self._field(profile, get, key, segments, _conv_custom, src, size, dropped)
-                if out is not None:
-                    custom[src] = out
         if flags:
             custom.update(flags)
         if custom:
@@ -845,42 +872,6 @@ class Mapper:
         if attributes:
             record["attributes"] = attributes
         return MapResult(record, None, dropped, user_key)
-
-    def _field(
-        self,
-        profile: Any,
-        get: Any,
-        key: str,
-        segments: Any,
-        conv: Any,
-        src: str,
-        size: int,
-        dropped: list[tuple[str, str]],
-    ) -> tuple[Any, int]:
-        """One mapped attribute's value, converted and counted against the record size bound.
-
-        Returns ``(None, size)`` when the field is absent or left out (a drop is then recorded),
-        else the value and the new running size.
-        """
-        value = get(key, _MISSING)
-        if value is _MISSING:
-            value = _walk(profile, segments) if segments is not None else None
-        if value is None:
-            return None, size
-        out = conv(value)
-        if out is None:
-            return None, size
-        if type(out) is _Drop:
-            dropped.append((src, out.code))
-            return None, size
-        worst = len(out) * _WORST_BYTES_PER_CHAR + 2 if type(out) is str else 32
-        if size + worst <= MAX_RECORD_BYTES:
-            return out, size + worst
-        size, fits = self._fits(size, out)
-        if not fits:
-            dropped.append((src, RECORD_TOO_LARGE))
-            return None, size
-        return out, size
 
     @staticmethod
     def _fits(size: int, value: Any) -> tuple[int, bool]:
