@@ -64,6 +64,15 @@ class IngestOutcome:
     sealed: list[int]
 
 
+class BatchDataMissing(LookupError):
+    """A claimed batch's records are gone from Redis (completed by a twin, or data lost)."""
+
+    def __init__(self, batch_id: int, users: list[str]) -> None:
+        super().__init__(f"batch {batch_id}: records missing")
+        self.batch_id = batch_id
+        self.users = users
+
+
 @dataclass(frozen=True, slots=True)
 class ClaimedBatch:
     """A sealed batch a flush owns under a lease: per user, its entry as stored (see :func:`entry_json`)."""
@@ -141,6 +150,9 @@ class JobBuffer:
         users: list[str] = orjson.loads(users_json)
         try:
             entries = self.entries(bid, users)
+        except LookupError:
+            # Never back to the front of the queue: it would be claimed again first, forever.
+            raise BatchDataMissing(bid, users) from None
         except BaseException:
             self._run("release", bid, token)
             raise
@@ -212,9 +224,44 @@ class JobBuffer:
         found: list[bytes] = []
         for entry in self._redis.hmget(keys.batch_entries(self.job_id, batch_id), list(users)):
             if entry is None:
-                raise LookupError(f"job {self.job_id} batch {batch_id}: user entries missing")
+                return self._legacy_entries(batch_id, users)
             found.append(entry.encode() if isinstance(entry, str) else entry)
         return found
+
+    def _legacy_entries(self, batch_id: int, users: Sequence[str]) -> list[bytes]:
+        """Entries of a batch sealed before entries hashes existed (its records in the batch hash).
+
+        Raises:
+            LookupError: neither form is there (the batch completed meanwhile, or its data was lost).
+        """
+        raw = self._redis.hmget(keys.batch(self.job_id, batch_id), ["users", "records"])
+        if raw[0] is None or raw[1] is None:
+            raise LookupError(f"job {self.job_id} batch {batch_id}: user entries missing")
+        by_user = dict(zip(orjson.loads(raw[0]), orjson.loads(raw[1]), strict=True))
+        found = []
+        for user in users:
+            if user not in by_user:
+                raise LookupError(f"job {self.job_id} batch {batch_id}: no entry for a user")
+            records = by_user[user]
+            # The entry format needs only one audience mark per record.
+            found.append(b"|" + b"-|" * len(records) + b"\t" + orjson.dumps(records))
+        return found
+
+    def batch_exists(self, batch_id: int) -> bool:
+        return bool(self._redis.exists(keys.batch(self.job_id, batch_id)))
+
+    def records_for(self, batch_id: int, users: Sequence[str]) -> list[dict[str, Any] | None]:
+        """Each user's request item in a batch, for dead letters; None where the data is lost.
+
+        Raises:
+            LookupError: the batch no longer exists (a twin task completed it).
+        """
+        try:
+            return [entry_record(e) for e in self.entries(batch_id, users)]
+        except LookupError:
+            if not self.batch_exists(batch_id):
+                raise
+            return [None] * len(users)
 
     def open_size(self) -> int:
         return int(self._redis.llen(keys.open_order(self.job_id)))

@@ -21,7 +21,7 @@ from worker.attentive import (
     RateLimited,
     Unauthorized,
 )
-from worker.buffer import ClaimedBatch, JobBuffer, entry_json, entry_record, now_ms
+from worker.buffer import BatchDataMissing, ClaimedBatch, JobBuffer, entry_json, entry_record, now_ms
 from worker.jobconfig import JobState
 from worker.jobs import SENDING_STATES, ExportJob
 from worker.ratelimit import RateLimiter, backoff_delay
@@ -77,11 +77,17 @@ def flush_job(rt: Runtime, job_id: str, budget_seconds: float = FLUSH_BUDGET_SEC
         return report
     buffer = JobBuffer(rt.redis, job_id, job.config.batch_size)
     deadline = time.monotonic() + budget_seconds
+    slow_send = 1.0 / rt.settings.rate_limit_per_second
     while time.monotonic() < deadline:
-        batch = buffer.claim(int(rt.settings.lease_seconds * 1000))
+        try:
+            batch = buffer.claim(int(rt.settings.lease_seconds * 1000))
+        except BatchDataMissing as lost:
+            _drop_lost_batch(rt, job, buffer, lost)
+            continue
         if batch is None:
             return report
-        outcome = _flush_batch(rt, job, buffer, batch)
+        post_seconds: list[float] = []
+        outcome = _flush_batch(rt, job, buffer, batch, post_seconds)
         if isinstance(outcome, float):
             report.retry_in = outcome
             return report
@@ -90,12 +96,30 @@ def flush_job(rt: Runtime, job_id: str, budget_seconds: float = FLUSH_BUDGET_SEC
             return report
         if outcome:
             report.submitted.append(batch.batch_id)
+            # One sender cannot use the whole budget when a request takes longer than a token
+            # interval (Attentive answering in 200 ms, say): with batches waiting, ask for another.
+            if batch.queued_behind and post_seconds and max(post_seconds) > slow_send:
+                request_flush(rt, job_id)
     report.retry_in = 0.0  # budget spent with batches maybe left: continue in a fresh task
     return report
 
 
-def _flush_batch(rt: Runtime, job: ExportJob, buffer: JobBuffer, batch: ClaimedBatch) -> bool | float | str:
-    """True if submitted, a float to retry after that many seconds, a str pause reason."""
+def _drop_lost_batch(rt: Runtime, job: ExportJob, buffer: JobBuffer, lost: BatchDataMissing) -> None:
+    """Dead-letter a batch whose records are gone from Redis; nothing if a twin completed it."""
+    if not buffer.batch_exists(lost.batch_id):
+        return
+    log.error("job %s batch %s: records missing in Redis; dead-lettering its users", job.id, lost.batch_id)
+    reason = "batch records missing in Redis (data lost or edited): the change cannot be sent"
+    deadletters.record(rt.redis, job.id, lost.batch_id, ((u, reason, None) for u in lost.users))
+    buffer.complete(lost.batch_id, {"batches_deadlettered": 1})
+
+
+def _flush_batch(
+    rt: Runtime, job: ExportJob, buffer: JobBuffer, batch: ClaimedBatch, post_seconds: list[float]
+) -> bool | float | str:
+    """True if submitted, a float to retry after that many seconds, a str pause reason.
+
+    Appends how long each POST took to ``post_seconds``."""
     status_key = keys.job_status(job.id)
     to_send = [i for i in range(len(batch.users)) if i not in batch.settled]
     if not to_send:  # a re-send whose users were all finished in earlier sends
@@ -105,7 +129,7 @@ def _flush_batch(rt: Runtime, job: ExportJob, buffer: JobBuffer, batch: ClaimedB
         client = rt.client_for(job)
         limiter = rt.limiter_for(job)
         encoded = {i: entry_json(batch.entries[i]) for i in to_send}
-        submissions, refused = _submit_isolating(client, limiter, encoded, to_send)
+        submissions, refused = _submit_isolating(client, limiter, encoded, to_send, post_seconds)
     except (Unauthorized, Forbidden) as exc:
         buffer.release(batch)
         return pause_for_auth_error(rt, job, exc)
@@ -147,7 +171,10 @@ def _flush_batch(rt: Runtime, job: ExportJob, buffer: JobBuffer, batch: ClaimedB
     # Polls share the request budget with sends: the first one waits until the batches queued
     # behind this one are likely sent, so a backlog goes out at the full rate (polls are also
     # spare-capacity only, see worker.poll).
-    first_poll = rt.settings.first_poll_seconds + batch.queued_behind / limiter.rate_per_second
+    first_poll = min(
+        rt.settings.first_poll_seconds + batch.queued_behind / limiter.rate_per_second,
+        max(rt.settings.first_poll_seconds, rt.settings.poll_cap_seconds),
+    )
     deadline = now_ms() + int(first_poll * 1000) + POLL_GRACE_MS
     if not buffer.mark_submitted(batch, jobs, deadline, settled=refused):
         # Our lease ran out and the batch went back to the queue: it will be sent again (an upsert,
@@ -159,7 +186,11 @@ def _flush_batch(rt: Runtime, job: ExportJob, buffer: JobBuffer, batch: ClaimedB
 
 
 def _submit_isolating(
-    client: Any, limiter: RateLimiter, users: Mapping[int, bytes], indices: list[int]
+    client: Any,
+    limiter: RateLimiter,
+    users: Mapping[int, bytes],
+    indices: list[int],
+    post_seconds: list[float],
 ) -> tuple[list[tuple[str, list[int]]], dict[int, str]]:
     """POST ``users[i] for i in indices`` (JSON records); on a 400 split in halves until refused users
     are isolated.
@@ -174,15 +205,18 @@ def _submit_isolating(
         idx = pending.pop()
         if not limiter.acquire(TOKEN_WAIT_SECONDS):
             raise NoToken(limiter.next_wait)
+        started = time.monotonic()
         try:
             job_id = client.submit_bulk_json([users[i] for i in idx])
         except InvalidRequest as exc:
+            post_seconds.append(time.monotonic() - started)
             if len(idx) == 1:
                 refused[idx[0]] = exc.attentive_message or exc.message
             else:
                 half = len(idx) // 2
                 pending += [idx[half:], idx[:half]]
             continue
+        post_seconds.append(time.monotonic() - started)
         submissions.append((job_id, idx))
     return submissions, refused
 

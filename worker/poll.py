@@ -19,7 +19,7 @@ import redis
 
 from worker import deadletters, keys
 from worker.attentive import AttentiveError, Forbidden, NotFound, RateLimited, Unauthorized
-from worker.buffer import JobBuffer, entry_record, now_ms
+from worker.buffer import JobBuffer, now_ms
 from worker.flush import POLL_GRACE_MS, TOKEN_WAIT_SECONDS, pause_for_auth_error
 from worker.jobs import ExportJob
 from worker.ratelimit import backoff_delay
@@ -180,10 +180,9 @@ def _settle_results(
                 return
             # Records are read only to dead-letter them. A batch completing meanwhile deletes its
             # entries and changes the watched hash, so a miss here means a twin settled it.
-            stored = buffer.entries(batch_id, [users[i] for i in failures])
+            records = buffer.records_for(batch_id, [users[i] for i in failures])
             entries = [
-                (users[i], reason, entry_record(e))
-                for (i, reason), e in zip(failures.items(), stored, strict=True)
+                (users[i], reason, rec) for (i, reason), rec in zip(failures.items(), records, strict=True)
             ]
             settled = set(json.loads(pipe.hget(batch_key, "settled") or "[]")).union(idx)
             pipe.multi()
@@ -218,15 +217,12 @@ def _failed(
     settled = set(json.loads(batch.get("settled") or "[]"))
     open_users = [u for i, u in enumerate(users) if i not in settled]
     try:
-        stored = buffer.entries(batch_id, open_users)
+        records = buffer.records_for(batch_id, open_users)
     except LookupError:
         return PollReport(done=True)  # completed meanwhile by a twin poll: nothing left to give up on
     why = f"{reason}; gave up after {attempts} sends"
     deadletters.record(
-        rt.redis,
-        job.id,
-        batch_id,
-        ((u, why, entry_record(e)) for u, e in zip(open_users, stored, strict=True)),
+        rt.redis, job.id, batch_id, ((u, why, rec) for u, rec in zip(open_users, records, strict=True))
     )
     buffer.complete(batch_id, {"batches_deadlettered": 1})
     return PollReport(done=True)

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from worker import keys
-from worker.buffer import Change, JobBuffer, entry_json, merge_records
+from worker.buffer import BatchDataMissing, Change, JobBuffer, entry_json, merge_records
 
 
 @pytest.fixture(params=["fake", "real"])
@@ -168,11 +168,31 @@ def test_claimed_entries_encode_to_the_request_items(redis_client: Any) -> None:
     assert buf.open_size() == 0 and redis_client.exists(keys.open_entries("j1")) == 0
 
 
-def test_claim_gives_the_batch_back_when_its_entries_are_gone(redis_client: Any) -> None:
+def test_claim_reports_lost_records_instead_of_requeueing_the_batch(redis_client: Any) -> None:
     buf = JobBuffer(redis_client, "j1")
     buf.ingest([change("a@x.io", "vip", 1)])
     [bid] = buf.seal_now()
     redis_client.delete(keys.batch_entries("j1", bid))
-    with pytest.raises(LookupError):
+    with pytest.raises(BatchDataMissing) as info:
         buf.claim(10_000)
-    assert buf.sealed_count() == 1 and buf.batch(bid)["state"] == "sealed"
+    assert info.value.batch_id == bid and info.value.users == ["a@x.io"]
+    assert buf.sealed_count() == 0  # not back at the front of the queue, where it would block the rest
+
+
+def test_a_batch_sealed_with_records_in_its_hash_is_still_sent(redis_client: Any) -> None:
+    """Batches sealed by the previous layout kept their records in the batch hash."""
+    buf = JobBuffer(redis_client, "j1")
+    buf.ingest(
+        [change("a@x.io", "vip", 1), change("a@x.io", "lapsed", 2, flag=False), change("b@x.io", "vip", 1)]
+    )
+    [bid] = buf.seal_now()
+    records = [json.loads(entry_json(e)) for e in buf.entries(bid, ["a@x.io", "b@x.io"])]
+    redis_client.delete(keys.batch_entries("j1", bid))
+    redis_client.hset(
+        keys.batch("j1", bid),
+        "records",
+        json.dumps([[r] for r in records[:1]] + [[records[1]]]),
+    )
+    claimed = buf.claim(10_000)
+    assert claimed is not None
+    assert [json.loads(entry_json(e)) for e in claimed.entries] == records

@@ -274,3 +274,38 @@ def test_first_poll_waits_for_the_batches_queued_behind(pipe: Pipeline) -> None:
 
     first, rate = pipe.rt.settings.first_poll_seconds, RATE
     assert [p[3] for p in pipe.dispatch.polls] == pytest.approx([first + 2 / rate, first + 1 / rate, first])
+
+
+def test_first_poll_waits_no_longer_than_the_poll_cap(
+    pipe: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pipe = Pipeline(pipe.redis, monkeypatch, poll_cap_seconds=0.01 + 1 / RATE)
+    job = pipe.create_job(batch_size=1)
+    pipe.ingest(*(enter(e) for e in users(3)))
+    flush_job(pipe.rt, job.id)
+    assert max(p[3] for p in pipe.dispatch.polls) == pytest.approx(0.01 + 1 / RATE)
+
+
+@pytest.mark.parametrize("rate, more", [(1e9, True), (1e-3, False)])
+def test_a_slow_attentive_gets_another_sender_while_batches_wait(
+    pipe: Pipeline, monkeypatch: pytest.MonkeyPatch, rate: float, more: bool
+) -> None:
+    """A POST slower than a token interval means one sender cannot use the budget."""
+    pipe = Pipeline(pipe.redis, monkeypatch, rate_limit_per_second=rate)
+    job = pipe.create_job(batch_size=1)
+    pipe.ingest(*(enter(e) for e in users(3)))
+    flush_job(pipe.rt, job.id)
+    assert (pipe.dispatch.flushes == [(job.id, 0.0)]) is more
+
+
+def test_a_batch_whose_records_are_lost_is_deadlettered_and_the_rest_flow(pipe: Pipeline) -> None:
+    job = pipe.create_job(batch_size=2)
+    pipe.ingest(*(enter(e) for e in users(4)))
+    pipe.redis.delete(keys.batch_entries(job.id, 1))
+
+    report = flush_job(pipe.rt, job.id)
+
+    assert report.submitted == [2]
+    dead = deadletters.read(pipe.redis, job.id)
+    assert [d["user"] for d in dead] == users(4)[:2] and "missing" in dead[0]["reason"]
+    assert pipe.redis.exists(keys.batch(job.id, 1)) == 0

@@ -121,6 +121,10 @@ local function seal()
     local users = redis.call('LRANGE', K_ORDER, 0, -1)
     local bid = redis.call('INCR', K_SEQ)
     local owner = tostring(bid)
+    -- The open entries become the batch's entries as they are (O(1)): record text never passes
+    -- through Lua here, where copying 256 records cost about a millisecond per seal. Renamed
+    -- before anything else is written, so a failure here leaves no user owned by a missing batch.
+    redis.call('RENAME', K_OPEN, batch_prefix .. bid .. ':entries')
     local pairs_ = {}
     for _, u in ipairs(users) do
         pairs_[#pairs_ + 1] = u
@@ -128,9 +132,6 @@ local function seal()
         out_cache[u] = owner
     end
     sliced('HSET', K_OUTSTANDING, pairs_)
-    -- The open entries become the batch's entries as they are (O(1)): record text never passes
-    -- through Lua here, where copying 256 records cost about a millisecond per seal.
-    redis.call('RENAME', K_OPEN, batch_prefix .. bid .. ':entries')
     redis.call('HSET', batch_prefix .. bid,
         'users', cjson.encode(users), 'n', #users, 'state', 'sealed', 'attempts', 0, 'sealed_at', now)
     redis.call('RPUSH', K_SEALED, bid)
