@@ -32,8 +32,9 @@ MAX_SEND_ATTEMPTS = 3
 #: How many refused records per batch are logged to status as a sample.
 FAILURE_SAMPLE = 5
 #: For this long after its batch was sent, a poll takes only spare request budget: sends (new data)
-#: go first, and a confirmation can wait. A poll finding none comes back after as long again as
-#: its batch has been out (so a few times at most), without counting as an attempt. After it, polls
+#: go first, and a confirmation can wait. A poll finding none comes back after half as long as its
+#: batch has been out (a handful of times at most; a whole "as long again" kept the demo's users
+#: behind unfinished batches waiting 8 s more), without counting as an attempt. After it, polls
 #: queue for tokens like sends, so even a saturated key never starves completion (nor the users
 #: waiting behind an unfinished batch).
 POLL_YIELDS_MS = 60_000
@@ -76,7 +77,7 @@ def poll_batch(rt: Runtime, job_id: str, batch_id: int, attempt: int) -> PollRep
             if age_ms < POLL_YIELDS_MS:
                 if limiter.try_acquire(spare_only=True) > 0:
                     rt.redis.hincrby(status_key, "polls_yielded", 1)
-                    delay = max(first, min(cap, age_ms / 1000)) * random.uniform(0.8, 1.2)
+                    delay = max(first, min(cap, age_ms / 2000)) * random.uniform(0.8, 1.2)
                     return replace(_again(buffer, batch_id, delay), yielded=True)
             elif not limiter.acquire(TOKEN_WAIT_SECONDS):
                 return _again(buffer, batch_id, max(limiter.next_wait, 0.5))
