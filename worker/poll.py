@@ -50,8 +50,12 @@ class PollReport:
 
 def next_poll_delay(attempt: int, first: float = 2.0, cap: float = 60.0) -> float:
     """Exponential from ``first`` seconds, capped at ``cap``, with +-20% jitter."""
-    base = min(cap, first * 2.0 ** min(attempt, 20))
-    return base * random.uniform(0.8, 1.2)
+    return _jittered(min(cap, first * 2.0 ** min(attempt, 20)))
+
+
+def _jittered(seconds: float) -> float:
+    """``seconds`` +-20%, so polls scheduled together do not come due together."""
+    return seconds * random.uniform(0.8, 1.2)
 
 
 def poll_batch(rt: Runtime, job_id: str, batch_id: int, attempt: int) -> PollReport:
@@ -77,7 +81,7 @@ def poll_batch(rt: Runtime, job_id: str, batch_id: int, attempt: int) -> PollRep
             if age_ms < POLL_YIELDS_MS:
                 if limiter.try_acquire(spare_only=True) > 0:
                     rt.redis.hincrby(status_key, "polls_yielded", 1)
-                    delay = max(first, min(cap, age_ms / 2000)) * random.uniform(0.8, 1.2)
+                    delay = _jittered(max(first, min(cap, age_ms / 2000)))
                     return replace(_again(buffer, batch_id, delay), yielded=True)
             elif not limiter.acquire(TOKEN_WAIT_SECONDS):
                 return _again(buffer, batch_id, max(limiter.next_wait, 0.5))
