@@ -56,12 +56,20 @@ class FlushReport:
 
 
 def request_flush(rt: Runtime, job_id: str) -> bool:
-    """Queue a flush task for newly sealed batches, unless one is queued and has not started yet.
+    """Queue a flush task for newly sealed batches, unless a flush is running or queued already.
 
-    One queued task is enough: a flush claims batches until none is left, and it clears the mark
-    when it starts, so batches sealed while it runs get a task of their own. (A task per sealed
-    batch cost a broker round trip each and mostly found nothing left to claim.)
+    A running flush claims batches until none is left, and stands down before its last look
+    (:func:`flush_job`), so a batch sealed while it runs is either claimed by it or finds no
+    running mark here and gets a task of its own. Two flushes of one job would only take turns
+    sleeping on the shared rate limiter, holding two worker processes where one does the work.
     """
+    if rt.redis.exists(keys.flush_running(job_id)):
+        return False
+    return _queue_flush(rt, job_id)
+
+
+def _queue_flush(rt: Runtime, job_id: str) -> bool:
+    """Dispatch a flush task unless one is queued and has not started yet."""
     if rt.redis.set(keys.flush_queued(job_id), 1, nx=True, px=FLUSH_QUEUED_TTL_MS):
         rt.dispatch.flush(job_id)
         return True
@@ -71,13 +79,19 @@ def request_flush(rt: Runtime, job_id: str) -> bool:
 def flush_job(rt: Runtime, job_id: str, budget_seconds: float = FLUSH_BUDGET_SECONDS) -> FlushReport:
     """Submit sealed batches of one job until none is left, the budget is spent, or sending must stop."""
     report = FlushReport()
-    rt.redis.delete(keys.flush_queued(job_id))  # started: a batch sealed from now on queues a new task
+    running = keys.flush_running(job_id)
+    # Started: a flush sealed from now on is ours to claim, not a reason to queue another task.
+    rt.redis.pipeline(transaction=False).delete(keys.flush_queued(job_id)).set(
+        running, 1, px=FLUSH_QUEUED_TTL_MS
+    ).execute()
     job = rt.jobs.cached(job_id)
     if job is None or not job.sending:
+        rt.redis.delete(running)
         return report
     buffer = JobBuffer(rt.redis, job_id, job.config.batch_size)
     deadline = time.monotonic() + budget_seconds
     slow_send = 1.0 / rt.settings.rate_limit_per_second
+    standing_down = False
     while time.monotonic() < deadline:
         try:
             batch = buffer.claim(int(rt.settings.lease_seconds * 1000))
@@ -85,13 +99,23 @@ def flush_job(rt: Runtime, job_id: str, budget_seconds: float = FLUSH_BUDGET_SEC
             _drop_lost_batch(rt, job, buffer, lost)
             continue
         if batch is None:
-            return report
+            if standing_down:
+                return report
+            # Stand down, then look once more: a batch sealed after the empty claim above is either
+            # claimed by that look or its seal finds no running mark and queues a task.
+            rt.redis.delete(running)
+            standing_down = True
+            continue
+        if standing_down:
+            rt.redis.set(running, 1, px=FLUSH_QUEUED_TTL_MS)
+            standing_down = False
         post_seconds: list[float] = []
         outcome = _flush_batch(rt, job, buffer, batch, post_seconds)
         if isinstance(outcome, float):
             report.retry_in = outcome
             return report
         if isinstance(outcome, str):
+            rt.redis.delete(running)
             report.paused = outcome
             return report
         if outcome:
@@ -99,7 +123,7 @@ def flush_job(rt: Runtime, job_id: str, budget_seconds: float = FLUSH_BUDGET_SEC
             # One sender cannot use the whole budget when a request takes longer than a token
             # interval (Attentive answering in 200 ms, say): with batches waiting, ask for another.
             if batch.queued_behind and post_seconds and max(post_seconds) > slow_send:
-                request_flush(rt, job_id)
+                _queue_flush(rt, job_id)
     report.retry_in = 0.0  # budget spent with batches maybe left: continue in a fresh task
     return report
 

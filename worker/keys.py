@@ -114,6 +114,11 @@ def flush_queued(job_id: str) -> str:
     return _job(job_id, "flush:queued")
 
 
+def flush_running(job_id: str) -> str:
+    """STRING with a TTL: a flush task for the job is claiming batches; newly sealed ones need no task."""
+    return _job(job_id, "flush:running")
+
+
 def leases(job_id: str) -> str:
     """ZSET: batch id -> lease expiry (ms) while a flush task owns the batch."""
     return _job(job_id, "leases")

@@ -266,6 +266,62 @@ def test_one_flush_task_is_queued_until_it_starts(pipe: Pipeline) -> None:
     assert 0 < ttl <= FLUSH_QUEUED_TTL_MS  # a lost message does not block flushing for good
 
 
+def test_no_flush_task_is_queued_while_one_is_claiming_batches(pipe: Pipeline) -> None:
+    """Two flushes of one job only take turns on the rate limiter, holding two worker processes."""
+    job = pipe.create_job(batch_size=2)
+    pipe.ingest(*(enter(e) for e in users(2)))
+    queued_during: list[bool] = []
+
+    def accept_and_seal_more(sent: list[dict[str, Any]]) -> Any:
+        if not queued_during:
+            pipe.ingest(*(enter(e) for e in users(4)[2:]))  # seals a batch while the flush runs
+            queued_during.append(request_flush(pipe.rt, job.id))
+        return pipe.attentive.accept(sent)
+
+    pipe.attentive.bulk = accept_and_seal_more
+    assert flush_job(pipe.rt, job.id).submitted == [1, 2]  # the running flush took the new batch too
+    assert queued_during == [False] and pipe.dispatch.flushes == []
+    assert not pipe.redis.exists(keys.flush_running(job.id))  # stood down: the next seal queues a task
+    assert request_flush(pipe.rt, job.id)
+
+
+@pytest.mark.parametrize("sealed_before_standing_down", [True, False])
+def test_a_batch_sealed_as_the_flush_stands_down_is_never_stranded(
+    pipe: Pipeline, monkeypatch: pytest.MonkeyPatch, sealed_before_standing_down: bool
+) -> None:
+    """Ingest seals (and asks for a flush) right after the flush found nothing to claim."""
+    job = pipe.create_job(batch_size=2)
+    buffer_cls = type(pipe.buffer(job))
+    claim = buffer_cls.claim
+    empty_claims: list[int] = []
+    delete = pipe.redis.delete
+
+    def race() -> None:
+        pipe.ingest(*(enter(e) for e in users(2)))
+        request_flush(pipe.rt, job.id)
+
+    def claim_then_race(self: Any, lease_ms: int, now: int | None = None) -> Any:
+        got = claim(self, lease_ms, now)
+        if got is None and not empty_claims:
+            empty_claims.append(1)
+            if sealed_before_standing_down:
+                race()
+        return got
+
+    def delete_then_race(*names: Any) -> Any:
+        n = delete(*names)
+        if not sealed_before_standing_down and empty_claims == [1] and keys.flush_running(job.id) in names:
+            empty_claims.append(2)
+            race()
+        return n
+
+    monkeypatch.setattr(buffer_cls, "claim", claim_then_race)
+    monkeypatch.setattr(pipe.redis, "delete", delete_then_race)
+    report = flush_job(pipe.rt, job.id)
+    assert report.submitted == [1]  # either way the flush's last look finds the batch
+    assert pipe.dispatch.flushes == ([] if sealed_before_standing_down else [(job.id, 0.0)])
+
+
 def test_first_poll_waits_for_the_batches_queued_behind(pipe: Pipeline) -> None:
     job = pipe.create_job(batch_size=2)
     pipe.ingest(*(enter(e) for e in users(6)))  # three full batches sealed
