@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker import deadletters, keys
+from worker import deadletters, keys, parked
 from worker.attentive import (
     AttentiveError,
     Forbidden,
@@ -24,6 +24,7 @@ from worker.attentive import (
 from worker.buffer import BatchDataMissing, ClaimedBatch, JobBuffer, entry_json, entry_record, now_ms
 from worker.jobconfig import JobState
 from worker.jobs import SENDING_STATES, ExportJob
+from worker.parked import POLL_YIELDS_MS
 from worker.ratelimit import RateLimiter, backoff_delay
 from worker.runtime import Runtime
 
@@ -80,10 +81,11 @@ def flush_job(rt: Runtime, job_id: str, budget_seconds: float = FLUSH_BUDGET_SEC
     """Submit sealed batches of one job until none is left, the budget is spent, or sending must stop."""
     report = FlushReport()
     running = keys.flush_running(job_id)
-    # Started: a flush sealed from now on is ours to claim, not a reason to queue another task.
-    rt.redis.pipeline(transaction=False).delete(keys.flush_queued(job_id)).set(
-        running, 1, px=FLUSH_QUEUED_TTL_MS
-    ).execute()
+    # Started: a batch sealed from now on is ours to claim, not a reason to queue another task.
+    pipe = rt.redis.pipeline(transaction=False)
+    pipe.delete(keys.flush_queued(job_id))
+    pipe.set(running, 1, px=FLUSH_QUEUED_TTL_MS)
+    pipe.execute()
     job = rt.jobs.cached(job_id)
     if job is None or not job.sending:
         rt.redis.delete(running)
@@ -192,20 +194,22 @@ def _flush_batch(
         buffer.complete(batch.batch_id, {"batches_completed": 1})
         return False
     jobs = [{"id": job_id, "idx": idx} for job_id, idx in submissions]
-    # Polls share the request budget with sends: the first one waits until the batches queued
-    # behind this one are likely sent, so a backlog goes out at the full rate (polls are also
-    # spare-capacity only, see worker.poll).
-    first_poll = min(
-        rt.settings.first_poll_seconds + batch.queued_behind / limiter.rate_per_second,
-        max(rt.settings.first_poll_seconds, rt.settings.poll_cap_seconds),
-    )
-    deadline = now_ms() + int(first_poll * 1000) + POLL_GRACE_MS
+    # Polls share the request budget with sends. With batches queued behind this one, or a token
+    # we had to wait for, sends are using all of it: the poll is parked in Redis until the sweep
+    # sees spare budget (worker.parked), instead of a broker task that would find none.
+    saturated = bool(batch.queued_behind) or limiter.last_wait > 0
+    first_poll = rt.settings.first_poll_seconds
+    due = now_ms() + int(first_poll * 1000)
+    deadline = due + (POLL_YIELDS_MS if saturated else 0) + POLL_GRACE_MS
     if not buffer.mark_submitted(batch, jobs, deadline, settled=refused):
         # Our lease ran out and the batch went back to the queue: it will be sent again (an upsert,
         # harmless) and polled by whoever sends it.
         log.warning("job %s batch %s: lease lost during submit", job.id, batch.batch_id)
         return False
-    rt.dispatch.poll(job.id, batch.batch_id, 0, first_poll)
+    if saturated:
+        parked.park(rt, job.id, batch.batch_id, 0, due)
+    else:
+        rt.dispatch.poll(job.id, batch.batch_id, 0, first_poll)
     return True
 
 

@@ -119,6 +119,11 @@ def flush_running(job_id: str) -> str:
     return _job(job_id, "flush:running")
 
 
+def parked_polls(job_id: str) -> str:
+    """ZSET: "batch id:attempt" -> time (ms) a poll waiting for spare request budget is due."""
+    return _job(job_id, "polls:parked")
+
+
 def leases(job_id: str) -> str:
     """ZSET: batch id -> lease expiry (ms) while a flush task owns the batch."""
     return _job(job_id, "leases")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -22,6 +22,7 @@ from worker.attentive import AttentiveError, Forbidden, NotFound, RateLimited, U
 from worker.buffer import JobBuffer, now_ms
 from worker.flush import POLL_GRACE_MS, TOKEN_WAIT_SECONDS, pause_for_auth_error
 from worker.jobs import ExportJob
+from worker.parked import POLL_YIELDS_MS, park
 from worker.ratelimit import backoff_delay
 from worker.runtime import Runtime
 
@@ -31,13 +32,6 @@ log = logging.getLogger(__name__)
 MAX_SEND_ATTEMPTS = 3
 #: How many refused records per batch are logged to status as a sample.
 FAILURE_SAMPLE = 5
-#: For this long after its batch was sent, a poll takes only spare request budget: sends (new data)
-#: go first, and a confirmation can wait. A poll finding none comes back after half as long as its
-#: batch has been out (a handful of times at most; a whole "as long again" kept the demo's users
-#: behind unfinished batches waiting 8 s more), without counting as an attempt. After it, polls
-#: queue for tokens like sends, so even a saturated key never starves completion (nor the users
-#: waiting behind an unfinished batch).
-POLL_YIELDS_MS = 60_000
 
 
 @dataclass
@@ -45,17 +39,13 @@ class PollReport:
     done: bool
     next_in: float | None = None  # seconds until the next poll, when not done
     statuses: tuple[str, ...] = ()
-    yielded: bool = False  # no request was made (sends went first): the attempt does not count
+    parked: bool = False  # waiting for spare budget, no request made: the sweep releases it
 
 
 def next_poll_delay(attempt: int, first: float = 2.0, cap: float = 60.0) -> float:
     """Exponential from ``first`` seconds, capped at ``cap``, with +-20% jitter."""
-    return _jittered(min(cap, first * 2.0 ** min(attempt, 20)))
-
-
-def _jittered(seconds: float) -> float:
-    """``seconds`` +-20%, so polls scheduled together do not come due together."""
-    return seconds * random.uniform(0.8, 1.2)
+    # The jitter keeps polls scheduled together from coming due together.
+    return min(cap, first * 2.0 ** min(attempt, 20)) * random.uniform(0.8, 1.2)
 
 
 def poll_batch(rt: Runtime, job_id: str, batch_id: int, attempt: int) -> PollReport:
@@ -79,10 +69,13 @@ def poll_batch(rt: Runtime, job_id: str, batch_id: int, attempt: int) -> PollRep
                 continue
             age_ms = now_ms() - int(batch.get("submitted_at") or 0)
             if age_ms < POLL_YIELDS_MS:
+                # Young: spare budget only, sends go first; otherwise wait parked (worker.parked),
+                # the same attempt again.
                 if limiter.try_acquire(spare_only=True) > 0:
-                    rt.redis.hincrby(status_key, "polls_yielded", 1)
-                    delay = _jittered(max(first, min(cap, age_ms / 2000)))
-                    return replace(_again(buffer, batch_id, delay), yielded=True)
+                    now = now_ms()
+                    park(rt, job_id, batch_id, attempt, now)
+                    buffer.expect_poll_by(batch_id, now + POLL_YIELDS_MS + POLL_GRACE_MS)
+                    return PollReport(done=False, parked=True)
             elif not limiter.acquire(TOKEN_WAIT_SECONDS):
                 return _again(buffer, batch_id, max(limiter.next_wait, 0.5))
             try:

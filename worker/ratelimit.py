@@ -101,6 +101,7 @@ class RateLimiter:
         #: Emission interval in whole microseconds, rounded up so the rate is never exceeded.
         self.interval_us = max(1, math.ceil(_US / rate_per_second))
         self._keys = [keys.ratelimit(key_hash), keys.ratelimit_backoff(key_hash)]
+        self._redis = redis
         self._acquire = redis.register_script(_ACQUIRE_LUA)
         self._penalize = redis.register_script(_PENALIZE_LUA)
         self._backoff = redis.register_script(_BACKOFF_LUA)
@@ -134,6 +135,18 @@ class RateLimiter:
             self.last_granted_at = int(now_us) / _US
             return 0.0
         return int(wait_us) / _US
+
+    def has_spare(self) -> bool:
+        """Whether a ``spare_only`` request would get a token now; takes nothing."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.time()
+        pipe.mget(self._keys)
+        (seconds, micros), (tat, backoff_until) = pipe.execute()
+        now = int(seconds) * _US + int(micros)
+        if int(backoff_until or 0) > now:
+            return False
+        # As in the script: allowed iff max(TAT, now) + T - T * (burst - reserve) <= now.
+        return int(tat or 0) <= now + self.interval_us * (min(self.burst, 2) - 1)
 
     def acquire(self, timeout: float, *, spare_only: bool = False) -> bool:
         """Block, sleeping the waits Redis hands out, until a token is taken or ``timeout`` seconds pass.

@@ -41,12 +41,14 @@ class Settings:
     poll_cap_seconds: float = 60.0
     #: How long a flush owns a claimed batch before the sweep hands it to another worker.
     lease_seconds: float = 60.0
+    #: How often beat runs the sweep; parked polls are released over one interval (worker.parked).
+    sweep_interval_seconds: float = 1.0
 
     @classmethod
     def from_env(cls) -> Settings:
         """Read ``REDIS_URL``, ``CELERY_BROKER_URL``, ``ATTENTIVE_API_URL``, ``LYTICS_API_URL``, ``EXPORT_SECRET_KEY``,
         ``ATTENTIVE_RATE_LIMIT`` (requests/s for all workers together), ``ATTENTIVE_FIRST_POLL_SECONDS``,
-        ``ATTENTIVE_POLL_CAP_SECONDS``, ``FLUSH_LEASE_SECONDS``."""
+        ``ATTENTIVE_POLL_CAP_SECONDS``, ``FLUSH_LEASE_SECONDS``, ``SWEEP_INTERVAL_SECONDS``."""
         redis_url = _env("REDIS_URL", DEFAULT_REDIS_URL)
         return cls(
             redis_url=redis_url,
@@ -58,4 +60,5 @@ class Settings:
             first_poll_seconds=float(_env("ATTENTIVE_FIRST_POLL_SECONDS", "2")),
             poll_cap_seconds=float(_env("ATTENTIVE_POLL_CAP_SECONDS", "60")),
             lease_seconds=float(_env("FLUSH_LEASE_SECONDS", "60")),
+            sweep_interval_seconds=float(_env("SWEEP_INTERVAL_SECONDS", "1")),
         )

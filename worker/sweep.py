@@ -2,7 +2,8 @@
 
 Run by Celery beat every second or so (one beat per deployment). For every active job it seals
 buffers older than the job's flush interval, gives expired flush leases back to the queue,
-re-drives polls that should have happened, and dispatches flushes for batches nobody is sending.
+re-drives polls that should have happened, releases parked polls (worker/parked.py), and
+dispatches flushes for batches nobody is sending.
 It also re-drives inbox chunks whose ingest task was lost and backfill parts that stopped making
 progress (:func:`worker.backfill.redrive_stalled`). Every step is idempotent.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from worker import backfill, inbox, keys
+from worker import backfill, inbox, keys, parked
 from worker.buffer import JobBuffer, now_ms
 from worker.flush import POLL_GRACE_MS
 from worker.runtime import Runtime
@@ -27,6 +28,7 @@ class SweepReport:
     sealed: dict[str, list[int]] = field(default_factory=dict)
     requeued: int = 0
     polls_redriven: int = 0
+    polls_released: int = 0
     flushes: int = 0
     chunks_redriven: int = 0
     backfills_redriven: int = 0
@@ -51,6 +53,7 @@ def sweep(rt: Runtime) -> SweepReport:
         for batch_id in overdue:
             rt.dispatch.poll(job.id, batch_id, REDRIVEN_POLL_ATTEMPT, 0.0)
             report.polls_redriven += 1
+        report.polls_released += parked.release(rt, job, now)
     for chunk_id in inbox.orphaned_chunks(rt.redis, now):
         rt.dispatch.ingest(chunk_id)
         report.chunks_redriven += 1

@@ -203,6 +203,20 @@ class Pipeline:
         assert len(sealed) == 1
         return sealed[0]
 
+    def parked(self, job: ExportJob) -> list[tuple[int, int]]:
+        """Parked polls as (batch id, attempt), the earliest due first."""
+        from worker import keys
+
+        members = self.rt.redis.zrange(keys.parked_polls(job.id), 0, -1)
+        pairs = [(m.decode() if isinstance(m, bytes) else m).split(":") for m in members]
+        return [(int(b), int(a)) for b, a in pairs]
+
+    def polled(self, job: ExportJob) -> list[int]:
+        """Batches with a poll on its way: queued as a task or parked, in batch order."""
+        return sorted(
+            [p[1] for p in self.dispatch.polls if p[0] == job.id] + [b for b, _ in self.parked(job)]
+        )
+
     def status(self, job: ExportJob) -> dict[str, str]:
         from worker import keys
         from worker.replies import decode_hash

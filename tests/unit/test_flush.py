@@ -11,8 +11,10 @@ import httpx
 import pytest
 
 from worker import deadletters, keys
-from worker.flush import FLUSH_QUEUED_TTL_MS, flush_job, request_flush
+from worker.buffer import now_ms
+from worker.flush import FLUSH_QUEUED_TTL_MS, POLL_GRACE_MS, flush_job, request_flush
 from worker.jobconfig import JobState
+from worker.parked import POLL_YIELDS_MS
 from worker.poll import poll_batch
 from worker.ratelimit import RateLimiter
 
@@ -69,7 +71,7 @@ def test_flush_drains_every_sealed_batch_in_fifo_order(pipe: Pipeline) -> None:
 
     assert report.submitted == [1, 2, 3]
     assert [emails_of(b) for b in pipe.attentive.bulk_bodies] == [users(5)[0:2], users(5)[2:4], ["u4@x.io"]]
-    assert [p[1] for p in pipe.dispatch.polls] == [1, 2, 3]
+    assert pipe.polled(job) == [1, 2, 3]
 
 
 def test_a_request_never_carries_the_same_user_twice(pipe: Pipeline) -> None:
@@ -84,9 +86,8 @@ def test_a_request_never_carries_the_same_user_twice(pipe: Pipeline) -> None:
     assert [emails_of(b) for b in pipe.attentive.bulk_bodies] == [["a@x.io", "b@x.io"], ["c@x.io"]]
 
     # The exit waits for a's first Attentive job to finish, then goes in a later request.
-    assert len(pipe.dispatch.polls) == 2
-    first = pipe.dispatch.polls[0][1]
-    assert poll_batch(pipe.rt, job.id, first, 0).done
+    assert pipe.polled(job) == [1, 2]
+    assert poll_batch(pipe.rt, job.id, 1, 0).done
     pipe.buffer(job).seal_now()
     flush_job(pipe.rt, job.id)
     last = pipe.attentive.bulk_bodies[-1]
@@ -322,24 +323,39 @@ def test_a_batch_sealed_as_the_flush_stands_down_is_never_stranded(
     assert pipe.dispatch.flushes == ([] if sealed_before_standing_down else [(job.id, 0.0)])
 
 
-def test_first_poll_waits_for_the_batches_queued_behind(pipe: Pipeline) -> None:
+def test_with_batches_queued_behind_a_poll_is_parked_not_queued(pipe: Pipeline) -> None:
+    """Sends are using the whole budget: a poll task would only find no spare token."""
     job = pipe.create_job(batch_size=2)
     pipe.ingest(*(enter(e) for e in users(6)))  # three full batches sealed
+    before = now_ms()
 
     assert flush_job(pipe.rt, job.id).submitted == [1, 2, 3]
 
-    first, rate = pipe.rt.settings.first_poll_seconds, RATE
-    assert [p[3] for p in pipe.dispatch.polls] == pytest.approx([first + 2 / rate, first + 1 / rate, first])
+    assert pipe.parked(job) == [(1, 0), (2, 0)]  # attempt 0: parking spends no attempt
+    assert [p[1] for p in pipe.dispatch.polls] == [3]  # the last had nothing behind it
+    first_ms = int(pipe.rt.settings.first_poll_seconds * 1000)
+    due = pipe.redis.zscore(keys.parked_polls(job.id), "1:0")
+    assert due is not None and before + first_ms <= due <= now_ms() + first_ms
+    # The sweep's lost-poll deadline lies past the forced release, so it does not double up.
+    deadline = pipe.redis.zscore(keys.polls(job.id), 1)
+    assert deadline is not None and deadline >= due + POLL_YIELDS_MS + POLL_GRACE_MS
+    assert pipe.status(job)["polls_parked"] == "2"
 
 
-def test_first_poll_waits_no_longer_than_the_poll_cap(
+def test_a_send_that_waited_for_its_token_parks_its_poll(
     pipe: Pipeline, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    pipe = Pipeline(pipe.redis, monkeypatch, poll_cap_seconds=0.01 + 1 / RATE)
-    job = pipe.create_job(batch_size=1)
-    pipe.ingest(*(enter(e) for e in users(3)))
-    flush_job(pipe.rt, job.id)
-    assert max(p[3] for p in pipe.dispatch.polls) == pytest.approx(0.01 + 1 / RATE)
+    job = pipe.create_job()
+    bid = pipe.sealed_batch(job, users(2))
+    busy = RateLimiter(pipe.redis, KEY_HASH, 200.0)  # a token every 5 ms
+    monkeypatch.setattr(pipe.rt, "limiter_for", lambda job: busy)
+    while busy.try_acquire() == 0.0:  # other senders took the burst
+        pass
+
+    assert flush_job(pipe.rt, job.id).submitted == [bid]
+
+    assert busy.last_wait > 0
+    assert pipe.parked(job) == [(bid, 0)] and pipe.dispatch.polls == []
 
 
 @pytest.mark.parametrize("rate, more", [(1e9, True), (1e-3, False)])

@@ -371,7 +371,7 @@ def test_results_lines_without_index_are_matched_by_position(pipe: Pipeline) -> 
     assert dead["user"] == "u2@x.io"
 
 
-def test_a_young_batchs_poll_yields_to_queued_sends_and_spends_nothing(
+def test_a_young_batchs_poll_parks_while_sends_queue_and_spends_nothing(
     pipe: Pipeline, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     job = pipe.create_job()
@@ -381,11 +381,12 @@ def test_a_young_batchs_poll_yields_to_queued_sends_and_spends_nothing(
     assert [slow.try_acquire() for _ in range(3)] == [0.0] * 3  # sends: the schedule runs 3 s ahead
     gets = len(pipe.attentive.status_gets())
 
-    report = poll_batch(pipe.rt, job.id, bid, 0)
+    report = poll_batch(pipe.rt, job.id, bid, 3)
 
-    assert not report.done and report.yielded and report.next_in is not None and report.next_in > 0
+    assert not report.done and report.parked and report.next_in is None  # no task: it is parked
+    assert pipe.parked(job) == [(bid, 3)]  # the same attempt comes back when released
     assert len(pipe.attentive.status_gets()) == gets  # no request spent on the poll
-    assert pipe.status(job)["polls_yielded"] == "1"
+    assert pipe.status(job)["polls_parked"] == "1"
     assert slow.try_acquire() == 0.0  # the poll took no token: the next send still has one
 
 
@@ -400,4 +401,4 @@ def test_a_poll_older_than_the_yield_period_queues_for_tokens_like_a_send(
     assert [slow.try_acquire() for _ in range(3)] == [0.0] * 3
 
     assert poll_batch(pipe.rt, job.id, bid, 0).done  # took the 4th burst token and settled the batch
-    assert "polls_yielded" not in pipe.status(job)
+    assert "polls_parked" not in pipe.status(job) and pipe.parked(job) == []

@@ -127,6 +127,25 @@ def test_spare_only_goes_only_when_nobody_is_queueing(
     assert sends == 20
 
 
+@pytest.mark.parametrize("burst", [1, 2, 5])
+def test_has_spare_says_what_a_spare_only_request_would_get_and_takes_nothing(
+    fake_redis: fakeredis.FakeRedis, clock: FakeClock, burst: int
+) -> None:
+    rl = limiter(fake_redis, rate=10.0, burst=burst)
+    rng = random.Random(burst)
+    for _ in range(300):
+        step = rng.random()
+        if step < 0.4:
+            rl.try_acquire()
+        elif step < 0.5:
+            rl.penalize(rng.choice([0.0, 0.05, 0.3]))
+        else:
+            clock.advance(rng.choice([0.0, 0.01, 0.05, 0.1, 0.25]))
+        spare = rl.has_spare()
+        assert rl.has_spare() == spare  # asking took nothing
+        assert (rl.try_acquire(spare_only=True) == 0.0) == spare
+
+
 def test_idle_time_refills_only_up_to_the_burst(fake_redis: fakeredis.FakeRedis, clock: FakeClock) -> None:
     rl = limiter(fake_redis, rate=10.0, burst=3)
     rl.try_acquire()

@@ -1,0 +1,71 @@
+"""Parked polls: a young batch's status check waits in Redis while sends use the key's whole budget.
+
+A poll only confirms what Attentive already accepted, so while batches queue for rate-limit tokens
+a poll should not take one (DESIGN.md invariant 4 makes polls and sends share one budget). Before,
+such a poll re-queued itself through the broker every second or so and each time found no spare
+token: in a 60,000-user burst that was about 150 poll tasks, a sixth of the workers' time, spent on
+nothing. Now the poll is *parked*: a sorted-set entry (``batch id:attempt`` -> time it is due), no
+broker message. The sweep releases parked polls (:func:`release`):
+
+* due ones, oldest first, only while the key has spare budget, spaced at half its rate over one
+  sweep interval, so sends keep the other half;
+* those due for :data:`POLL_YIELDS_MS` or more regardless: they then queue for tokens like sends,
+  so even a key saturated for good never starves completion (nor the users waiting behind an
+  unfinished batch).
+
+A released poll that again finds no spare token parks again. The batch's poll deadline (the
+sweep's safety net for lost polls, ``keys.polls``) is set past the forced release by the caller.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import cast
+
+from worker import keys
+from worker.jobs import ExportJob
+from worker.runtime import Runtime
+
+#: For this long after it is due, a parked poll waits for spare budget; then it is released anyway.
+POLL_YIELDS_MS = 60_000
+#: Share of the key's rate at which the sweep releases parked polls.
+RELEASE_SHARE = 0.5
+
+
+def park(rt: Runtime, job_id: str, batch_id: int, attempt: int, due_ms: int) -> None:
+    """Hold a batch's next poll (attempt number ``attempt``) until :func:`release` lets it go."""
+    pipe = rt.redis.pipeline(transaction=False)
+    pipe.zadd(keys.parked_polls(job_id), {f"{batch_id}:{attempt}": due_ms})
+    pipe.hincrby(keys.job_status(job_id), "polls_parked", 1)
+    pipe.execute()
+
+
+def release(rt: Runtime, job: ExportJob, now_ms: int) -> int:
+    """Dispatch the parked polls whose turn it is (see the module doc); returns how many."""
+    key = keys.parked_polls(job.id)
+    pace = rt.settings.rate_limit_per_second * RELEASE_SHARE
+    most = max(1, math.ceil(pace * rt.settings.sweep_interval_seconds))
+    due = cast(
+        "list[tuple[bytes | str, float]]",
+        rt.redis.zrangebyscore(key, "-inf", now_ms, start=0, num=most, withscores=True),
+    )
+    if not due:
+        return 0
+    forced = [member for member, at in due if at <= now_ms - POLL_YIELDS_MS]
+    if len(forced) < len(due) and rt.limiter_for(job).has_spare():
+        chosen = [member for member, _ in due]
+    else:
+        chosen = forced
+    if not chosen:
+        return 0
+    pipe = rt.redis.pipeline(transaction=False)
+    for member in chosen:
+        pipe.zrem(key, member)
+    released = 0
+    # Only the sweep that removed an entry dispatches it, so two overlapping sweeps never poll twice.
+    for member, removed in zip(chosen, pipe.execute(), strict=True):
+        if removed:
+            batch_id, attempt = (member.decode() if isinstance(member, bytes) else member).split(":")
+            rt.dispatch.poll(job.id, int(batch_id), int(attempt), released / pace)
+            released += 1
+    return released
