@@ -66,6 +66,16 @@ class Runtime:
         key_hash = self._clients[job.config.authorization][0]
         return RateLimiter(self.redis, key_hash, self.settings.rate_limit_per_second)
 
+    def warm_up(self) -> None:
+        """Do now what a process's first tasks would otherwise pay for: connect to Redis, load the
+        job table, compile each active job's mapping, decrypt its key and build its client.
+        """
+        self.redis.ping()
+        for job in self.jobs.active():
+            job.mapper  # noqa: B018 (compiled on first use)
+            if job.sending:
+                self.client_for(job)
+
     def forget_client(self, job: ExportJob) -> None:
         """Drop a cached client (after a 401/403, so a re-authorized key is read afresh)."""
         with self._lock:

@@ -1,0 +1,45 @@
+"""Worker process warm-up: what a pool process prepares before its first task."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+import redis
+
+import worker.app
+import worker.runtime
+from worker.jobconfig import JobState
+
+from .pipeline_kit import Pipeline
+
+
+def test_warm_up_compiles_mappings_and_builds_clients_of_active_jobs(
+    fake_redis: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pipe = Pipeline(fake_redis, monkeypatch)
+    running, paused, stopped = pipe.create_job(), pipe.create_job(), pipe.create_job()
+    pipe.rt.jobs.set_state(paused.id, JobState.PAUSED, "operator")
+    pipe.rt.jobs.set_state(stopped.id, JobState.STOPPED, "operator")
+    clients: list[str] = []
+    monkeypatch.setattr(pipe.rt, "client_for", lambda job: clients.append(job.id))
+
+    pipe.rt.warm_up()
+
+    assert clients == [running.id]  # only a sending job needs its key decrypted
+    compiled = {job_id for job_id in (running.id, paused.id) if pipe.rt.jobs.cached(job_id)._mapper}  # type: ignore[union-attr]
+    assert compiled == {running.id, paused.id}  # a paused job still ingests
+
+
+def test_a_failed_warm_up_never_keeps_a_worker_from_starting(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Down:
+        def warm_up(self) -> None:
+            raise redis.exceptions.ConnectionError("Error 111 connecting to 127.0.0.1:6379")
+
+    monkeypatch.setattr(worker.runtime, "runtime", lambda: Down())
+    with caplog.at_level(logging.WARNING):
+        worker.app._warm_up()
+    assert "warm-up skipped: ConnectionError" in caplog.text
