@@ -49,7 +49,9 @@ async def offer(
     """Offer ``request`` at ``rate``/s for ``seconds`` over ``connections`` keep-alive connections.
 
     Slot k is due at ``k / rate``; connection c takes slots c, c+N, c+2N... and sends late slots at once,
-    so the offered rate holds as long as the server answers within N/rate seconds.
+    so the offered rate holds as long as the server answers within N/rate seconds. Nothing is sent
+    after ``seconds``: a server slower than the offered rate ends the run on time with fewer requests
+    (otherwise a very high ``rate`` would mean waiting for every slot to be answered).
     """
     total = int(rate * seconds)
     outcomes: list[Outcome] = []
@@ -59,6 +61,8 @@ async def offer(
         reader, writer = await asyncio.open_connection(host, port)
         try:
             for k in range(c, total, connections):
+                if time.monotonic() - start >= seconds:
+                    break
                 delay = start + k / rate - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
