@@ -36,7 +36,8 @@ TOKEN_WAIT_SECONDS = 5.0
 FLUSH_BUDGET_SECONDS = 10.0
 #: Grace after a poll's due time before the sweep re-drives it (its task was lost).
 POLL_GRACE_MS = 120_000
-#: How long a queued flush task counts as on its way. Past it (a lost message), the next seal queues
+#: How long a queued flush task counts as on its way, and a running one as running (each mark is
+#: refreshed when a flush starts). Past it (a lost message, a killed worker), the next seal queues
 #: another; the sweep re-drives unclaimed batches regardless.
 FLUSH_QUEUED_TTL_MS = 30_000
 

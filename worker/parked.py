@@ -13,13 +13,18 @@ broker message. The sweep releases parked polls (:func:`release`):
   so even a key saturated for good never starves completion (nor the users waiting behind an
   unfinished batch).
 
-A released poll that again finds no spare token parks again. The batch's poll deadline (the
-sweep's safety net for lost polls, ``keys.polls``) is set past the forced release by the caller.
+A released poll that again finds no spare token parks again, due since its batch's first poll, so
+the forced release still comes when the batch stops being young. The batch's lost-poll deadline
+(``keys.polls``, the sweep's safety net) lies past the forced release while parked, and the sweep
+refreshes it on release, so a poll is never both released and re-driven. Parking needs beat's
+sweep to run, as interval flushes do. The pace is per job: jobs sharing a key each release at it,
+which young polls' spare-only tokens keep harmless to sends.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import cast
 
 from worker import keys
@@ -40,8 +45,12 @@ def park(rt: Runtime, job_id: str, batch_id: int, attempt: int, due_ms: int) -> 
     pipe.execute()
 
 
-def release(rt: Runtime, job: ExportJob, now_ms: int) -> int:
-    """Dispatch the parked polls whose turn it is (see the module doc); returns how many."""
+def release(rt: Runtime, job: ExportJob, now_ms: int) -> list[int]:
+    """Dispatch the parked polls whose turn it is (see the module doc); returns their batch ids.
+
+    An entry is removed before its task is sent: if sending fails, the sweep's lost-poll deadline
+    re-drives the batch later.
+    """
     key = keys.parked_polls(job.id)
     pace = rt.settings.rate_limit_per_second * RELEASE_SHARE
     most = max(1, math.ceil(pace * rt.settings.sweep_interval_seconds))
@@ -50,22 +59,35 @@ def release(rt: Runtime, job: ExportJob, now_ms: int) -> int:
         rt.redis.zrangebyscore(key, "-inf", now_ms, start=0, num=most, withscores=True),
     )
     if not due:
-        return 0
+        return []
     forced = [member for member, at in due if at <= now_ms - POLL_YIELDS_MS]
     if len(forced) < len(due) and rt.limiter_for(job).has_spare():
         chosen = [member for member, _ in due]
     else:
         chosen = forced
     if not chosen:
-        return 0
+        return []
     pipe = rt.redis.pipeline(transaction=False)
     for member in chosen:
         pipe.zrem(key, member)
-    released = 0
+    released: list[int] = []
     # Only the sweep that removed an entry dispatches it, so two overlapping sweeps never poll twice.
     for member, removed in zip(chosen, pipe.execute(), strict=True):
         if removed:
-            batch_id, attempt = (member.decode() if isinstance(member, bytes) else member).split(":")
-            rt.dispatch.poll(job.id, int(batch_id), int(attempt), released / pace)
-            released += 1
+            batch_id, attempt = _parse(member)
+            rt.dispatch.poll(job.id, batch_id, attempt, len(released) / pace)
+            released.append(batch_id)
     return released
+
+
+def forget(rt: Runtime, job_id: str, batch_ids: Iterable[int]) -> int:
+    """Drop the parked polls of these batches (a re-driven poll replaces them); returns how many."""
+    wanted = set(batch_ids)
+    key = keys.parked_polls(job_id)
+    members = [m for m in cast("list[bytes | str]", rt.redis.zrange(key, 0, -1)) if _parse(m)[0] in wanted]
+    return int(rt.redis.zrem(key, *members)) if members else 0
+
+
+def _parse(member: bytes | str) -> tuple[int, int]:
+    batch_id, attempt = (member.decode() if isinstance(member, bytes) else member).split(":")
+    return int(batch_id), int(attempt)

@@ -72,9 +72,11 @@ def poll_batch(rt: Runtime, job_id: str, batch_id: int, attempt: int) -> PollRep
                 # Young: spare budget only, sends go first; otherwise wait parked (worker.parked),
                 # the same attempt again.
                 if limiter.try_acquire(spare_only=True) > 0:
-                    now = now_ms()
-                    park(rt, job_id, batch_id, attempt, now)
-                    buffer.expect_poll_by(batch_id, now + POLL_YIELDS_MS + POLL_GRACE_MS)
+                    # Due since its first poll: released oldest first, and forced once it is no
+                    # longer young, not a whole POLL_YIELDS_MS after this attempt.
+                    due = now_ms() - age_ms + int(first * 1000)
+                    park(rt, job_id, batch_id, attempt, due)
+                    buffer.expect_poll_by(batch_id, due + POLL_YIELDS_MS + POLL_GRACE_MS)
                     return PollReport(done=False, parked=True)
             elif not limiter.acquire(TOKEN_WAIT_SECONDS):
                 return _again(buffer, batch_id, max(limiter.next_wait, 0.5))

@@ -6,6 +6,7 @@ Everything here is a cache of what Redis says; a process can be killed or added 
 
 from __future__ import annotations
 
+import logging
 import threading
 from functools import cached_property
 
@@ -17,6 +18,8 @@ from worker.dispatch import CeleryDispatcher, Dispatcher
 from worker.jobs import ExportJob, JobStore
 from worker.ratelimit import RateLimiter, api_key_hash
 from worker.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 class Runtime:
@@ -61,9 +64,15 @@ class Runtime:
             return cached[1]
 
     def limiter_for(self, job: ExportJob) -> RateLimiter:
-        """The rate limiter shared by every worker using the job's API key."""
-        self.client_for(job)
-        key_hash = self._clients[job.config.authorization][0]
+        """The rate limiter shared by every worker using the job's API key.
+
+        Named by the key's hash, stored beside the encrypted key: the sweep asks for limiters of
+        jobs whose key it never decrypts (and must not fail on one it cannot decrypt).
+        """
+        auth = job.config.authorization
+        with self._lock:
+            cached = self._clients.get(auth)
+        key_hash = cached[0] if cached else self.authorizations.get(auth).key_hash
         return RateLimiter(self.redis, key_hash, self.settings.rate_limit_per_second)
 
     def warm_up(self) -> None:
@@ -72,9 +81,12 @@ class Runtime:
         """
         self.redis.ping()
         for job in self.jobs.active():
-            job.mapper  # noqa: B018 (compiled on first use)
-            if job.sending:
-                self.client_for(job)
+            try:
+                job.mapper  # noqa: B018 (compiled on first use)
+                if job.sending:
+                    self.client_for(job)
+            except Exception as exc:  # that job's first task will say what is wrong; warm the rest
+                log.warning("warm-up of job %s skipped: %s: %s", job.id, type(exc).__name__, exc)
 
     def forget_client(self, job: ExportJob) -> None:
         """Drop a cached client (after a 401/403, so a re-authorized key is read afresh)."""

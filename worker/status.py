@@ -65,7 +65,7 @@ def job_status(client: redis.Redis, job_id: str) -> dict[str, Any]:
             "users_in_open_batch": buffer.open_size(),
             "batches_waiting_to_send": buffer.sealed_count(),
             "batches_at_attentive": int(client.zcard(keys.polls(job_id))),
-            "polls_waiting_for_spare_budget": int(client.zcard(keys.parked_polls(job_id))),
+            "polls_parked_now": int(client.zcard(keys.parked_polls(job_id))),
             "users_in_unfinished_batches": buffer.outstanding_users(),
             "users_waiting_for_earlier_change": buffer.waiting_users(),
         },

@@ -10,12 +10,18 @@ progress (:func:`worker.backfill.redrive_stalled`). Every step is idempotent.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
+
+import redis
 
 from worker import backfill, inbox, keys, parked
 from worker.buffer import JobBuffer, now_ms
 from worker.flush import POLL_GRACE_MS
+from worker.jobs import ExportJob
 from worker.runtime import Runtime
+
+log = logging.getLogger(__name__)
 
 #: A job with sealed batches and no claim for this long gets a flush dispatched.
 IDLE_FLUSH_MS = 5_000
@@ -32,30 +38,53 @@ class SweepReport:
     flushes: int = 0
     chunks_redriven: int = 0
     backfills_redriven: int = 0
+    #: jobs whose step raised (logged, and shown as the job's last_error)
+    failed: list[str] = field(default_factory=list)
 
 
 def sweep(rt: Runtime) -> SweepReport:
     report = SweepReport()
     now = now_ms()
     for job in rt.jobs.active():
-        buffer = JobBuffer(rt.redis, job.id, job.config.batch_size)
-        sealed = buffer.seal_due(job.config.flush_interval_seconds * 1000, now=now)
-        requeued, overdue = buffer.reap(POLL_GRACE_MS, now=now)
-        report.requeued += requeued
-        if sealed:
-            report.sealed[job.id] = sealed
-        if not job.sending:
-            continue
-        last_claim = int(rt.redis.hget(keys.job_status(job.id), "last_claim_at") or 0)
-        if sealed or requeued or (buffer.sealed_count() and now - last_claim > IDLE_FLUSH_MS):
-            rt.dispatch.flush(job.id)
-            report.flushes += 1
-        for batch_id in overdue:
-            rt.dispatch.poll(job.id, batch_id, REDRIVEN_POLL_ATTEMPT, 0.0)
-            report.polls_redriven += 1
-        report.polls_released += parked.release(rt, job, now)
+        try:
+            _sweep_job(rt, job, now, report)
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+            raise  # Redis is down for every job: the task retries
+        except Exception as exc:  # one job's broken authorization, say, must not stall the others
+            log.exception("sweep: job %s failed", job.id)
+            rt.redis.hset(keys.job_status(job.id), "last_error", f"sweep: {type(exc).__name__}: {exc}")
+            report.failed.append(job.id)
     for chunk_id in inbox.orphaned_chunks(rt.redis, now):
         rt.dispatch.ingest(chunk_id)
         report.chunks_redriven += 1
     report.backfills_redriven = backfill.redrive_stalled(rt.redis, rt.dispatch, now)
     return report
+
+
+def _sweep_job(rt: Runtime, job: ExportJob, now: int, report: SweepReport) -> None:
+    buffer = JobBuffer(rt.redis, job.id, job.config.batch_size)
+    sealed = buffer.seal_due(job.config.flush_interval_seconds * 1000, now=now)
+    if sealed:
+        report.sealed[job.id] = sealed
+    if job.sending:
+        # Before the reap: a released poll is a task again and gets a fresh lost-poll deadline, so
+        # a reap after beat was down does not re-drive it a second time.
+        released = parked.release(rt, job, now)
+        for batch_id in released:
+            buffer.expect_poll_by(
+                batch_id, now + int(rt.settings.sweep_interval_seconds * 1000) + POLL_GRACE_MS
+            )
+        report.polls_released += len(released)
+    requeued, overdue = buffer.reap(POLL_GRACE_MS, now=now)
+    report.requeued += requeued
+    if not job.sending:
+        return
+    last_claim = int(rt.redis.hget(keys.job_status(job.id), "last_claim_at") or 0)
+    if sealed or requeued or (buffer.sealed_count() and now - last_claim > IDLE_FLUSH_MS):
+        rt.dispatch.flush(job.id)
+        report.flushes += 1
+    if overdue:
+        parked.forget(rt, job.id, overdue)  # the re-driven poll replaces a parked one (beat was down)
+    for batch_id in overdue:
+        rt.dispatch.poll(job.id, batch_id, REDRIVEN_POLL_ATTEMPT, 0.0)
+        report.polls_redriven += 1

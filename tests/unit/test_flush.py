@@ -110,6 +110,8 @@ def test_429_releases_batch_penalizes_shared_limiter_and_counts(pipe: Pipeline, 
     assert status["responses_429"] == "1"
     assert float(status["rate_limited_seconds"]) == 0.5
     assert pipe.dispatch.polls == []
+    # Its own retry is on the way: a seal meanwhile queues no second sender.
+    assert pipe.redis.exists(keys.flush_running(job.id)) and not request_flush(pipe.rt, job.id)
 
     # A second 429 in a row backs off longer (exponential), and both delays are accounted for.
     hold_elapsed(pipe)
@@ -184,6 +186,7 @@ def test_auth_error_pauses_job_releases_batch_and_stops_sending(pipe: Pipeline, 
     assert pipe.status(job)["last_error"] == stored.pause_reason
     assert pipe.buffer(job).sealed_count() == 1 and pipe.buffer(job).batch(bid)["state"] == "sealed"
     assert len(pipe.attentive.requests) == 1
+    assert not pipe.redis.exists(keys.flush_running(job.id))  # after a resume, a seal queues a flush
 
     # Not retried in a loop: the next flush sends nothing while the job is paused.
     again = flush_job(pipe.rt, job.id)
@@ -248,6 +251,7 @@ def test_flush_of_a_job_that_is_not_sending_does_nothing(pipe: Pipeline, state: 
     assert report.submitted == [] and report.retry_in is None and report.paused == ""
     assert pipe.attentive.requests == []
     assert pipe.buffer(job).sealed_count() == 1 and pipe.buffer(job).batch(bid)["state"] == "sealed"
+    assert not pipe.redis.exists(keys.flush_running(job.id))
 
 
 def test_flush_of_an_unknown_job_does_nothing(pipe: Pipeline) -> None:

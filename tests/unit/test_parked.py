@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 
 from worker import keys, parked
+from worker.authorizations import AuthorizationStore
 from worker.buffer import now_ms
+from worker.crypto import generate_secret_key
+from worker.flush import flush_job
+from worker.ingest import ingest_lines
+from worker.jobconfig import JobState, parse_job_config
 from worker.parked import POLL_YIELDS_MS, RELEASE_SHARE
 from worker.ratelimit import RateLimiter
-from worker.sweep import sweep
+from worker.replies import decode_hash
+from worker.runtime import Runtime
+from worker.settings import Settings
+from worker.sweep import SweepReport, sweep
 
-from .pipeline_kit import KEY_HASH, Pipeline
+from .pipeline_kit import KEY_HASH, Pipeline, RecordingDispatcher, enter, users
 
 RATE = 20.0  # released at 10/s: at most 10 per one-second sweep, 0.1 s apart
 
@@ -42,7 +51,7 @@ def test_due_polls_are_released_oldest_first_spaced_at_half_the_rate(pipe: Pipel
     now = now_ms()
     park_many(pipe, job, 25, now - 1_000)
 
-    assert parked.release(pipe.rt, job, now) == 10  # ceil(20/s * 0.5 * 1 s)
+    assert parked.release(pipe.rt, job, now) == list(range(1, 11))  # ceil(20/s * 0.5 * 1 s)
 
     assert [(p[1], p[2]) for p in pipe.dispatch.polls] == [(b, b % 3) for b in range(1, 11)]
     assert [p[3] for p in pipe.dispatch.polls] == pytest.approx(
@@ -57,7 +66,7 @@ def test_polls_not_yet_due_stay_parked(pipe: Pipeline) -> None:
     parked.park(pipe.rt, job.id, 1, 0, now - 1)
     parked.park(pipe.rt, job.id, 2, 0, now + 500)
 
-    assert parked.release(pipe.rt, job, now) == 1
+    assert parked.release(pipe.rt, job, now) == [1]
     assert pipe.parked(job) == [(2, 0)]
 
 
@@ -70,7 +79,7 @@ def test_nothing_is_released_while_sends_use_the_whole_budget_but_a_minute_late_
     parked.park(pipe.rt, job.id, 2, 0, now - 1_000)
     saturate(pipe)
 
-    assert parked.release(pipe.rt, job, now) == 1
+    assert parked.release(pipe.rt, job, now) == [1]
     assert [p[1] for p in pipe.dispatch.polls] == [1] and pipe.parked(job) == [(2, 0)]
 
 
@@ -88,7 +97,7 @@ def test_an_entry_another_sweep_took_meanwhile_is_not_dispatched_twice(
         return got
 
     monkeypatch.setattr(pipe.redis, "zrangebyscore", then_a_twin_takes_batch_1)
-    assert parked.release(pipe.rt, job, now) == 1
+    assert parked.release(pipe.rt, job, now) == [2]
     assert [p[1] for p in pipe.dispatch.polls] == [2]
 
 
@@ -100,6 +109,75 @@ def test_the_sweep_releases_parked_polls_of_sending_jobs_only(pipe: Pipeline) ->
     assert pipe.dispatch.polls == [(job.id, 7, 2, 0.0)]
 
     parked.park(pipe.rt, job.id, 8, 0, now_ms() - 1)
-    pipe.rt.jobs.set_state(job.id, "paused", "operator")
-    assert sweep(pipe.rt).polls_released == 0  # released on resume: a paused job polls nothing
+    pipe.rt.jobs.set_state(job.id, JobState.PAUSED, "operator")
+    assert sweep(pipe.rt).polls_released == 0  # a paused job polls nothing
     assert pipe.parked(job) == [(8, 0)]
+    pipe.rt.jobs.set_state(job.id, JobState.RUNNING, "operator")
+    assert sweep(pipe.rt).polls_released == 1  # resumed: its parked poll goes
+    assert pipe.dispatch.polls[-1] == (job.id, 8, 0, 0.0)
+
+
+def test_after_beat_was_down_a_parked_poll_is_dispatched_once_not_also_re_driven(pipe: Pipeline) -> None:
+    job = pipe.create_job(batch_size=2)
+    pipe.ingest(*(enter(e) for e in users(4)))  # two full batches
+    saturate(pipe)  # the flush waits for tokens: both polls are parked
+    assert flush_job(pipe.rt, job.id).submitted == [1, 2]
+    assert pipe.parked(job) == [(1, 0), (2, 0)] and pipe.dispatch.polls == []
+    four_minutes_later = now_ms() + 240_000  # past the forced release and the lost-poll deadline
+    pipe.redis.delete(keys.ratelimit(KEY_HASH))
+
+    report = sweep_at(pipe, four_minutes_later)
+
+    assert sorted(p[1] for p in pipe.dispatch.polls) == [1, 2]  # once each
+    assert report.polls_released + report.polls_redriven == 2 and pipe.parked(job) == []
+
+
+def test_a_job_whose_key_cannot_be_read_does_not_stall_the_sweep_of_others(
+    fake_redis: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rt = Runtime(Settings(secret_key=generate_secret_key()), fake_redis, RecordingDispatcher())
+    broken = rt.jobs.create(parse_job_config(job_config("deleted-auth")))
+    parked.park(rt, broken.id, 1, 0, now_ms() - 1)  # releasing it needs the key's limiter
+    healthy = rt.jobs.create(parse_job_config(job_config("deleted-auth", flush_interval_seconds=1)))
+    ingest_lines(fake_redis, rt.jobs, [json.dumps(enter("a@x.io"))])
+
+    report = sweep_at_runtime(rt, now_ms() + 2_000)
+
+    assert report.failed == [broken.id]
+    assert report.sealed == {healthy.id: [1]}  # the other job's interval seal still happened
+    status = decode_hash(fake_redis.hgetall(keys.job_status(broken.id)))
+    assert status["last_error"].startswith("sweep: AuthorizationNotFound: no authorization")
+
+
+def test_parked_polls_are_released_without_decrypting_the_key(
+    fake_redis: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The limiter is named by the key's stored hash: a sweep with the wrong secret key still paces."""
+    monkeypatch.setattr(AuthorizationStore, "_validate_with_attentive", lambda self, key: "Acme")
+    AuthorizationStore(fake_redis, generate_secret_key()).create("acme", "sk_test_0123456789abcdef")
+    rt = Runtime(Settings(secret_key=generate_secret_key()), fake_redis, RecordingDispatcher())
+    job = rt.jobs.create(parse_job_config(job_config("acme")))
+    parked.park(rt, job.id, 1, 0, now_ms() - 1)
+
+    assert sweep(rt).polls_released == 1
+
+
+def job_config(authorization: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "label": "job",
+        "authorization": authorization,
+        "audiences": ["vip"],
+        "identifier_mappings": {"email": "email"},
+        **extra,
+    }
+
+
+def sweep_at(pipe: Pipeline, ms: int) -> SweepReport:
+    return sweep_at_runtime(pipe.rt, ms)
+
+
+def sweep_at_runtime(rt: Runtime, ms: int) -> SweepReport:
+    with pytest.MonkeyPatch.context() as mp:
+        for module in ("worker.buffer", "worker.sweep"):
+            mp.setattr(f"{module}.now_ms", lambda: ms)
+        return sweep(rt)

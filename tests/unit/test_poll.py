@@ -9,7 +9,7 @@ import pytest
 
 from worker import deadletters, keys
 from worker.buffer import now_ms
-from worker.flush import flush_job
+from worker.flush import POLL_GRACE_MS, flush_job
 from worker.jobconfig import JobState
 from worker.jobs import ExportJob
 from worker.poll import MAX_SEND_ATTEMPTS, POLL_YIELDS_MS, poll_batch
@@ -385,6 +385,13 @@ def test_a_young_batchs_poll_parks_while_sends_queue_and_spends_nothing(
 
     assert not report.done and report.parked and report.next_in is None  # no task: it is parked
     assert pipe.parked(job) == [(bid, 3)]  # the same attempt comes back when released
+    # Due since its first poll came due, so it is forced out once the batch is no longer young.
+    submitted_at = int(pipe.buffer(job).batch(bid)["submitted_at"])
+    due = submitted_at + int(pipe.rt.settings.first_poll_seconds * 1000)
+    assert pipe.redis.zscore(keys.parked_polls(job.id), f"{bid}:3") == pytest.approx(due, abs=2)
+    assert pipe.redis.zscore(keys.polls(job.id), bid) == pytest.approx(
+        due + POLL_YIELDS_MS + POLL_GRACE_MS, abs=2
+    )
     assert len(pipe.attentive.status_gets()) == gets  # no request spent on the poll
     assert pipe.status(job)["polls_parked"] == "1"
     assert slow.try_acquire() == 0.0  # the poll took no token: the next send still has one

@@ -32,6 +32,23 @@ def test_warm_up_compiles_mappings_and_builds_clients_of_active_jobs(
     assert compiled == {running.id, paused.id}  # a paused job still ingests
 
 
+def test_one_job_failing_to_warm_up_does_not_keep_the_others_cold(
+    fake_redis: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pipe = Pipeline(fake_redis, monkeypatch)
+    broken, fine = pipe.create_job(), pipe.create_job()
+    warmed: list[str] = []
+
+    def client_for(job: Any) -> None:
+        if job.id == broken.id:
+            raise LookupError("no authorization with id or label 'auth-1'")
+        warmed.append(job.id)
+
+    monkeypatch.setattr(pipe.rt, "client_for", client_for)
+    pipe.rt.warm_up()
+    assert warmed == [fine.id]
+
+
 def test_a_failed_warm_up_never_keeps_a_worker_from_starting(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
