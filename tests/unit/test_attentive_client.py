@@ -690,6 +690,20 @@ def test_result_line_status_variants() -> None:
     assert line.failed and line.message == "no id" and line.line_number == 3
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"index":4,"request":{"ltv":NaN},"response":{"statusCode":400,"body":{"error":"bad ltv"}}}',
+        b'{"index":4,"request":{"ltv":-Infinity},"response":{"statusCode":400,"body":{"error":"bad ltv"}}}',
+    ],
+)
+def test_a_result_line_orjson_refuses_but_json_allows_is_still_read(raw: bytes) -> None:
+    """NaN and Infinity: orjson rejects them, the stdlib reads them (and once did here)."""
+    line = ResultLine.from_line(raw, 0)
+    assert not line.unparseable and line.failed and line.index == 4 and line.message == "bad ltv"
+    assert ResultLine.from_line(raw[:-1], 0).unparseable  # truncated: still unreadable
+
+
 # --- secrets ------------------------------------------------------------------------------------------
 
 

@@ -7,6 +7,7 @@ time. Field names follow the wire format (camelCase) so they read like the contr
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,8 +139,13 @@ class ResultLine:
         """
         try:
             obj = orjson.loads(line)
-        except orjson.JSONDecodeError as exc:
-            return cls(line_number=line_number, parse_error=f"invalid JSON: {type(exc).__name__}")
+        except orjson.JSONDecodeError:
+            # orjson refuses some lines the stdlib reads (NaN, Infinity): a report on a record is
+            # worth the slower parse, and only such lines pay for it.
+            try:
+                obj = json.loads(line)
+            except (ValueError, RecursionError) as exc:
+                return cls(line_number=line_number, parse_error=f"invalid JSON: {type(exc).__name__}")
         if not isinstance(obj, dict):
             return cls(line_number=line_number, parse_error=f"not a JSON object: {type(obj).__name__}")
         return cls.from_obj(obj, line_number)
