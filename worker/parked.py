@@ -7,8 +7,8 @@ token: in a 60,000-user burst that was about 150 poll tasks, a sixth of the work
 nothing. Now the poll is *parked*: a sorted-set entry (``batch id:attempt`` -> time it is due), no
 broker message. The sweep releases parked polls (:func:`release`):
 
-* due ones, oldest first, only while the key has spare budget, spaced at half its rate over one
-  sweep interval, so sends keep the other half;
+* due ones, oldest first, only while the key has spare budget, spaced over one sweep interval at
+  its rate, or at half of it while the job has batches waiting to be sent (they keep the rest);
 * those due for :data:`POLL_YIELDS_MS` or more regardless: they then queue for tokens like sends,
   so even a key saturated for good never starves completion (nor the users waiting behind an
   unfinished batch).
@@ -33,7 +33,7 @@ from worker.runtime import Runtime
 
 #: For this long after it is due, a parked poll waits for spare budget; then it is released anyway.
 POLL_YIELDS_MS = 60_000
-#: Share of the key's rate at which the sweep releases parked polls.
+#: Share of the key's rate at which the sweep releases parked polls while batches wait to be sent.
 RELEASE_SHARE = 0.5
 
 
@@ -45,14 +45,14 @@ def park(rt: Runtime, job_id: str, batch_id: int, attempt: int, due_ms: int) -> 
     pipe.execute()
 
 
-def release(rt: Runtime, job: ExportJob, now_ms: int) -> list[int]:
+def release(rt: Runtime, job: ExportJob, now_ms: int, sends_waiting: bool) -> list[int]:
     """Dispatch the parked polls whose turn it is (see the module doc); returns their batch ids.
 
     An entry is removed before its task is sent: if sending fails, the sweep's lost-poll deadline
     re-drives the batch later.
     """
     key = keys.parked_polls(job.id)
-    pace = rt.settings.rate_limit_per_second * RELEASE_SHARE
+    pace = rt.settings.rate_limit_per_second * (RELEASE_SHARE if sends_waiting else 1.0)
     most = max(1, math.ceil(pace * rt.settings.sweep_interval_seconds))
     due = cast(
         "list[tuple[bytes | str, float]]",

@@ -69,7 +69,7 @@ def _sweep_job(rt: Runtime, job: ExportJob, now: int, report: SweepReport) -> No
     if job.sending:
         # Before the reap: a released poll is a task again and gets a fresh lost-poll deadline, so
         # a reap after beat was down does not re-drive it a second time.
-        released = parked.release(rt, job, now)
+        released = parked.release(rt, job, now, sends_waiting=buffer.sealed_count() > 0)
         for batch_id in released:
             buffer.expect_poll_by(
                 batch_id, now + int(rt.settings.sweep_interval_seconds * 1000) + POLL_GRACE_MS

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import pytest
@@ -23,7 +24,7 @@ from worker.sweep import SweepReport, sweep
 
 from .pipeline_kit import KEY_HASH, Pipeline, RecordingDispatcher, enter, users
 
-RATE = 20.0  # released at 10/s: at most 10 per one-second sweep, 0.1 s apart
+RATE = 20.0  # released at 20/s, or 10/s while sends wait: at most 20 or 10 per one-second sweep
 
 
 @pytest.fixture(params=["fake", "real"])
@@ -46,18 +47,20 @@ def park_many(pipe: Pipeline, job: Any, n: int, due: int) -> None:
         parked.park(pipe.rt, job.id, bid, bid % 3, due + bid)  # later batches come due later
 
 
-def test_due_polls_are_released_oldest_first_spaced_at_half_the_rate(pipe: Pipeline) -> None:
+@pytest.mark.parametrize("sends_waiting, share", [(True, RELEASE_SHARE), (False, 1.0)])
+def test_due_polls_are_released_oldest_first_spaced_at_the_rate_or_half_while_sends_wait(
+    pipe: Pipeline, sends_waiting: bool, share: float
+) -> None:
     job = pipe.create_job()
     now = now_ms()
     park_many(pipe, job, 25, now - 1_000)
+    n = math.ceil(RATE * share * 1.0)  # one one-second sweep interval
 
-    assert parked.release(pipe.rt, job, now) == list(range(1, 11))  # ceil(20/s * 0.5 * 1 s)
+    assert parked.release(pipe.rt, job, now, sends_waiting) == list(range(1, n + 1))
 
-    assert [(p[1], p[2]) for p in pipe.dispatch.polls] == [(b, b % 3) for b in range(1, 11)]
-    assert [p[3] for p in pipe.dispatch.polls] == pytest.approx(
-        [i / (RATE * RELEASE_SHARE) for i in range(10)]
-    )
-    assert [b for b, _ in pipe.parked(job)] == list(range(11, 26))
+    assert [(p[1], p[2]) for p in pipe.dispatch.polls] == [(b, b % 3) for b in range(1, n + 1)]
+    assert [p[3] for p in pipe.dispatch.polls] == pytest.approx([i / (RATE * share) for i in range(n)])
+    assert [b for b, _ in pipe.parked(job)] == list(range(n + 1, 26))
 
 
 def test_polls_not_yet_due_stay_parked(pipe: Pipeline) -> None:
@@ -66,7 +69,7 @@ def test_polls_not_yet_due_stay_parked(pipe: Pipeline) -> None:
     parked.park(pipe.rt, job.id, 1, 0, now - 1)
     parked.park(pipe.rt, job.id, 2, 0, now + 500)
 
-    assert parked.release(pipe.rt, job, now) == [1]
+    assert parked.release(pipe.rt, job, now, sends_waiting=False) == [1]
     assert pipe.parked(job) == [(2, 0)]
 
 
@@ -79,7 +82,7 @@ def test_nothing_is_released_while_sends_use_the_whole_budget_but_a_minute_late_
     parked.park(pipe.rt, job.id, 2, 0, now - 1_000)
     saturate(pipe)
 
-    assert parked.release(pipe.rt, job, now) == [1]
+    assert parked.release(pipe.rt, job, now, sends_waiting=False) == [1]
     assert [p[1] for p in pipe.dispatch.polls] == [1] and pipe.parked(job) == [(2, 0)]
 
 
@@ -97,7 +100,7 @@ def test_an_entry_another_sweep_took_meanwhile_is_not_dispatched_twice(
         return got
 
     monkeypatch.setattr(pipe.redis, "zrangebyscore", then_a_twin_takes_batch_1)
-    assert parked.release(pipe.rt, job, now) == [2]
+    assert parked.release(pipe.rt, job, now, sends_waiting=False) == [2]
     assert [p[1] for p in pipe.dispatch.polls] == [2]
 
 
@@ -181,3 +184,12 @@ def sweep_at_runtime(rt: Runtime, ms: int) -> SweepReport:
         for module in ("worker.buffer", "worker.sweep"):
             mp.setattr(f"{module}.now_ms", lambda: ms)
         return sweep(rt)
+
+
+def test_the_sweep_halves_the_release_pace_while_the_job_has_batches_to_send(pipe: Pipeline) -> None:
+    job = pipe.create_job()
+    park_many(pipe, job, 25, now_ms() - 1_000)
+    pipe.sealed_batch(job, users(2))
+    assert sweep(pipe.rt).polls_released == 10
+    pipe.buffer(job).claim(60_000)  # now being sent: nothing waits
+    assert sweep(pipe.rt).polls_released == 15  # the other 15, at the full pace of 20
