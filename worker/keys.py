@@ -124,6 +124,11 @@ def parked_polls(job_id: str) -> str:
     return _job(job_id, "polls:parked")
 
 
+def sweep_lock() -> str:
+    """STRING with a TTL: a sweep is running (holds its random token)."""
+    return f"{PREFIX}:sweep:lock"
+
+
 def leases(job_id: str) -> str:
     """ZSET: batch id -> lease expiry (ms) while a flush task owns the batch."""
     return _job(job_id, "leases")

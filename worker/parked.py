@@ -23,13 +23,19 @@ which young polls' spare-only tokens keep harmless to sends.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable
 from typing import cast
 
+import redis
+
 from worker import keys
+from worker.buffer import JobBuffer
 from worker.jobs import ExportJob
 from worker.runtime import Runtime
+
+log = logging.getLogger(__name__)
 
 #: For this long after it is due, a parked poll waits for spare budget; then it is released anyway.
 POLL_YIELDS_MS = 60_000
@@ -45,11 +51,14 @@ def park(rt: Runtime, job_id: str, batch_id: int, attempt: int, due_ms: int) -> 
     pipe.execute()
 
 
-def release(rt: Runtime, job: ExportJob, now_ms: int, sends_waiting: bool) -> list[int]:
+def release(
+    rt: Runtime, job: ExportJob, buffer: JobBuffer, now_ms: int, deadline_ms: int, sends_waiting: bool
+) -> list[int]:
     """Dispatch the parked polls whose turn it is (see the module doc); returns their batch ids.
 
-    An entry is removed before its task is sent: if sending fails, the sweep's lost-poll deadline
-    re-drives the batch later.
+    Each released batch's lost-poll deadline becomes ``deadline_ms`` before its task is sent (the
+    task may run at once and set a later one). An entry is removed before its task is sent: if
+    sending fails, that deadline re-drives the batch later.
     """
     key = keys.parked_polls(job.id)
     pace = rt.settings.rate_limit_per_second * (RELEASE_SHARE if sends_waiting else 1.0)
@@ -61,10 +70,8 @@ def release(rt: Runtime, job: ExportJob, now_ms: int, sends_waiting: bool) -> li
     if not due:
         return []
     forced = [member for member, at in due if at <= now_ms - POLL_YIELDS_MS]
-    if len(forced) < len(due) and rt.limiter_for(job).has_spare():
-        chosen = [member for member, _ in due]
-    else:
-        chosen = forced
+    all_due = len(forced) < len(due) and _has_spare(rt, job)
+    chosen = [member for member, _ in due] if all_due else forced
     if not chosen:
         return []
     pipe = rt.redis.pipeline(transaction=False)
@@ -75,9 +82,21 @@ def release(rt: Runtime, job: ExportJob, now_ms: int, sends_waiting: bool) -> li
     for member, removed in zip(chosen, pipe.execute(), strict=True):
         if removed:
             batch_id, attempt = _parse(member)
+            buffer.expect_poll_by(batch_id, deadline_ms)
             rt.dispatch.poll(job.id, batch_id, attempt, len(released) / pace)
             released.append(batch_id)
     return released
+
+
+def _has_spare(rt: Runtime, job: ExportJob) -> bool:
+    """Whether the job's key has spare budget; False (release only forced polls) if it cannot say."""
+    try:
+        return rt.limiter_for(job).has_spare()
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+        raise
+    except Exception as exc:  # a deleted authorization, say: the forced polls still go
+        log.warning("job %s: parked polls wait, no rate limiter: %s: %s", job.id, type(exc).__name__, exc)
+        return False
 
 
 def forget(rt: Runtime, job_id: str, batch_ids: Iterable[int]) -> int:

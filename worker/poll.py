@@ -74,7 +74,7 @@ def poll_batch(rt: Runtime, job_id: str, batch_id: int, attempt: int) -> PollRep
                 if limiter.try_acquire(spare_only=True) > 0:
                     # Due since its first poll: released oldest first, and forced once it is no
                     # longer young, not a whole POLL_YIELDS_MS after this attempt.
-                    due = now_ms() - age_ms + int(first * 1000)
+                    due = int(batch.get("submitted_at") or 0) + int(first * 1000)
                     park(rt, job_id, batch_id, attempt, due)
                     buffer.expect_poll_by(batch_id, due + POLL_YIELDS_MS + POLL_GRACE_MS)
                     return PollReport(done=False, parked=True)

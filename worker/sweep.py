@@ -10,10 +10,13 @@ progress (:func:`worker.backfill.redrive_stalled`). Every step is idempotent.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import secrets
 from dataclasses import dataclass, field
 
 import redis
+from kombu.exceptions import OperationalError
 
 from worker import backfill, inbox, keys, parked
 from worker.buffer import JobBuffer, now_ms
@@ -25,6 +28,8 @@ log = logging.getLogger(__name__)
 
 #: A job with sealed batches and no claim for this long gets a flush dispatched.
 IDLE_FLUSH_MS = 5_000
+#: Longest a sweep holds the lock that keeps two from running at once (one normally takes milliseconds).
+SWEEP_LOCK_MS = 10_000
 #: Poll attempt number used for a re-driven poll (its backoff starts mid-way, not from scratch).
 REDRIVEN_POLL_ATTEMPT = 3
 
@@ -40,25 +45,42 @@ class SweepReport:
     backfills_redriven: int = 0
     #: jobs whose step raised (logged, and shown as the job's last_error)
     failed: list[str] = field(default_factory=list)
+    #: another sweep was running: this one did nothing
+    skipped: bool = False
 
 
 def sweep(rt: Runtime) -> SweepReport:
+    """One pass over every active job; skipped (``report.skipped``) while another sweep runs."""
     report = SweepReport()
-    now = now_ms()
+    token = secrets.token_hex(8)
+    # Sweeps queued while the workers were busy can start together: two would both release and
+    # re-drive the same polls.
+    if not rt.redis.set(keys.sweep_lock(), token, nx=True, px=SWEEP_LOCK_MS):
+        report.skipped = True
+        return report
+    try:
+        _sweep_all(rt, now_ms(), report)
+    finally:
+        if rt.redis.get(keys.sweep_lock()) in (token, token.encode()):
+            rt.redis.delete(keys.sweep_lock())
+    return report
+
+
+def _sweep_all(rt: Runtime, now: int, report: SweepReport) -> None:
     for job in rt.jobs.active():
         try:
             _sweep_job(rt, job, now, report)
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
-            raise  # Redis is down for every job: the task retries
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OperationalError):
+            raise  # Redis or the broker is down for every job: this sweep fails, beat runs the next
         except Exception as exc:  # one job's broken authorization, say, must not stall the others
             log.exception("sweep: job %s failed", job.id)
-            rt.redis.hset(keys.job_status(job.id), "last_error", f"sweep: {type(exc).__name__}: {exc}")
             report.failed.append(job.id)
+            with contextlib.suppress(redis.exceptions.RedisError):
+                rt.redis.hset(keys.job_status(job.id), "last_error", f"sweep: {type(exc).__name__}: {exc}")
     for chunk_id in inbox.orphaned_chunks(rt.redis, now):
         rt.dispatch.ingest(chunk_id)
         report.chunks_redriven += 1
     report.backfills_redriven = backfill.redrive_stalled(rt.redis, rt.dispatch, now)
-    return report
 
 
 def _sweep_job(rt: Runtime, job: ExportJob, now: int, report: SweepReport) -> None:
@@ -69,11 +91,8 @@ def _sweep_job(rt: Runtime, job: ExportJob, now: int, report: SweepReport) -> No
     if job.sending:
         # Before the reap: a released poll is a task again and gets a fresh lost-poll deadline, so
         # a reap after beat was down does not re-drive it a second time.
-        released = parked.release(rt, job, now, sends_waiting=buffer.sealed_count() > 0)
-        for batch_id in released:
-            buffer.expect_poll_by(
-                batch_id, now + int(rt.settings.sweep_interval_seconds * 1000) + POLL_GRACE_MS
-            )
+        deadline = now + int(rt.settings.sweep_interval_seconds * 1000) + POLL_GRACE_MS
+        released = parked.release(rt, job, buffer, now, deadline, sends_waiting=buffer.sealed_count() > 0)
         report.polls_released += len(released)
     requeued, overdue = buffer.reap(POLL_GRACE_MS, now=now)
     report.requeued += requeued

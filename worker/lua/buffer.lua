@@ -330,8 +330,9 @@ elseif op == 'submitted' then
     return 1
 
 elseif op == 'poll_due' then
-    -- op args: bid, next deadline (ms). Records when the next poll must have happened by.
-    if redis.call('EXISTS', batch_prefix .. ARGV[5]) == 1 then
+    -- op args: bid, next deadline (ms). Records when the next poll must have happened by; only
+    -- while the batch is at Attentive (one sent again or completed meanwhile needs no poll).
+    if redis.call('HGET', batch_prefix .. ARGV[5], 'state') == 'submitted' then
         redis.call('ZADD', K_POLLS, tonumber(ARGV[6]), ARGV[5])
     end
     return 1
