@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+import random
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -31,6 +32,8 @@ from worker.attentive import (
     UnexpectedResponse,
     parse_retry_after,
 )
+from worker.attentive import client as client_module
+from worker.attentive.client import split_lines
 
 BASE = "https://attentive.test"
 KEY = "sk_live_SuperSecret-0123456789abcdef"
@@ -644,6 +647,44 @@ def test_iter_results_mid_stream_failure(make_client: Any) -> None:
         got.extend(client.iter_results("https://files.test/r.jsonl"))
     assert [ln.index for ln in got] == [0] and len(rec.requests) == 1
     assert info.value.may_have_reached_server
+
+
+def _reference_lines(data: bytes, max_bytes: int) -> list[bytes | None]:
+    """What split_lines must give: split the whole text at once."""
+    out: list[bytes | None] = []
+    for raw in data.split(b"\n"):
+        if len(raw) > max_bytes:
+            out.append(None)
+        elif raw.strip():
+            out.append(raw.strip())
+    return out
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_split_lines_agrees_with_splitting_the_whole_text_however_it_is_chunked(seed: int) -> None:
+    rng = random.Random(seed)
+    pieces = [b"", b" ", b"\n", b"ab", b'{"index":1}', b"x" * rng.randint(5, 40), b"\r\n"]
+    data = b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 60)))
+    max_bytes = rng.choice([8, 16, 30, 10_000])
+    cuts = sorted(rng.sample(range(len(data) + 1), min(len(data) + 1, rng.randint(0, 12))))
+    chunks = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+
+    assert list(split_lines(chunks, max_bytes)) == _reference_lines(data, max_bytes)
+
+
+def test_an_overlong_results_line_is_reported_unreadable_and_the_rest_still_read(
+    make_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(client_module, "MAX_RESULT_LINE_BYTES", 100)
+    body = b'{"index":0,"response":{"statusCode":202}}\n{"index":1,"x":"' + b"y" * 500 + b'"}\n'
+    body += b'{"index":2,"response":{"statusCode":400,"body":{"error":"bad"}}}\n'
+    client, _, _ = make_client(httpx.Response(200, content=body))
+
+    got = list(client.iter_results("https://files.test/r.jsonl"))
+
+    assert [ln.line_number for ln in got] == [0, 1, 2]
+    assert got[1].unparseable and "longer than 100 bytes" in (got[1].parse_error or "")
+    assert got[0].succeeded and got[2].failed and got[2].message == "bad"
 
 
 def test_iter_results_refuses_empty_url_eagerly(make_client: Any) -> None:

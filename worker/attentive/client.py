@@ -30,7 +30,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from importlib import metadata
@@ -77,6 +77,9 @@ DEFAULT_LIMITS = httpx.Limits(max_connections=10, max_keepalive_connections=10, 
 
 #: Total attempts for connection-level failures (1 try + 2 retries).
 DEFAULT_MAX_ATTEMPTS = 3
+#: Longest results line read (one record's outcome with its request echoed: a few KiB). A longer one
+#: is reported unreadable instead of being held in memory whole.
+MAX_RESULT_LINE_BYTES = 1 << 20
 
 
 def _retry_wait(state: RetryCallState) -> float:
@@ -316,19 +319,14 @@ class AttentiveClient:
         request.headers.pop("Authorization", None)
         request.headers["Accept"] = "application/x-ndjson, application/jsonl, application/json, */*"
         response = self._send(request, stream=True)
-        number = 0
-        pending = b""
         try:
-            # Split bytes ourselves: decoding to text first (iter_lines) costs more than parsing.
-            for chunk in response.iter_bytes():
-                *complete, pending = (pending + chunk).split(b"\n")
-                for raw in complete:
-                    line = raw.strip()
-                    if line:
-                        yield ResultLine.from_line(line, number)
-                        number += 1
-            if pending.strip():
-                yield ResultLine.from_line(pending.strip(), number)
+            lines = split_lines(response.iter_bytes(), MAX_RESULT_LINE_BYTES)
+            for number, line in enumerate(lines):
+                if line is None:
+                    error = f"line longer than {MAX_RESULT_LINE_BYTES} bytes"
+                    yield ResultLine(line_number=number, parse_error=error)
+                else:
+                    yield ResultLine.from_line(line, number)
         except httpx.TransportError as exc:
             raise self._transport_error(request, exc, attempts=1) from exc
         finally:
@@ -591,3 +589,31 @@ def _header_int(value: str | None) -> int | None:
         except ValueError:
             return None
         return int(number) if math.isfinite(number) else None
+
+
+def split_lines(chunks: Iterable[bytes], max_bytes: int) -> Iterator[bytes | None]:
+    """The non-blank, stripped lines of a byte stream; None in place of a line over ``max_bytes``.
+
+    Splits bytes itself (decoding to text first, as ``iter_lines`` does, costs more than parsing)
+    and copies each byte about once, however many chunks a line spans.
+    """
+    pending = bytearray()
+    too_long = False
+    for chunk in chunks:
+        *complete, rest = chunk.split(b"\n")
+        for piece in complete:  # each ends a line
+            if too_long or len(pending) + len(piece) > max_bytes:
+                yield None
+            elif line := (bytes(pending + piece) if pending else piece).strip():
+                yield line
+            pending.clear()
+            too_long = False
+        if not too_long:
+            pending += rest
+            if len(pending) > max_bytes:
+                too_long = True
+                pending.clear()
+    if too_long:
+        yield None
+    elif line := bytes(pending).strip():
+        yield line
