@@ -5,7 +5,9 @@ buffers older than the job's flush interval, gives expired flush leases back to 
 re-drives polls that should have happened, releases parked polls (worker/parked.py), and
 dispatches flushes for batches nobody is sending.
 It also re-drives inbox chunks whose ingest task was lost and backfill parts that stopped making
-progress (:func:`worker.backfill.redrive_stalled`). Every step is idempotent.
+progress (:func:`worker.backfill.redrive_stalled`). Every step is idempotent; one sweep runs at a
+time (a short Redis lock), and a job whose step fails is logged and shown in its status without
+stopping the others.
 """
 
 from __future__ import annotations
