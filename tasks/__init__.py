@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import redis
+from worker.runtime import REDIS_DOWN
 
-#: Redis briefly unavailable: the task retries with backoff; its message is acknowledged only after
-#: it ran (acks_late), so nothing accepted is lost.
-REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+__all__ = ["REDIS_DOWN"]

@@ -28,12 +28,10 @@ import math
 from collections.abc import Iterable
 from typing import cast
 
-import redis
-
 from worker import keys
 from worker.buffer import JobBuffer
 from worker.jobs import ExportJob
-from worker.runtime import Runtime
+from worker.runtime import REDIS_DOWN, Runtime
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +90,7 @@ def _has_spare(rt: Runtime, job: ExportJob) -> bool:
     """Whether the job's key has spare budget; False (release only forced polls) if it cannot say."""
     try:
         return rt.limiter_for(job).has_spare()
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+    except REDIS_DOWN:
         raise
     except Exception as exc:  # a deleted authorization, say: the forced polls still go
         log.warning("job %s: parked polls wait, no rate limiter: %s: %s", job.id, type(exc).__name__, exc)

@@ -21,6 +21,11 @@ from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 
+#: Redis briefly unavailable. Tasks retry on these with backoff (their message is acknowledged only
+#: after they ran, acks_late, so nothing accepted is lost); steps that isolate one job's failure
+#: from the others let these through, since they concern every job.
+REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
 
 class Runtime:
     """What a task needs to do its work; tests build one with their own Redis and dispatcher."""

@@ -24,7 +24,7 @@ from worker import backfill, inbox, keys, parked
 from worker.buffer import JobBuffer, now_ms
 from worker.flush import POLL_GRACE_MS
 from worker.jobs import ExportJob
-from worker.runtime import Runtime
+from worker.runtime import REDIS_DOWN, Runtime
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def _sweep_all(rt: Runtime, now: int, report: SweepReport) -> None:
     for job in rt.jobs.active():
         try:
             _sweep_job(rt, job, now, report)
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OperationalError):
+        except (*REDIS_DOWN, OperationalError):
             raise  # Redis or the broker is down for every job: this sweep fails, beat runs the next
         except Exception as exc:  # one job's broken authorization, say, must not stall the others
             log.exception("sweep: job %s failed", job.id)
@@ -90,18 +90,20 @@ def _sweep_job(rt: Runtime, job: ExportJob, now: int, report: SweepReport) -> No
     sealed = buffer.seal_due(job.config.flush_interval_seconds * 1000, now=now)
     if sealed:
         report.sealed[job.id] = sealed
+    waiting = buffer.sealed_count() if job.sending else 0
     if job.sending:
         # Before the reap: a released poll is a task again and gets a fresh lost-poll deadline, so
         # a reap after beat was down does not re-drive it a second time.
         deadline = now + int(rt.settings.sweep_interval_seconds * 1000) + POLL_GRACE_MS
-        released = parked.release(rt, job, buffer, now, deadline, sends_waiting=buffer.sealed_count() > 0)
+        released = parked.release(rt, job, buffer, now, deadline, sends_waiting=waiting > 0)
         report.polls_released += len(released)
     requeued, overdue = buffer.reap(POLL_GRACE_MS, now=now)
     report.requeued += requeued
     if not job.sending:
         return
     last_claim = int(rt.redis.hget(keys.job_status(job.id), "last_claim_at") or 0)
-    if sealed or requeued or (buffer.sealed_count() and now - last_claim > IDLE_FLUSH_MS):
+    # (Batches the reap requeued are counted by ``requeued``, not in ``waiting``.)
+    if sealed or requeued or (waiting and now - last_claim > IDLE_FLUSH_MS):
         rt.dispatch.flush(job.id)
         report.flushes += 1
     if overdue:
