@@ -225,12 +225,7 @@ class AttentiveClient:
                 (raised locally, nothing is sent).
             InvalidRequest: Attentive answered 400. Other :class:`AttentiveError` subclasses otherwise.
         """
-        if isinstance(users, str | bytes) or not isinstance(users, Sequence):
-            raise ValueError("users must be a sequence of user records")
-        if not users:
-            raise ValueError("users is empty; Attentive requires 1 to 256 users per request")
-        if len(users) > MAX_USERS_PER_REQUEST:
-            raise ValueError(f"{len(users)} users; Attentive accepts at most {MAX_USERS_PER_REQUEST}")
+        _check_batch_size(users, "users", "user records")
         for i, user in enumerate(users):
             if not isinstance(user, Mapping):
                 raise ValueError(f"users[{i}] is a {type(user).__name__}, not a mapping")
@@ -247,12 +242,7 @@ class AttentiveClient:
             ValueError: empty, over 256 records, or an item that is not ``{...}`` bytes (nothing sent).
             InvalidRequest: Attentive answered 400. Other :class:`AttentiveError` subclasses otherwise.
         """
-        if isinstance(records, str | bytes) or not isinstance(records, Sequence):
-            raise ValueError("records must be a sequence of JSON objects (bytes)")
-        if not records:
-            raise ValueError("records is empty; Attentive requires 1 to 256 users per request")
-        if len(records) > MAX_USERS_PER_REQUEST:
-            raise ValueError(f"{len(records)} users; Attentive accepts at most {MAX_USERS_PER_REQUEST}")
+        _check_batch_size(records, "records", "JSON objects (bytes)")
         for i, record in enumerate(records):
             if not isinstance(record, bytes) or not (record.startswith(b"{") and record.endswith(b"}")):
                 raise ValueError(f"records[{i}] is not a JSON object's bytes")
@@ -483,6 +473,16 @@ class AttentiveClient:
 _ORJSON_STRICT = (
     orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_SUBCLASS
 )
+
+
+def _check_batch_size(items: object, name: str, kind: str) -> None:
+    """ValueError unless ``items`` is a sequence (not text) of 1 to 256 items; names it ``name``."""
+    if isinstance(items, str | bytes) or not isinstance(items, Sequence):
+        raise ValueError(f"{name} must be a sequence of {kind}")
+    if not items:
+        raise ValueError(f"{name} is empty; Attentive requires 1 to 256 users per request")
+    if len(items) > MAX_USERS_PER_REQUEST:
+        raise ValueError(f"{len(items)} users; Attentive accepts at most {MAX_USERS_PER_REQUEST}")
 
 
 def _encode_users(users: Sequence[Mapping[str, Any]]) -> bytes:
