@@ -1,4 +1,4 @@
-"""Mapping throughput on one core: profiles/s through :class:`worker.mapping.Mapper`.
+"""Mapping throughput on one core: profiles/s through :class:`worker.mapping.mapper.Mapper`.
 
 The job has 3 identifiers (phone, email, clientUserId), 4 attributes (firstName, lastName,
 dateOfBirth, city), 3 custom attributes (a number, an array, a string) and 2 audiences. Profile sets,
@@ -22,9 +22,9 @@ import statistics
 import time
 from typing import Any
 
-from worker import mapping
-from worker.jobconfig import parse_job_config
-from worker.mapping import Mapper
+from worker.mapping import mapper as mapping
+from worker.mapping.mapper import Mapper
+from worker.setup.jobconfig import parse_job_config
 
 N = 50_000
 REPEATS = 7

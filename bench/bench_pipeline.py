@@ -49,10 +49,10 @@ def _env(sandbox: SandboxProcess) -> dict[str, str]:
 
 
 def _setup(sandbox: SandboxProcess, flush_interval: int) -> tuple[redis.Redis, dict[str, str], str]:
-    from worker.authorizations import AuthorizationStore
-    from worker.crypto import generate_secret_key
-    from worker.jobconfig import parse_job_config
-    from worker.jobs import JobStore
+    from worker.setup.authorizations import AuthorizationStore
+    from worker.setup.crypto import generate_secret_key
+    from worker.setup.jobconfig import parse_job_config
+    from worker.setup.jobs import JobStore
 
     data = redis.Redis.from_url(DATA_URL)
     data.flushdb()
@@ -135,8 +135,9 @@ def _polls(sandbox: SandboxProcess) -> int:
 
 
 def throughput(sandbox: SandboxProcess, processes: int) -> dict[str, Any]:
-    from worker import inbox, keys
     from worker.dispatch import CeleryDispatcher
+    from worker.pipeline import inbox
+    from worker.store import keys
 
     data, env, job_id = _setup(sandbox, flush_interval=30)
     procs = CeleryProcesses(env)
@@ -190,8 +191,8 @@ def throughput(sandbox: SandboxProcess, processes: int) -> dict[str, Any]:
 
 
 def latency(sandbox: SandboxProcess) -> dict[str, float]:
-    from worker import inbox
     from worker.dispatch import CeleryDispatcher
+    from worker.pipeline import inbox
 
     data, env, _job = _setup(sandbox, flush_interval=5)
     procs = CeleryProcesses(env)

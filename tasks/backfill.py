@@ -5,9 +5,9 @@ from __future__ import annotations
 from celery import shared_task
 
 from tasks import REDIS_DOWN
-from worker.backfill import run_step
+from worker.backfill.steps import run_step
 from worker.dispatch import BACKFILL_TASK
-from worker.flush import request_flush
+from worker.pipeline.flush import request_flush
 from worker.runtime import runtime
 
 

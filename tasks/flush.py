@@ -6,7 +6,7 @@ from celery import shared_task
 
 from tasks import REDIS_DOWN
 from worker.dispatch import FLUSH_TASK
-from worker.flush import flush_job
+from worker.pipeline.flush import flush_job
 from worker.runtime import runtime
 
 

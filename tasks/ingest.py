@@ -6,8 +6,8 @@ from celery import shared_task
 
 from tasks import REDIS_DOWN
 from worker.dispatch import INGEST_TASK
-from worker.flush import request_flush
-from worker.ingest import ingest_chunk
+from worker.pipeline.flush import request_flush
+from worker.pipeline.ingest import ingest_chunk
 from worker.runtime import runtime
 
 

@@ -6,7 +6,7 @@ from celery import shared_task
 
 from tasks import REDIS_DOWN
 from worker.dispatch import POLL_TASK
-from worker.poll import poll_batch
+from worker.pipeline.poll import poll_batch
 from worker.runtime import runtime
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from celery import shared_task
 
 from worker.dispatch import SWEEP_TASK
+from worker.pipeline.sweep import sweep as run_sweep
 from worker.runtime import runtime
-from worker.sweep import sweep as run_sweep
 
 
 @shared_task(name=SWEEP_TASK, ignore_result=True)

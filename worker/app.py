@@ -10,7 +10,7 @@ from celery.signals import after_setup_logger, worker_process_init
 app = Celery(
     "attentive_export", include=["tasks.ingest", "tasks.flush", "tasks.poll", "tasks.sweep", "tasks.backfill"]
 )
-app.config_from_object("celeryconfig")
+app.config_from_object("worker.celeryconfig")
 
 
 @after_setup_logger.connect  # type: ignore[untyped-decorator]

@@ -12,12 +12,12 @@ from functools import cached_property
 
 import redis
 
-from worker.attentive import AttentiveClient
-from worker.authorizations import AuthorizationStore
+from worker.clients.attentive import AttentiveClient
 from worker.dispatch import CeleryDispatcher, Dispatcher
-from worker.jobs import ExportJob, JobStore
-from worker.ratelimit import RateLimiter, api_key_hash
 from worker.settings import Settings
+from worker.setup.authorizations import AuthorizationStore
+from worker.setup.jobs import ExportJob, JobStore
+from worker.store.ratelimit import RateLimiter, api_key_hash
 
 log = logging.getLogger(__name__)
 

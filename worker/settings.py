@@ -41,7 +41,7 @@ class Settings:
     poll_cap_seconds: float = 60.0
     #: How long a flush owns a claimed batch before the sweep hands it to another worker.
     lease_seconds: float = 60.0
-    #: How often beat runs the sweep; parked polls are released over one interval (worker.parked).
+    #: How often beat runs the sweep; parked polls are released over one interval (worker.pipeline.parked).
     sweep_interval_seconds: float = 1.0
 
     @classmethod

@@ -12,7 +12,7 @@ import pytest
 
 from tests.contract.schema import contract_problems, schema_errors
 from tests.sandboxproc import SandboxProcess
-from worker.attentive import (
+from worker.clients.attentive import (
     AttentiveClient,
     BulkJobStatus,
     Forbidden,

@@ -13,10 +13,10 @@ import pytest
 import redis
 
 from tests.sandboxproc import SandboxProcess
-from worker import keys
-from worker.attentive import AttentiveClient
-from worker.authorizations import AuthorizationRejected, AuthorizationStore
-from worker.crypto import generate_secret_key
+from worker.clients.attentive import AttentiveClient
+from worker.setup.authorizations import AuthorizationRejected, AuthorizationStore
+from worker.setup.crypto import generate_secret_key
+from worker.store import keys
 
 pytestmark = pytest.mark.integration
 

@@ -19,10 +19,10 @@ import pytest
 from tests.celeryproc import wait_for
 from tests.integration.test_pipeline import Pipeline, base_config, line, pipeline  # noqa: F401 (fixture)
 from tests.sandboxproc import SandboxProcess, start_sandbox
-from worker.cli import main
-from worker.ingest import ingest_lines
-from worker.jobconfig import JobState
-from worker.jobs import ExportJob
+from worker.cli.main import main
+from worker.pipeline.ingest import ingest_lines
+from worker.setup.jobconfig import JobState
+from worker.setup.jobs import ExportJob
 
 pytestmark = pytest.mark.integration
 

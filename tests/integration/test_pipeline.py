@@ -16,14 +16,14 @@ import redis
 from tests.celeryproc import CeleryProcesses, wait_for
 from tests.conftest import TEST_REDIS_URL
 from tests.sandboxproc import SandboxProcess
-from worker import inbox
-from worker.authorizations import AuthorizationStore
-from worker.buffer import Change, JobBuffer
-from worker.crypto import generate_secret_key
 from worker.dispatch import CeleryDispatcher
-from worker.jobconfig import JobState, parse_job_config
-from worker.jobs import ExportJob, JobStore
-from worker.status import job_status
+from worker.observe.status import job_status
+from worker.pipeline import inbox
+from worker.pipeline.buffer import Change, JobBuffer
+from worker.setup.authorizations import AuthorizationStore
+from worker.setup.crypto import generate_secret_key
+from worker.setup.jobconfig import JobState, parse_job_config
+from worker.setup.jobs import ExportJob, JobStore
 
 pytestmark = pytest.mark.integration
 
@@ -320,7 +320,7 @@ def test_a_poisoned_record_is_dead_lettered_and_the_rest_delivered(pipeline: Pip
     st = pipeline.wait_settled(job)
     assert all(pipeline.custom(f"g{i}@x.io") == {"vip": True} for i in range(9))
     assert st["counters"]["users_delivered"] == 9
-    from worker.deadletters import read
+    from worker.pipeline.deadletters import read
 
     [dead] = read(pipeline.redis, job.id)
     assert dead["user"] == "bad"

@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from tests.conftest import TEST_REDIS_URL
-from worker.ratelimit import RateLimiter, api_key_hash
+from worker.store.ratelimit import RateLimiter, api_key_hash
 
 pytestmark = pytest.mark.integration
 

@@ -20,8 +20,8 @@ import redis
 from tests.celeryproc import ROOT, wait_for
 from tests.integration.test_pipeline import TEST_BROKER_URL, Pipeline, pipeline  # noqa: F401
 from tests.sandboxproc import free_port
-from worker import keys
-from worker.status import ingest_status
+from worker.observe.status import ingest_status
+from worker.store import keys
 
 pytestmark = pytest.mark.integration
 
@@ -40,7 +40,7 @@ class ReceiverProcess:
                 [
                     sys.executable,
                     "-m",
-                    "worker.cli",
+                    "worker.cli.main",
                     "serve",
                     "--host",
                     "127.0.0.1",

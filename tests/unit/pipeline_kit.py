@@ -17,14 +17,14 @@ import httpx
 import pytest
 import redis
 
-from worker.attentive import AttentiveClient
-from worker.buffer import JobBuffer
-from worker.ingest import ingest_lines
-from worker.jobconfig import parse_job_config
-from worker.jobs import ExportJob
-from worker.ratelimit import RateLimiter
+from worker.clients.attentive import AttentiveClient
+from worker.pipeline.buffer import JobBuffer
+from worker.pipeline.ingest import ingest_lines
 from worker.runtime import Runtime
 from worker.settings import Settings
+from worker.setup.jobconfig import parse_job_config
+from worker.setup.jobs import ExportJob
+from worker.store.ratelimit import RateLimiter
 
 BASE_URL = "https://attentive.test"
 RESULTS_HOST = "https://results.test"
@@ -205,7 +205,7 @@ class Pipeline:
 
     def parked(self, job: ExportJob) -> list[tuple[int, int]]:
         """Parked polls as (batch id, attempt), the earliest due first."""
-        from worker import keys
+        from worker.store import keys
 
         members = self.rt.redis.zrange(keys.parked_polls(job.id), 0, -1)
         pairs = [(m.decode() if isinstance(m, bytes) else m).split(":") for m in members]
@@ -218,8 +218,8 @@ class Pipeline:
         )
 
     def status(self, job: ExportJob) -> dict[str, str]:
-        from worker import keys
-        from worker.replies import decode_hash
+        from worker.store import keys
+        from worker.store.replies import decode_hash
 
         return decode_hash(self.rt.redis.hgetall(keys.job_status(job.id)))
 

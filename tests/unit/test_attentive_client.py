@@ -1,4 +1,4 @@
-"""Unit tests of worker.attentive against httpx.MockTransport: every status path, retries, secrets."""
+"""Unit tests of worker.clients.attentive against httpx.MockTransport: every status path, retries, secrets."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests.contract.schema import contract_problems, schema_errors
-from worker.attentive import (
+from worker.clients.attentive import (
     AttentiveClient,
     AttentiveError,
     BulkJobStatus,
@@ -32,8 +32,8 @@ from worker.attentive import (
     UnexpectedResponse,
     parse_retry_after,
 )
-from worker.attentive import client as client_module
-from worker.attentive.client import split_lines
+from worker.clients.attentive import client as client_module
+from worker.clients.attentive.client import split_lines
 
 BASE = "https://attentive.test"
 KEY = "sk_live_SuperSecret-0123456789abcdef"
@@ -848,7 +848,9 @@ def test_key_not_logged_over_real_http(caplog: pytest.LogCaptureFixture) -> None
         server.server_close()
     assert seen == [f"Bearer {KEY}"] * 2
     loggers = {r.name for r in caplog.records}
-    assert {"httpx", "worker.attentive.client"} <= loggers and any(n.startswith("httpcore") for n in loggers)
+    assert {"httpx", "worker.clients.attentive.client"} <= loggers and any(
+        n.startswith("httpcore") for n in loggers
+    )
     assert KEY not in "\n".join(f"{r.getMessage()} {r.args!r}" for r in caplog.records)
 
 

@@ -13,9 +13,8 @@ import httpx
 import pytest
 from cryptography.fernet import Fernet
 
-from worker import keys
-from worker.attentive import AttentiveClient
-from worker.authorizations import (
+from worker.clients.attentive import AttentiveClient
+from worker.setup.authorizations import (
     Authorization,
     AuthorizationInvalid,
     AuthorizationNotFound,
@@ -23,14 +22,15 @@ from worker.authorizations import (
     AuthorizationStore,
     key_hint,
 )
-from worker.crypto import (
+from worker.setup.crypto import (
     Cipher,
     SecretKeyInvalid,
     SecretKeyMismatch,
     SecretKeyMissing,
     generate_secret_key,
 )
-from worker.ratelimit import api_key_hash
+from worker.store import keys
+from worker.store.ratelimit import api_key_hash
 
 GOOD_KEY = "attn_live_9Qw2Zr7Tk1Lm4Np8Xy3f9a"
 OTHER_GOOD_KEY = "attn_live_other_key_000000beef"
@@ -295,7 +295,7 @@ def test_missing_secret_key_is_a_clear_error_and_nothing_is_sent_or_stored(
     store = AuthorizationStore(fake_redis, None, client_factory=attentive.factory())
     with pytest.raises(SecretKeyMissing) as info:
         store.create("prod", GOOD_KEY)
-    assert str(info.value) == "EXPORT_SECRET_KEY is not set; generate one with: python -m worker.crypto"
+    assert str(info.value) == "EXPORT_SECRET_KEY is not set; generate one with: python -m worker.setup.crypto"
     assert attentive.calls == []
     assert fake_redis.hlen(keys.authorizations()) == 0
     assert store.list() == []  # metadata needs no secret
@@ -319,7 +319,7 @@ def test_malformed_secret_key_is_a_clear_error_without_echoing_it(
         AuthorizationStore(fake_redis, bad)
     message = str(info.value)
     assert message.startswith("EXPORT_SECRET_KEY is not a valid Fernet key")
-    assert "python -m worker.crypto" in message
+    assert "python -m worker.setup.crypto" in message
     assert bad not in message and "oops" not in message
 
 
@@ -383,7 +383,7 @@ def test_generated_secret_keys_are_fresh_fernet_keys() -> None:
 
 def test_python_dash_m_worker_crypto_prints_a_key() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "worker.crypto"], capture_output=True, text=True, check=True, timeout=30
+        [sys.executable, "-m", "worker.setup.crypto"], capture_output=True, text=True, check=True, timeout=30
     ).stdout.strip()
     Fernet(out.encode())
 

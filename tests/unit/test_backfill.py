@@ -14,15 +14,16 @@ import fakeredis
 import httpx
 import pytest
 
-from worker import backfill, keys
-from worker.backfill import FILE_PART, FileBackfillError, FileReport, run_step
-from worker.buffer import JobBuffer
-from worker.ingest import ingest_lines
-from worker.jobconfig import JobConfigError, JobState, parse_job_config
-from worker.jobs import ExportJob, JobStore
-from worker.lytics import LyticsClient
-from worker.replies import decode_hash
-from worker.status import job_status
+from worker.backfill import steps as backfill
+from worker.backfill.steps import FILE_PART, FileBackfillError, FileReport, run_step
+from worker.clients.lytics import LyticsClient
+from worker.observe.status import job_status
+from worker.pipeline.buffer import JobBuffer
+from worker.pipeline.ingest import ingest_lines
+from worker.setup.jobconfig import JobConfigError, JobState, parse_job_config
+from worker.setup.jobs import ExportJob, JobStore
+from worker.store import keys
+from worker.store.replies import decode_hash
 
 from .pipeline_kit import RecordingDispatcher
 from .test_lytics import FakeScan
@@ -372,9 +373,9 @@ def test_sweep_redrives_a_part_whose_task_was_lost_once_it_is_due(world: World) 
 
 
 def test_sweep_task_wiring_redrives_backfills(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker.pipeline.sweep import sweep
     from worker.runtime import Runtime
     from worker.settings import Settings
-    from worker.sweep import sweep
 
     job = world.job()
     world.dispatch.backfills.clear()

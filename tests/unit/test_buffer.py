@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from worker import keys
-from worker.buffer import BatchDataMissing, Change, JobBuffer, entry_json, merge_records
+from worker.pipeline.buffer import BatchDataMissing, Change, JobBuffer, entry_json, merge_records
+from worker.store import keys
 
 
 @pytest.fixture(params=["fake", "real"])

@@ -10,13 +10,14 @@ from typing import Any
 import httpx
 import pytest
 
-from worker import deadletters, keys
-from worker.buffer import now_ms
-from worker.flush import FLUSH_QUEUED_TTL_MS, POLL_GRACE_MS, flush_job, request_flush
-from worker.jobconfig import JobState
-from worker.parked import POLL_YIELDS_MS
-from worker.poll import poll_batch
-from worker.ratelimit import RateLimiter
+from worker.pipeline import deadletters
+from worker.pipeline.buffer import now_ms
+from worker.pipeline.flush import FLUSH_QUEUED_TTL_MS, POLL_GRACE_MS, flush_job, request_flush
+from worker.pipeline.parked import POLL_YIELDS_MS
+from worker.pipeline.poll import poll_batch
+from worker.setup.jobconfig import JobState
+from worker.store import keys
+from worker.store.ratelimit import RateLimiter
 
 from .pipeline_kit import KEY_HASH, RATE, Pipeline, emails_of, enter, error, exit_, users
 

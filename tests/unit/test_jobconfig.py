@@ -8,7 +8,13 @@ from typing import Any
 
 import pytest
 
-from worker.jobconfig import ExportJobConfig, JobConfigError, JobState, load_job_config, parse_job_config
+from worker.setup.jobconfig import (
+    ExportJobConfig,
+    JobConfigError,
+    JobState,
+    load_job_config,
+    parse_job_config,
+)
 
 EXAMPLE_YAML = """\
 label: VIP shoppers to Attentive

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from worker.jobconfig import JobState, parse_job_config
-from worker.jobs import SENDING_STATES, JobStore
+from worker.setup.jobconfig import JobState, parse_job_config
+from worker.setup.jobs import SENDING_STATES, JobStore
 
 CONFIG = {"label": "j", "authorization": "a", "audiences": ["vip"], "identifier_mappings": {"email": "email"}}
 

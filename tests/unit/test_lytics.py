@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from worker.lytics import (
+from worker.clients.lytics import (
     LyticsAuthError,
     LyticsBadResponse,
     LyticsClient,

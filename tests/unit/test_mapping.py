@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from tests.contract.schema import contract_problems, schema_errors
-from worker import mapping as m
-from worker.jobconfig import parse_job_config
-from worker.mapping import Mapper, MapResult
+from worker.mapping import mapper as m
+from worker.mapping.mapper import Mapper, MapResult
+from worker.setup.jobconfig import parse_job_config
 
 
 def mapper(**overrides: Any) -> Mapper:

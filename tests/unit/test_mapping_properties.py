@@ -24,8 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.contract.schema import contract_problems, schema_errors
-from worker.jobconfig import parse_job_config
-from worker.mapping import (
+from worker.mapping.mapper import (
     MAPPING_ERROR,
     MAX_RECORD_BYTES,
     Mapper,
@@ -34,6 +33,7 @@ from worker.mapping import (
     normalize_phone,
     phone_slow,
 )
+from worker.setup.jobconfig import parse_job_config
 
 PROFILES = settings(
     derandomize=True,

@@ -8,19 +8,20 @@ from typing import Any
 
 import pytest
 
-from worker import keys, parked
-from worker.authorizations import AuthorizationStore
-from worker.buffer import now_ms
-from worker.crypto import generate_secret_key
-from worker.flush import flush_job
-from worker.ingest import ingest_lines
-from worker.jobconfig import JobState, parse_job_config
-from worker.parked import POLL_YIELDS_MS, RELEASE_SHARE
-from worker.ratelimit import RateLimiter, api_key_hash
-from worker.replies import decode_hash
+from worker.pipeline import parked
+from worker.pipeline.buffer import now_ms
+from worker.pipeline.flush import flush_job
+from worker.pipeline.ingest import ingest_lines
+from worker.pipeline.parked import POLL_YIELDS_MS, RELEASE_SHARE
+from worker.pipeline.sweep import SweepReport, sweep
 from worker.runtime import Runtime
 from worker.settings import Settings
-from worker.sweep import SweepReport, sweep
+from worker.setup.authorizations import AuthorizationStore
+from worker.setup.crypto import generate_secret_key
+from worker.setup.jobconfig import JobState, parse_job_config
+from worker.store import keys
+from worker.store.ratelimit import RateLimiter, api_key_hash
+from worker.store.replies import decode_hash
 
 from .pipeline_kit import KEY_HASH, Pipeline, RecordingDispatcher, enter, users
 
@@ -207,7 +208,7 @@ def sweep_at(pipe: Pipeline, ms: int) -> SweepReport:
 
 def sweep_at_runtime(rt: Runtime, ms: int) -> SweepReport:
     with pytest.MonkeyPatch.context() as mp:
-        for module in ("worker.buffer", "worker.sweep"):
+        for module in ("worker.pipeline.buffer", "worker.pipeline.sweep"):
             mp.setattr(f"{module}.now_ms", lambda: ms)
         return sweep(rt)
 

@@ -7,14 +7,15 @@ from typing import Any
 
 import pytest
 
-from worker import deadletters, keys
-from worker.buffer import now_ms
-from worker.flush import POLL_GRACE_MS, flush_job
-from worker.jobconfig import JobState
-from worker.jobs import ExportJob
-from worker.poll import MAX_SEND_ATTEMPTS, POLL_YIELDS_MS, poll_batch
-from worker.ratelimit import RateLimiter
-from worker.status import job_status
+from worker.observe.status import job_status
+from worker.pipeline import deadletters
+from worker.pipeline.buffer import now_ms
+from worker.pipeline.flush import POLL_GRACE_MS, flush_job
+from worker.pipeline.poll import MAX_SEND_ATTEMPTS, POLL_YIELDS_MS, poll_batch
+from worker.setup.jobconfig import JobState
+from worker.setup.jobs import ExportJob
+from worker.store import keys
+from worker.store.ratelimit import RateLimiter
 
 from .pipeline_kit import KEY_HASH, Pipeline, emails_of, enter, error, exit_, users
 
@@ -269,7 +270,7 @@ def test_results_settlement_interrupted_midway_loses_no_dead_letter(
     pipe.attentive.record_failures = {"u1@x.io": (413, "Record exceeds 1 MiB")}
 
     class DiesOnce:
-        """Stands in for ``json`` inside worker.deadletters: the worker dies writing the first dead letter."""
+        """Stands in for ``json`` inside worker.pipeline.deadletters: the worker dies writing the first dead letter."""
 
         died = False
 

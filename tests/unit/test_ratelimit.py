@@ -9,14 +9,14 @@ import fakeredis
 import pytest
 from fakeredis.commands_mixins import server_mixin
 
-from worker import keys, ratelimit
-from worker.ratelimit import RateLimiter, api_key_hash, backoff_delay
+from worker.store import keys, ratelimit
+from worker.store.ratelimit import RateLimiter, api_key_hash, backoff_delay
 
 API_KEY = "sk_live_ABCDEF0123456789secret"
 
 
 class FakeClock:
-    """Stands in for the ``time`` module inside fakeredis (Redis ``TIME``) and inside worker.ratelimit."""
+    """Stands in for the ``time`` module inside fakeredis (Redis ``TIME``) and inside worker.store.ratelimit."""
 
     def __init__(self) -> None:
         self.now_us = 1_700_000_000 * 1_000_000

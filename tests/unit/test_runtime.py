@@ -10,7 +10,7 @@ import redis
 
 import worker.app
 import worker.runtime
-from worker.jobconfig import JobState
+from worker.setup.jobconfig import JobState
 
 from .pipeline_kit import Pipeline
 

@@ -6,14 +6,15 @@ import json
 
 import pytest
 
-from worker import inbox, keys
-from worker.buffer import now_ms
-from worker.flush import POLL_GRACE_MS, flush_job
-from worker.ingest import USER_KEY_FALLBACK, ingest_chunk, ingest_lines
-from worker.jobconfig import JobState
-from worker.replies import decode_hash
-from worker.status import ingest_status
-from worker.sweep import IDLE_FLUSH_MS, REDRIVEN_POLL_ATTEMPT, sweep
+from worker.observe.status import ingest_status
+from worker.pipeline import inbox
+from worker.pipeline.buffer import now_ms
+from worker.pipeline.flush import POLL_GRACE_MS, flush_job
+from worker.pipeline.ingest import USER_KEY_FALLBACK, ingest_chunk, ingest_lines
+from worker.pipeline.sweep import IDLE_FLUSH_MS, REDRIVEN_POLL_ATTEMPT, sweep
+from worker.setup.jobconfig import JobState
+from worker.store import keys
+from worker.store.replies import decode_hash
 
 from .pipeline_kit import Pipeline, emails_of, enter, exit_, users
 
@@ -40,7 +41,12 @@ def pipe(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Pip
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     clock = Clock()
-    for module in ("worker.buffer", "worker.sweep", "worker.flush", "worker.poll"):
+    for module in (
+        "worker.pipeline.buffer",
+        "worker.pipeline.sweep",
+        "worker.pipeline.flush",
+        "worker.pipeline.poll",
+    ):
         monkeypatch.setattr(f"{module}.now_ms", clock)
     return clock
 

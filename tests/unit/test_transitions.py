@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from worker.transitions import (
+from worker.mapping.transitions import (
     BAD_EVENT,
     BAD_TIMESTAMP,
     MISSING_AUDIENCE,

@@ -13,10 +13,11 @@ import fakeredis
 import pytest
 from starlette.testclient import TestClient
 
-from worker import inbox, keys
-from worker.cli import main as cli_main
-from worker.transitions import Transition, parse_line
-from worker.webhook import (
+from worker.cli.main import main as cli_main
+from worker.mapping.transitions import Transition, parse_line
+from worker.pipeline import inbox
+from worker.store import keys
+from worker.webhook.receiver import (
     DEFAULT_MAX_BYTES,
     RedactTokenFilter,
     WebhookConfigError,
@@ -460,7 +461,7 @@ def test_the_token_never_reaches_the_access_log() -> None:
 
 
 def test_module_level_app_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    import worker.webhook as webhook
+    import worker.webhook.receiver as webhook
 
     monkeypatch.setattr(webhook, "_app", None)
     monkeypatch.delenv("WEBHOOK_TOKEN", raising=False)

@@ -13,20 +13,21 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker import deadletters, keys, parked
-from worker.attentive import (
+from worker.clients.attentive import (
     AttentiveError,
     Forbidden,
     InvalidRequest,
     RateLimited,
     Unauthorized,
 )
-from worker.buffer import BatchDataMissing, ClaimedBatch, JobBuffer, entry_json, entry_record, now_ms
-from worker.jobconfig import JobState
-from worker.jobs import SENDING_STATES, ExportJob
-from worker.parked import POLL_YIELDS_MS
-from worker.ratelimit import RateLimiter, backoff_delay
+from worker.pipeline import deadletters, parked
+from worker.pipeline.buffer import BatchDataMissing, ClaimedBatch, JobBuffer, entry_json, entry_record, now_ms
+from worker.pipeline.parked import POLL_YIELDS_MS
 from worker.runtime import Runtime
+from worker.setup.jobconfig import JobState
+from worker.setup.jobs import SENDING_STATES, ExportJob
+from worker.store import keys
+from worker.store.ratelimit import RateLimiter, backoff_delay
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +198,7 @@ def _flush_batch(
     jobs = [{"id": job_id, "idx": idx} for job_id, idx in submissions]
     # Polls share the request budget with sends. With batches queued behind this one, or a token
     # we had to wait for, sends are using all of it: the poll is parked in Redis until the sweep
-    # sees spare budget (worker.parked), instead of a broker task that would find none.
+    # sees spare budget (worker.pipeline.parked), instead of a broker task that would find none.
     saturated = bool(batch.queued_behind) or limiter.last_wait > 0
     first_poll = rt.settings.first_poll_seconds
     due = now_ms() + int(first_poll * 1000)

@@ -19,14 +19,15 @@ from typing import Any
 
 import redis
 
-from worker import backfill, deadletters, inbox
-from worker.authorizations import AuthorizationError, AuthorizationStore
-from worker.crypto import SecretKeyError, generate_secret_key
-from worker.jobconfig import JobConfigError, JobState, load_job_config
-from worker.jobs import ROUTED_STATES, ExportJob, JobNotFound, JobStore
+from worker.backfill import steps as backfill
+from worker.mapping.transitions import Rejected, parse_line, parse_time_ms
+from worker.observe.status import ingest_status, job_status
+from worker.pipeline import deadletters, inbox
 from worker.settings import Settings
-from worker.status import ingest_status, job_status
-from worker.transitions import Rejected, parse_line, parse_time_ms
+from worker.setup.authorizations import AuthorizationError, AuthorizationStore
+from worker.setup.crypto import SecretKeyError, generate_secret_key
+from worker.setup.jobconfig import JobConfigError, JobState, load_job_config
+from worker.setup.jobs import ROUTED_STATES, ExportJob, JobNotFound, JobStore
 
 #: Transitions per inbox chunk (one ingest task each) when ingesting a file.
 INGEST_CHUNK = 1000
@@ -192,7 +193,7 @@ def cmd_deadletters(args: argparse.Namespace, settings: Settings) -> None:
 
 def cmd_preview(args: argparse.Namespace, _settings: Settings) -> None:
     """Map transitions with a job file and print what would be sent, touching nothing."""
-    from worker.mapping import Mapper
+    from worker.mapping.mapper import Mapper
 
     config = load_job_config(args.job_file)
     mapper = Mapper(config)
@@ -303,7 +304,7 @@ class _open_input:
 
 def cmd_serve(args: argparse.Namespace, _settings: Settings) -> None:
     """Receive Lytics audience-trigger webhooks over HTTP (worker/webhook.py)."""
-    from worker.webhook import WebhookConfigError, serve
+    from worker.webhook.receiver import WebhookConfigError, serve
 
     try:
         serve(args.host, args.port, args.insecure_no_auth, access_log=not args.no_access_log)
@@ -312,7 +313,7 @@ def cmd_serve(args: argparse.Namespace, _settings: Settings) -> None:
 
 
 def cmd_demo(args: argparse.Namespace, _settings: Settings) -> None:
-    from worker.demo import run_demo
+    from worker.cli.demo import run_demo
 
     run_demo(users=args.users, port=args.port)
 

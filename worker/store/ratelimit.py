@@ -43,8 +43,8 @@ from importlib import resources
 
 import redis
 
-from worker import keys
 from worker.settings import DEFAULT_RATE_LIMIT_PER_SECOND
+from worker.store import keys
 
 #: Requests that may go at once after an idle spell. ``rate + burst`` must stay ≤ 100 (see module doc).
 DEFAULT_BURST = 5
@@ -55,7 +55,7 @@ _US = 1_000_000
 
 
 def _lua(name: str) -> str:
-    return (resources.files("worker") / "lua" / name).read_text(encoding="utf-8")
+    return (resources.files("worker.store") / "lua" / name).read_text(encoding="utf-8")
 
 
 # Read once per process; each RateLimiter registers them on its client (EVALSHA, NOSCRIPT-safe).

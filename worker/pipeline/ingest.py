@@ -14,10 +14,11 @@ from typing import Any
 import orjson
 import redis
 
-from worker import inbox, keys
-from worker.buffer import Change, JobBuffer
-from worker.jobs import JobStore
-from worker.transitions import Rejected, Transition, parse_line
+from worker.mapping.transitions import Rejected, Transition, parse_line
+from worker.pipeline import inbox
+from worker.pipeline.buffer import Change, JobBuffer
+from worker.setup.jobs import JobStore
+from worker.store import keys
 
 #: Transitions per buffer script call: keeps each atomic step short so Redis stays responsive.
 SCRIPT_CHUNK = 512

@@ -53,7 +53,7 @@ import phonenumbers
 from email_validator import EmailNotValidError, validate_email
 from phonenumbers.phonemetadata import PhoneMetadata
 
-from worker.jobconfig import ExportJobConfig
+from worker.setup.jobconfig import ExportJobConfig
 
 log = logging.getLogger(__name__)
 

@@ -10,10 +10,11 @@ from typing import Any
 
 import redis
 
-from worker import backfill, keys
-from worker.buffer import JobBuffer
-from worker.jobs import JobStore
-from worker.replies import decode_hash
+from worker.backfill import steps as backfill
+from worker.pipeline.buffer import JobBuffer
+from worker.setup.jobs import JobStore
+from worker.store import keys
+from worker.store.replies import decode_hash
 
 #: Counters shown even when zero, in display order.
 COUNTERS = (

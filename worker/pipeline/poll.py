@@ -17,14 +17,15 @@ from typing import Any
 import orjson
 import redis
 
-from worker import deadletters, keys
-from worker.attentive import AttentiveError, Forbidden, NotFound, RateLimited, Unauthorized
-from worker.buffer import JobBuffer, now_ms
-from worker.flush import POLL_GRACE_MS, TOKEN_WAIT_SECONDS, pause_for_auth_error
-from worker.jobs import ExportJob
-from worker.parked import POLL_YIELDS_MS, park
-from worker.ratelimit import backoff_delay
+from worker.clients.attentive import AttentiveError, Forbidden, NotFound, RateLimited, Unauthorized
+from worker.pipeline import deadletters
+from worker.pipeline.buffer import JobBuffer, now_ms
+from worker.pipeline.flush import POLL_GRACE_MS, TOKEN_WAIT_SECONDS, pause_for_auth_error
+from worker.pipeline.parked import POLL_YIELDS_MS, park
 from worker.runtime import Runtime
+from worker.setup.jobs import ExportJob
+from worker.store import keys
+from worker.store.ratelimit import backoff_delay
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def poll_batch(rt: Runtime, job_id: str, batch_id: int, attempt: int) -> PollRep
                 continue
             age_ms = now_ms() - int(batch.get("submitted_at") or 0)
             if age_ms < POLL_YIELDS_MS:
-                # Young: spare budget only, sends go first; otherwise wait parked (worker.parked),
+                # Young: spare budget only, sends go first; otherwise wait parked (worker.pipeline.parked),
                 # the same attempt again.
                 if limiter.try_acquire(spare_only=True) > 0:
                     # Due since its first poll: released oldest first, and forced once it is no

@@ -20,7 +20,7 @@ A body with at least one usable transition is accepted whole, and its unusable e
 slug, a bad time, an unknown shape...) are counted by reason by ingest (``attentive-export status``,
 ``ingest`` block) and listed in the 202 answer. Lytics does not retry a 400 (``do_not_retry``
 defaults to 400, 401, 403, 404), so refusing a batch for one bad event would drop the good ones with
-it. The door check reuses :func:`worker.transitions.parse_payload` (cheap: no mapping, no Redis), so
+it. The door check reuses :func:`worker.mapping.transitions.parse_payload` (cheap: no mapping, no Redis), so
 the door and ingest never disagree on what is usable.
 
 Redelivery is harmless: Lytics retries create another chunk, and ingest drops a transition that is
@@ -56,11 +56,11 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from worker import inbox
+from worker.mapping.transitions import Rejected, parse_payload
+from worker.pipeline import inbox
 from worker.settings import DEFAULT_REDIS_URL
-from worker.transitions import Rejected, parse_payload
 
-log = logging.getLogger("worker.webhook")
+log = logging.getLogger("worker.webhook.receiver")
 
 #: Where Lytics (or any producer) sends transitions.
 TRANSITIONS_PATH = "/v1/transitions"
@@ -417,7 +417,7 @@ class RedactTokenFilter(logging.Filter):
 
 
 def install_log_redaction() -> None:
-    """Attach the filter to uvicorn's access logger once (also when run as ``uvicorn worker.webhook:app``)."""
+    """Attach the filter to uvicorn's access logger once (also when run as ``uvicorn worker.webhook.receiver:app``)."""
     logger = logging.getLogger("uvicorn.access")
     if not any(isinstance(f, RedactTokenFilter) for f in logger.filters):
         logger.addFilter(RedactTokenFilter())
@@ -463,8 +463,8 @@ _app: Starlette | None = None
 
 
 def __getattr__(name: str) -> Any:
-    """``worker.webhook.app``, built from the environment on first access, so ``uvicorn
-    worker.webhook:app`` works while importing this module (tests, the CLI) needs no configuration."""
+    """``worker.webhook.receiver.app``, built from the environment on first access, so ``uvicorn
+    worker.webhook.receiver:app`` works while importing this module (tests, the CLI) needs no configuration."""
     global _app
     if name == "app":
         if _app is None:

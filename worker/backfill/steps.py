@@ -41,19 +41,19 @@ import orjson
 import redis
 from redis.exceptions import LockError, WatchError
 
-from worker import keys
-from worker.buffer import now_ms
-from worker.dispatch import Dispatcher
-from worker.ingest import ingest_lines
-from worker.jobconfig import JobState
-from worker.jobs import ROUTED_STATES, ExportJob, JobNotFound, JobStore
-from worker.lytics import (
+from worker.clients.lytics import (
     LyticsClient,
     LyticsError,
     LyticsRateLimited,
     LyticsRetryable,
 )
-from worker.replies import decode_hash, text
+from worker.dispatch import Dispatcher
+from worker.pipeline.buffer import now_ms
+from worker.pipeline.ingest import ingest_lines
+from worker.setup.jobconfig import JobState
+from worker.setup.jobs import ROUTED_STATES, ExportJob, JobNotFound, JobStore
+from worker.store import keys
+from worker.store.replies import decode_hash, text
 
 #: The part holding file backfills (not a valid audience slug, so it cannot collide with one).
 FILE_PART = "@file"

@@ -13,7 +13,7 @@ from typing import Any
 
 import redis
 
-from worker import keys
+from worker.store import keys
 
 
 def record(client: redis.Redis, job_id: str, batch_id: int, entries: Iterable[tuple[str, str, Any]]) -> int:

@@ -5,12 +5,12 @@ a key format operators can paste into an environment variable. Nothing here is h
 
 The key comes from ``EXPORT_SECRET_KEY``. Make one with either of::
 
-    python -m worker.crypto
+    python -m worker.setup.crypto
     python -c "from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())"
 
 Rotation: ``EXPORT_SECRET_KEY`` may hold several keys separated by commas, newest first. The first
 encrypts; every one of them decrypts (``MultiFernet``). Put the new key in front, re-encrypt the stored
-records (:meth:`worker.authorizations.AuthorizationStore.rotate`), then drop the old key.
+records (:meth:`worker.setup.authorizations.AuthorizationStore.rotate`), then drop the old key.
 
 Every failure is an :class:`SecretKeyError` with a message an operator can act on. Messages never
 contain the secret key, a ciphertext or a plaintext, and there is no plaintext fallback.
@@ -25,7 +25,7 @@ from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 #: Environment variable holding the Fernet key(s).
 SECRET_KEY_ENV = "EXPORT_SECRET_KEY"
 #: What to tell an operator who needs a key.
-GENERATE_HINT = "generate one with: python -m worker.crypto"
+GENERATE_HINT = "generate one with: python -m worker.setup.crypto"
 
 
 class SecretKeyError(Exception):
@@ -115,7 +115,7 @@ class Cipher:
 
 
 def main() -> None:
-    """``python -m worker.crypto``: print a new key for ``EXPORT_SECRET_KEY``."""
+    """``python -m worker.setup.crypto``: print a new key for ``EXPORT_SECRET_KEY``."""
     sys.stdout.write(generate_secret_key() + "\n")
 
 

@@ -28,10 +28,10 @@ import math
 from collections.abc import Iterable
 from typing import cast
 
-from worker import keys
-from worker.buffer import JobBuffer
-from worker.jobs import ExportJob
+from worker.pipeline.buffer import JobBuffer
 from worker.runtime import REDIS_DOWN, Runtime
+from worker.setup.jobs import ExportJob
+from worker.store import keys
 
 log = logging.getLogger(__name__)
 

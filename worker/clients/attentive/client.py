@@ -48,7 +48,7 @@ from tenacity import (
     stop_after_attempt,
 )
 
-from worker.attentive.errors import (
+from worker.clients.attentive.errors import (
     MAX_ATTENTIVE_MESSAGE,
     AttentiveError,
     Forbidden,
@@ -60,7 +60,7 @@ from worker.attentive.errors import (
     Unauthorized,
     UnexpectedResponse,
 )
-from worker.attentive.models import BulkJobStatus, BulkSuccess, MeResponse, ResultLine
+from worker.clients.attentive.models import BulkJobStatus, BulkSuccess, MeResponse, ResultLine
 
 logger = logging.getLogger(__name__)
 

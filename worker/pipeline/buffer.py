@@ -19,13 +19,13 @@ from typing import Any
 import orjson
 import redis
 
-from worker import keys
-from worker.replies import decode_hash, text
+from worker.store import keys
+from worker.store.replies import decode_hash, text
 
 
 @cache
 def _script_source() -> str:
-    return resources.files("worker").joinpath("lua/buffer.lua").read_text()
+    return resources.files("worker.store").joinpath("lua/buffer.lua").read_text()
 
 
 _scripts: dict[int, Any] = {}

@@ -1,6 +1,6 @@
 """Export jobs stored in Redis: configuration plus lifecycle state, many side by side.
 
-A job's configuration is validated by :mod:`worker.jobconfig` before it gets here. Each process
+A job's configuration is validated by :mod:`worker.setup.jobconfig` before it gets here. Each process
 keeps a copy of the job table for routing (which jobs export an audience) and reloads it when a
 version counter in Redis moves, so workers stay stateless (invariant 7), a job created a moment
 ago receives the very next transition, and ingest pays one small read per chunk, not per event.
@@ -18,9 +18,9 @@ from typing import Any
 
 import redis
 
-from worker import keys
-from worker.jobconfig import ExportJobConfig, JobState, parse_job_config
-from worker.mapping import Mapper
+from worker.mapping.mapper import Mapper
+from worker.setup.jobconfig import ExportJobConfig, JobState, parse_job_config
+from worker.store import keys
 
 #: States whose jobs receive transitions. A paused job still buffers, so nothing is lost while an
 #: operator fixes its key; it just does not send.

@@ -2,11 +2,11 @@
 
 Import from here, not from the submodules::
 
-    from worker.attentive import AttentiveClient, RateLimited
+    from worker.clients.attentive import AttentiveClient, RateLimited
 """
 
-from worker.attentive.client import MAX_USERS_PER_REQUEST, AttentiveClient, parse_retry_after
-from worker.attentive.errors import (
+from worker.clients.attentive.client import MAX_USERS_PER_REQUEST, AttentiveClient, parse_retry_after
+from worker.clients.attentive.errors import (
     AttentiveError,
     Forbidden,
     InvalidRequest,
@@ -17,7 +17,7 @@ from worker.attentive.errors import (
     Unauthorized,
     UnexpectedResponse,
 )
-from worker.attentive.models import BulkJobStatus, BulkSuccess, BulkUser, MeResponse, ResultLine
+from worker.clients.attentive.models import BulkJobStatus, BulkSuccess, BulkUser, MeResponse, ResultLine
 
 __all__ = [
     "MAX_USERS_PER_REQUEST",

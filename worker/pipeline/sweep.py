@@ -5,7 +5,7 @@ buffers older than the job's flush interval, gives expired flush leases back to 
 re-drives polls that should have happened, releases parked polls (worker/parked.py), and
 dispatches flushes for batches nobody is sending.
 It also re-drives inbox chunks whose ingest task was lost and backfill parts that stopped making
-progress (:func:`worker.backfill.redrive_stalled`). Every step is idempotent; one sweep runs at a
+progress (:func:`worker.backfill.steps.redrive_stalled`). Every step is idempotent; one sweep runs at a
 time (a short Redis lock), and a job whose step fails is logged and shown in its status without
 stopping the others.
 """
@@ -20,11 +20,13 @@ from dataclasses import dataclass, field
 import redis
 from kombu.exceptions import OperationalError
 
-from worker import backfill, inbox, keys, parked
-from worker.buffer import JobBuffer, now_ms
-from worker.flush import POLL_GRACE_MS
-from worker.jobs import ExportJob
+from worker.backfill import steps as backfill
+from worker.pipeline import inbox, parked
+from worker.pipeline.buffer import JobBuffer, now_ms
+from worker.pipeline.flush import POLL_GRACE_MS
 from worker.runtime import REDIS_DOWN, Runtime
+from worker.setup.jobs import ExportJob
+from worker.store import keys
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ without *Custom Attributes* / *Subscribers* write access passes ``/me`` and only
 first bulk write, which pauses the export job with a clear status (DESIGN.md §4). ``/me`` is not sent
 through the shared rate limiter: it is a different endpoint from the bulk ones and runs once per save.
 
-Secrets (DESIGN.md invariant 5): the API key is encrypted with Fernet (:mod:`worker.crypto`) before it
+Secrets (DESIGN.md invariant 5): the API key is encrypted with Fernet (:mod:`worker.setup.crypto`) before it
 touches Redis, and leaves the store in plaintext only through :meth:`AuthorizationStore.api_key`. The
 :class:`Authorization` model holds the ciphertext out of ``repr``/``str``/``model_dump``; listings show
 a masked hint (``••••3f9a``). Exceptions and log lines never carry the key.
@@ -34,8 +34,7 @@ from typing import Any, TypeVar
 import redis
 from pydantic import BaseModel, ConfigDict, Field
 
-from worker import keys
-from worker.attentive import (
+from worker.clients.attentive import (
     AttentiveClient,
     AttentiveError,
     Forbidden,
@@ -44,9 +43,10 @@ from worker.attentive import (
     TransportError,
     Unauthorized,
 )
-from worker.crypto import Cipher, SecretKeyError, SecretKeyInvalid, SecretKeyMismatch, SecretKeyMissing
-from worker.ratelimit import api_key_hash
-from worker.replies import text
+from worker.setup.crypto import Cipher, SecretKeyError, SecretKeyInvalid, SecretKeyMismatch, SecretKeyMissing
+from worker.store import keys
+from worker.store.ratelimit import api_key_hash
+from worker.store.replies import text
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class Authorization(BaseModel):
     created_at: datetime
     #: Masked suffix of the key, e.g. ``••••3f9a``: enough to tell keys apart, never more than 4 chars.
     key_hint: str
-    #: :func:`worker.ratelimit.api_key_hash` of the key: names its shared rate limiter without decrypting.
+    #: :func:`worker.store.ratelimit.api_key_hash` of the key: names its shared rate limiter without decrypting.
     key_hash: str
     #: Fernet token of the API key. Only the store reads it.
     encrypted_key: str = Field(repr=False, exclude=True)

@@ -26,12 +26,12 @@ from typing import Any
 import httpx
 import redis
 
-from worker import inbox
-from worker.authorizations import AuthorizationStore
-from worker.crypto import generate_secret_key
-from worker.jobconfig import parse_job_config
-from worker.jobs import JobStore
-from worker.status import job_status
+from worker.observe.status import job_status
+from worker.pipeline import inbox
+from worker.setup.authorizations import AuthorizationStore
+from worker.setup.crypto import generate_secret_key
+from worker.setup.jobconfig import parse_job_config
+from worker.setup.jobs import JobStore
 
 DEMO_TOKEN = "demo-key"
 AUDIENCES = ("vip_shoppers", "lapsed_buyers")

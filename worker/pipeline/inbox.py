@@ -14,8 +14,8 @@ from collections.abc import Sequence
 
 import redis
 
-from worker import keys
-from worker.replies import text
+from worker.store import keys
+from worker.store.replies import text
 
 #: A chunk not ingested this long after it was written is re-driven by the sweep.
 ORPHAN_AFTER_MS = 60_000

@@ -33,7 +33,7 @@ def jobs_version() -> str:
 def ratelimit(key_hash: str) -> str:
     """String: GCRA theoretical arrival time (integer microseconds, Redis clock) for one Attentive API key.
 
-    ``key_hash`` is :func:`worker.ratelimit.api_key_hash` of the key, never the key itself.
+    ``key_hash`` is :func:`worker.store.ratelimit.api_key_hash` of the key, never the key itself.
     """
     return f"{PREFIX}:{{rl:{key_hash}}}:tat"
 
