@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from celery import Celery
-from celery.signals import after_setup_logger, worker_process_init
+from celery.signals import after_setup_logger
 
 app = Celery(
     "attentive_export", include=["tasks.ingest", "tasks.flush", "tasks.poll", "tasks.sweep", "tasks.backfill"]
@@ -17,14 +17,3 @@ app.config_from_object("worker.celeryconfig")
 def _quiet_httpx(**_kwargs: object) -> None:
     """httpx logs every request URL at INFO; a results URL may carry a pre-signed signature."""
     logging.getLogger("httpx").setLevel(logging.WARNING)
-
-
-@worker_process_init.connect  # type: ignore[untyped-decorator]
-def _warm_up(**_kwargs: object) -> None:
-    """Each pool process readies its Redis connection, mappings and clients before its first task."""
-    from worker.runtime import runtime
-
-    try:
-        runtime().warm_up()
-    except Exception as exc:  # never keep a worker from starting: its tasks retry what failed here
-        logging.getLogger(__name__).warning("warm-up skipped: %s: %s", type(exc).__name__, exc)

@@ -11,9 +11,11 @@ import threading
 from functools import cached_property
 
 import redis
+from celery.signals import worker_process_init
 
 from worker.clients.attentive import AttentiveClient
 from worker.dispatch import CeleryDispatcher, Dispatcher
+from worker.mapping.mapper import compiled_mapper
 from worker.settings import Settings
 from worker.setup.authorizations import AuthorizationStore
 from worker.setup.jobs import ExportJob, JobStore
@@ -87,7 +89,7 @@ class Runtime:
         self.redis.ping()
         for job in self.jobs.active():
             try:
-                job.mapper  # noqa: B018 (compiled on first use)
+                compiled_mapper(job.id, job.config)
                 if job.sending:
                     self.client_for(job)
             except Exception as exc:  # that job's first task will say what is wrong; warm the rest
@@ -110,3 +112,16 @@ def runtime() -> Runtime:
     if _runtime is None:
         _runtime = Runtime()
     return _runtime
+
+
+@worker_process_init.connect  # type: ignore[untyped-decorator]
+def _warm_up(**_kwargs: object) -> None:
+    """Each pool process readies its Redis connection, mappings and clients before its first task.
+
+    Connected here rather than in ``worker.app`` so the app module imports nothing of the domain
+    (no import cycle); the tasks that every worker loads import this module.
+    """
+    try:
+        runtime().warm_up()
+    except Exception as exc:  # never keep a worker from starting: its tasks retry what failed here
+        log.warning("warm-up skipped: %s: %s", type(exc).__name__, exc)

@@ -373,15 +373,16 @@ def test_sweep_redrives_a_part_whose_task_was_lost_once_it_is_due(world: World) 
 
 
 def test_sweep_task_wiring_redrives_backfills(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
-    from worker.pipeline.sweep import sweep
+    import tasks.sweep
     from worker.runtime import Runtime
     from worker.settings import Settings
 
     job = world.job()
     world.dispatch.backfills.clear()
     world.redis.zadd(keys.backfill_due(), {f"{job.id}|vip": 0})
-    report = sweep(Runtime(Settings(), world.redis, world.dispatch))
-    assert report.backfills_redriven == 1 and world.dispatch.backfills == [(job.id, "vip", 0.0)]
+    monkeypatch.setattr(tasks.sweep, "runtime", lambda: Runtime(Settings(), world.redis, world.dispatch))
+    tasks.sweep.sweep()  # the task as beat runs it, in this process
+    assert world.dispatch.backfills == [(job.id, "vip", 0.0)]
 
 
 # --- file backfills -------------------------------------------------------------------------------------

@@ -11,8 +11,9 @@ import httpx
 import pytest
 
 from worker.pipeline import deadletters
+from worker.pipeline.attentive_calls import POLL_GRACE_MS
 from worker.pipeline.buffer import now_ms
-from worker.pipeline.flush import FLUSH_QUEUED_TTL_MS, POLL_GRACE_MS, flush_job, request_flush
+from worker.pipeline.flush import FLUSH_QUEUED_TTL_MS, flush_job, request_flush
 from worker.pipeline.parked import POLL_YIELDS_MS
 from worker.pipeline.poll import poll_batch
 from worker.setup.jobconfig import JobState

@@ -9,8 +9,9 @@ import pytest
 
 from worker.observe.status import job_status
 from worker.pipeline import deadletters
+from worker.pipeline.attentive_calls import POLL_GRACE_MS
 from worker.pipeline.buffer import now_ms
-from worker.pipeline.flush import POLL_GRACE_MS, flush_job
+from worker.pipeline.flush import flush_job
 from worker.pipeline.poll import MAX_SEND_ATTEMPTS, POLL_YIELDS_MS, poll_batch
 from worker.setup.jobconfig import JobState
 from worker.setup.jobs import ExportJob

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import redis
 
-import worker.app
 import worker.runtime
+from worker.mapping import mapper as mapper_module
 from worker.setup.jobconfig import JobState
 
 from .pipeline_kit import Pipeline
@@ -28,7 +28,7 @@ def test_warm_up_compiles_mappings_and_builds_clients_of_active_jobs(
     pipe.rt.warm_up()
 
     assert clients == [running.id]  # only a sending job needs its key decrypted
-    compiled = {job_id for job_id in (running.id, paused.id) if pipe.rt.jobs.cached(job_id)._mapper}  # type: ignore[union-attr]
+    compiled = {job_id for job_id in (running.id, paused.id) if job_id in mapper_module._compiled}
     assert compiled == {running.id, paused.id}  # a paused job still ingests
 
 
@@ -58,5 +58,5 @@ def test_a_failed_warm_up_never_keeps_a_worker_from_starting(
 
     monkeypatch.setattr(worker.runtime, "runtime", lambda: Down())
     with caplog.at_level(logging.WARNING):
-        worker.app._warm_up()
+        worker.runtime._warm_up()
     assert "warm-up skipped: ConnectionError" in caplog.text

@@ -8,8 +8,9 @@ import pytest
 
 from worker.observe.status import ingest_status
 from worker.pipeline import inbox
+from worker.pipeline.attentive_calls import POLL_GRACE_MS
 from worker.pipeline.buffer import now_ms
-from worker.pipeline.flush import POLL_GRACE_MS, flush_job
+from worker.pipeline.flush import flush_job
 from worker.pipeline.ingest import USER_KEY_FALLBACK, ingest_chunk, ingest_lines
 from worker.pipeline.sweep import IDLE_FLUSH_MS, REDRIVEN_POLL_ATTEMPT, sweep
 from worker.setup.jobconfig import JobState

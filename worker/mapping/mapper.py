@@ -883,3 +883,20 @@ class Mapper:
         if size + exact <= MAX_RECORD_BYTES:
             return size + exact, True
         return size, False
+
+
+#: Compiled mappings per job id, with the configuration each was compiled from.
+_compiled: dict[str, tuple[ExportJobConfig, Mapper]] = {}
+
+
+def compiled_mapper(job_id: str, config: ExportJobConfig) -> Mapper:
+    """The job's mapping, compiled once per process and configuration (a changed job recompiles).
+
+    Called per transition on the hot path: the job table keeps an unchanged configuration as the
+    same object across reloads, so the usual check is one identity comparison.
+    """
+    hit = _compiled.get(job_id)
+    if hit is None or (hit[0] is not config and hit[0] != config):
+        hit = (config, Mapper(config))
+        _compiled[job_id] = hit
+    return hit[1]

@@ -21,22 +21,18 @@ from worker.clients.attentive import (
     Unauthorized,
 )
 from worker.pipeline import deadletters, parked
+from worker.pipeline.attentive_calls import POLL_GRACE_MS, TOKEN_WAIT_SECONDS, pause_for_auth_error
 from worker.pipeline.buffer import BatchDataMissing, ClaimedBatch, JobBuffer, entry_json, entry_record, now_ms
 from worker.pipeline.parked import POLL_YIELDS_MS
 from worker.runtime import Runtime
-from worker.setup.jobconfig import JobState
-from worker.setup.jobs import SENDING_STATES, ExportJob
+from worker.setup.jobs import ExportJob
 from worker.store import keys
 from worker.store.ratelimit import RateLimiter, backoff_delay
 
 log = logging.getLogger(__name__)
 
-#: Longest a flush waits for a rate-limit token before giving the batch back.
-TOKEN_WAIT_SECONDS = 5.0
 #: One flush task keeps claiming batches this long, so a backlog drains without a task per batch.
 FLUSH_BUDGET_SECONDS = 10.0
-#: Grace after a poll's due time before the sweep re-drives it (its task was lost).
-POLL_GRACE_MS = 120_000
 #: How long a queued flush task counts as on its way, and a running one as running (each mark is
 #: refreshed when a flush starts). Past it (a lost message, a killed worker), the next seal queues
 #: another; the sweep re-drives unclaimed batches regardless.
@@ -249,25 +245,3 @@ def _submit_isolating(
         post_seconds.append(time.monotonic() - started)
         submissions.append((job_id, idx))
     return submissions, refused
-
-
-def pause_for_auth_error(rt: Runtime, job: ExportJob, exc: AttentiveError) -> str:
-    """Pause the job after a 401/403 (retrying would only storm Attentive); returns the reason."""
-    reason = _pause_reason(exc)
-    rt.jobs.set_state_if(job.id, JobState.PAUSED, SENDING_STATES, reason)
-    rt.forget_client(job)
-    rt.redis.hset(keys.job_status(job.id), "last_error", reason)
-    log.warning("job %s paused: %s", job.id, reason)
-    return reason
-
-
-def _pause_reason(exc: AttentiveError) -> str:
-    if isinstance(exc, Unauthorized):
-        return (
-            "Attentive rejected the API key (401 Unauthorized): it is unknown or revoked. "
-            "Save a valid key in the authorization, then resume the job."
-        )
-    return (
-        "Attentive refused the write (403 Forbidden): the key lacks Custom Attributes and Subscribers "
-        "write permission. Fix the app's permissions, then resume the job."
-    )

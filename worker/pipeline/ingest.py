@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 import redis
 
+from worker.mapping.mapper import compiled_mapper
 from worker.mapping.transitions import Rejected, Transition, parse_line
 from worker.pipeline import inbox
 from worker.pipeline.buffer import Change, JobBuffer
@@ -74,7 +75,7 @@ def _route(
 ) -> bool:
     targets = jobs.routes(t.audience)
     for job in targets:
-        mapper = job.mapper
+        mapper = compiled_mapper(job.id, job.config)
         result = mapper.map(t.user, {t.audience: t.enter}, include_attributes=t.enter)
         for _field, reason in result.dropped:
             drops[job.id][reason] += 1

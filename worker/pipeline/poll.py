@@ -19,8 +19,8 @@ import redis
 
 from worker.clients.attentive import AttentiveError, Forbidden, NotFound, RateLimited, Unauthorized
 from worker.pipeline import deadletters
+from worker.pipeline.attentive_calls import POLL_GRACE_MS, TOKEN_WAIT_SECONDS, pause_for_auth_error
 from worker.pipeline.buffer import JobBuffer, now_ms
-from worker.pipeline.flush import POLL_GRACE_MS, TOKEN_WAIT_SECONDS, pause_for_auth_error
 from worker.pipeline.parked import POLL_YIELDS_MS, park
 from worker.runtime import Runtime
 from worker.setup.jobs import ExportJob

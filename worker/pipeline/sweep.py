@@ -15,15 +15,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import redis
 from kombu.exceptions import OperationalError
 
-from worker.backfill import steps as backfill
 from worker.pipeline import inbox, parked
+from worker.pipeline.attentive_calls import POLL_GRACE_MS
 from worker.pipeline.buffer import JobBuffer, now_ms
-from worker.pipeline.flush import POLL_GRACE_MS
 from worker.runtime import REDIS_DOWN, Runtime
 from worker.setup.jobs import ExportJob
 from worker.store import keys
@@ -53,8 +53,13 @@ class SweepReport:
     skipped: bool = False
 
 
-def sweep(rt: Runtime) -> SweepReport:
-    """One pass over every active job; skipped (``report.skipped``) while another sweep runs."""
+def sweep(rt: Runtime, redrive_backfills: Callable[[int], int] = lambda _now: 0) -> SweepReport:
+    """One pass over every active job; skipped (``report.skipped``) while another sweep runs.
+
+    ``redrive_backfills(now)`` runs under the same one-at-a-time lock and returns how many backfill
+    steps it re-drove; the sweep task passes :func:`worker.backfill.steps.redrive_stalled` (backfill
+    builds on the pipeline, so the pipeline cannot import it).
+    """
     report = SweepReport()
     token = secrets.token_hex(8)
     # Sweeps queued while the workers were busy can start together: two would both release and
@@ -63,14 +68,14 @@ def sweep(rt: Runtime) -> SweepReport:
         report.skipped = True
         return report
     try:
-        _sweep_all(rt, now_ms(), report)
+        _sweep_all(rt, now_ms(), report, redrive_backfills)
     finally:
         if rt.redis.get(keys.sweep_lock()) in (token, token.encode()):
             rt.redis.delete(keys.sweep_lock())
     return report
 
 
-def _sweep_all(rt: Runtime, now: int, report: SweepReport) -> None:
+def _sweep_all(rt: Runtime, now: int, report: SweepReport, redrive_backfills: Callable[[int], int]) -> None:
     for job in rt.jobs.active():
         try:
             _sweep_job(rt, job, now, report)
@@ -84,7 +89,7 @@ def _sweep_all(rt: Runtime, now: int, report: SweepReport) -> None:
     for chunk_id in inbox.orphaned_chunks(rt.redis, now):
         rt.dispatch.ingest(chunk_id)
         report.chunks_redriven += 1
-    report.backfills_redriven = backfill.redrive_stalled(rt.redis, rt.dispatch, now)
+    report.backfills_redriven = redrive_backfills(now)
 
 
 def _sweep_job(rt: Runtime, job: ExportJob, now: int, report: SweepReport) -> None:

@@ -13,12 +13,11 @@ import datetime as dt
 import json
 import secrets
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import redis
 
-from worker.mapping.mapper import Mapper
 from worker.setup.jobconfig import ExportJobConfig, JobState, parse_job_config
 from worker.store import keys
 
@@ -42,14 +41,6 @@ class ExportJob:
     pause_reason: str = ""
     created_at: str = ""
     updated_at: str = ""
-    _mapper: Mapper | None = field(default=None, repr=False, compare=False)
-
-    @property
-    def mapper(self) -> Mapper:
-        """The job's compiled mapping (built once per loaded job)."""
-        if self._mapper is None:
-            self._mapper = Mapper(self.config)
-        return self._mapper
 
     @property
     def sending(self) -> bool:
@@ -190,7 +181,7 @@ class JobStore:
             job = ExportJob.from_json(raw)
             old = self._cache.get(job.id)
             if old is not None and old.config == job.config:
-                job._mapper = old._mapper  # keep the compiled mapping across refreshes
+                job.config = old.config  # the same object, so its compiled mapping is found at once
             fresh[job.id] = job
         self._cache = fresh
         self._version = version
