@@ -6,22 +6,25 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install test lint demo bench sandbox clean
 
-$(STAMP): pyproject.toml
+# The product (with its dev tools) and the local Attentive sandbox, its own distribution in sandbox/.
+$(STAMP): pyproject.toml sandbox/pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev]' -e ./sandbox
 	touch $(STAMP)
 
 install: $(STAMP)
 
-## Run the whole test suite (unit + integration; integration needs Redis on REDIS_URL, default 127.0.0.1:6379).
+## Run the whole test suite (unit + integration; Redis on TEST_REDIS_URL, default 127.0.0.1:6379, else a private one).
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+## ruff (lint and format), mypy strict, import-linter (imports flow one way; see pyproject.toml).
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 ## Run the export end to end on embedded defaults against the local sandbox.
 demo: $(STAMP)

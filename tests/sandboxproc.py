@@ -20,11 +20,15 @@ Keyword options of :func:`start_sandbox` are the CLI flags with underscores (``p
 ``completion_order="random"``, ``validation="per_record"``, ``rate_limit=0``, ``retry_after=True``,
 ``fault_429=0.1``, ``fault_5xx``, ``latency_ms``, ``drop_connections``, ``fail_jobs``, ``drop_jobs``,
 ``seed``). Admin responses are documented on each helper.
+
+The sandbox is its own distribution (``sandbox/src/sandbox``, not in the production wheel): it must be
+installed in the test environment, ``pip install -e ./sandbox`` (``make install`` does it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import socket
 import subprocess
@@ -201,8 +205,23 @@ def _wait_ready(sb: SandboxProcess, timeout: float) -> None:
     raise TimeoutError(f"sandbox did not answer within {timeout}s:\n{sb.log()}")
 
 
+def require_sandbox() -> None:
+    """Fail clearly when the sandbox distribution is not installed: from the checkout root, ``sandbox/``
+    would otherwise import as an empty namespace package and ``python -m sandbox`` fail obscurely."""
+    try:
+        found = importlib.util.find_spec("sandbox.__main__") is not None
+    except ImportError:
+        found = False
+    if not found:
+        raise RuntimeError(
+            f"the Attentive sandbox is not installed for {sys.executable}: "
+            f"run `make install` or `pip install -e {ROOT / 'sandbox'}`"
+        )
+
+
 def launch(tokens: Sequence[str] = ("test-key",), port: int | None = None, **options: Any) -> SandboxProcess:
     """Start a sandbox subprocess and wait until it answers; the caller must ``stop()`` it."""
+    require_sandbox()
     for _attempt in range(3):
         chosen = port or free_port()
         log = Path(tempfile.mkstemp(prefix="sandbox-", suffix=".log")[1])
