@@ -5,12 +5,27 @@ from __future__ import annotations
 import logging
 
 from celery import Celery
-from celery.signals import after_setup_logger
+from celery.signals import after_setup_logger, worker_init
+
+from worker.settings import SettingsError, load_settings
 
 app = Celery(
     "attentive_export", include=["tasks.ingest", "tasks.flush", "tasks.poll", "tasks.sweep", "tasks.backfill"]
 )
+# Importing worker.celeryconfig validates every setting (a bad one ends the process with one line).
 app.config_from_object("worker.celeryconfig")
+
+
+@worker_init.connect  # type: ignore[untyped-decorator]
+def _refuse_to_start_without_secret_key(**_kwargs: object) -> None:
+    """A worker refuses to start without ``EXPORT_SECRET_KEY``: every flush and poll decrypts a stored
+    API key with it. Sent in the worker's main process before the pool starts; beat, flower and
+    ``celery call`` never get this signal and need no key. Celery logs and swallows an exception
+    from a signal handler, but lets SystemExit through: one line, exit status 1."""
+    try:
+        load_settings().require_secret_key()
+    except SettingsError as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 @after_setup_logger.connect  # type: ignore[untyped-decorator]

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-import os
-
 from kombu.entity import Queue
 
-_redis_url = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
-broker_url = os.environ.get("CELERY_BROKER_URL") or _redis_url
+from worker.settings import SettingsError, load_settings
+
+# Every Celery process (worker, beat, flower) imports this module before it connects anywhere, so
+# this is where a bad setting stops it: one line, exit status 1, no traceback (Celery lets a
+# SystemExit through). The worker also needs EXPORT_SECRET_KEY: see worker_init in worker/app.py.
+try:
+    _settings = load_settings()
+except SettingsError as exc:
+    raise SystemExit(f"error: {exc}") from None
+
+broker_url = _settings.broker_url
 
 # Results are ignored: all state lives in Redis under our own keys.
 task_ignore_result = True
@@ -42,7 +49,7 @@ task_send_sent_event = True
 task_serializer = "json"
 accept_content = ["json"]
 
-_sweep_every = float(os.environ.get("SWEEP_INTERVAL_SECONDS") or 1.0)
+_sweep_every = _settings.sweep_interval_seconds
 beat_schedule = {
     "sweep": {"task": "export.sweep", "schedule": _sweep_every, "options": {"expires": _sweep_every * 5}},
 }

@@ -16,7 +16,7 @@ from celery.signals import worker_process_init
 from worker.clients.attentive import AttentiveClient
 from worker.dispatch import CeleryDispatcher, Dispatcher
 from worker.mapping.mapper import compiled_mapper
-from worker.settings import Settings
+from worker.settings import Settings, load_settings
 from worker.setup.authorizations import AuthorizationStore
 from worker.setup.jobs import ExportJob, JobStore
 from worker.store.ratelimit import RateLimiter, api_key_hash
@@ -38,7 +38,7 @@ class Runtime:
         client: redis.Redis | None = None,
         dispatcher: Dispatcher | None = None,
     ) -> None:
-        self.settings = settings or Settings.from_env()
+        self.settings = settings or load_settings()
         self.redis = client or redis.Redis.from_url(self.settings.redis_url)
         self._dispatcher = dispatcher
         self._clients: dict[str, tuple[str, AttentiveClient]] = {}
@@ -50,7 +50,7 @@ class Runtime:
 
     @cached_property
     def authorizations(self) -> AuthorizationStore:
-        return AuthorizationStore(self.redis, self.settings.secret_key)
+        return AuthorizationStore(self.redis, self.settings.secret_key_value())
 
     @property
     def dispatch(self) -> Dispatcher:
@@ -121,7 +121,11 @@ def _warm_up(**_kwargs: object) -> None:
     Connected here rather than in ``worker.app`` so the app module imports nothing of the domain
     (no import cycle); the tasks that every worker loads import this module.
     """
+    # Not inside the try: a SettingsError is a configuration error, not a warm-up failure, and is
+    # never hidden (the worker's main process validated the same environment before forking, see
+    # worker/celeryconfig.py, so it only happens if that check was bypassed).
+    rt = runtime()
     try:
-        runtime().warm_up()
-    except Exception as exc:  # never keep a worker from starting: its tasks retry what failed here
+        rt.warm_up()
+    except Exception as exc:  # Redis down and the like: its tasks retry what failed here
         log.warning("warm-up skipped: %s: %s", type(exc).__name__, exc)

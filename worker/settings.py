@@ -1,13 +1,35 @@
-"""Process settings, read once from the environment.
+"""Process settings: one validated model of the environment, checked when a process starts.
 
-Every knob a deployment can turn lives here, with its default and a one-line reason. Workers are
-stateless (DESIGN.md invariant 7): nothing here is per-job; per-job settings live on the export job.
+Every knob a deployment can turn lives here, with its default, its allowed range and a one-line
+reason. Workers are stateless (DESIGN.md invariant 7): nothing here is per-job; per-job settings
+live on the export job.
+
+Every process reads its settings through :func:`load_settings` when it starts, so a bad value stops
+it at once with one line naming the variable (``ATTENTIVE_RATE_LIMIT: must be a number greater
+than 0 (got 'abc')``) instead of failing every task later:
+
+- Celery worker, beat and flower: on importing :mod:`worker.celeryconfig` (exit with that line);
+- the worker, in addition, refuses to start without ``EXPORT_SECRET_KEY``
+  (:meth:`Settings.require_secret_key`, called from ``worker_init`` in :mod:`worker.app`);
+- ``attentive-export`` (any command): ``error: <line>``, exit status 2;
+- the webhook receiver (``serve`` or ``uvicorn worker.webhook.receiver:app``): ``error: <line>``.
+
+Rules shared by every variable: an empty or blank value counts as unset (the default applies),
+values are stripped, Attentive's and Lytics' URLs lose a trailing slash. Secrets (``EXPORT_SECRET_KEY``, ``WEBHOOK_TOKEN``)
+are :class:`~pydantic.SecretStr`: never in ``repr``, ``str``, logs or error messages.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
+import re
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+from cryptography.fernet import Fernet
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
+from pydantic_core import PydanticUseDefault
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: Attentive's production host. The v2 paths carry their own ``/v2`` prefix (CONTRACT.md §0).
 DEFAULT_ATTENTIVE_API_URL = "https://api.attentivemobile.com"
@@ -17,48 +39,292 @@ DEFAULT_LYTICS_API_URL = "https://api.lytics.io"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 #: Attentive allows 100 requests/s per key on the bulk and job-status endpoints; stay 10% under.
 DEFAULT_RATE_LIMIT_PER_SECOND = 90.0
+#: Longest allowed ``ATTENTIVE_POLL_CAP_SECONDS``: poll countdowns (cap + 20% jitter) must stay far
+#: below the broker's visibility timeout (one hour, worker/celeryconfig.py), or a countdown task is
+#: delivered twice; DESIGN.md §4 asks for countdowns of minutes at most.
+MAX_POLL_CAP_SECONDS = 600.0
+#: Longest allowed ``SWEEP_INTERVAL_SECONDS``: time-based flushes, crash recovery and parked polls
+#: all wait for the sweep, and a job's flush interval can be as short as 1 s.
+MAX_SWEEP_INTERVAL_SECONDS = 60.0
+#: 5 MiB: a Lytics batch of 1,000 triggers with a few dozen profile fields fits comfortably.
+DEFAULT_WEBHOOK_MAX_BYTES = 5 * 1024 * 1024
+#: A webhook token shorter than this is too easy to guess for an endpoint on the internet.
+MIN_WEBHOOK_TOKEN_LENGTH = 16
+#: Methods Lytics can be configured to use (``POST`` is its default and always accepted).
+WEBHOOK_METHODS = ("POST", "GET", "PUT", "PATCH", "DELETE")
+
+_TOKEN_HINT = "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+#: Not ``attentive-export secret-key``: the CLI validates the environment first, so it would refuse
+#: to run while the bad key is still set.
+_SECRET_KEY_HINT = "make one with: python -m worker.setup.crypto"
 
 
-def _env(name: str, default: str) -> str:
-    value = os.environ.get(name, "").strip()
-    return value or default
+class SettingsError(Exception):
+    """A setting is missing or wrong; ``str(exc)`` is one line naming the variable (no secret in it)."""
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Typed view of the environment. Build it with :meth:`from_env`."""
+#: What a valid value looks like, per variable, for errors raised by pydantic itself (a number that
+#: is not one, out of range...). Errors raised by the validators below carry their own text.
+_RULES = {
+    "REDIS_URL": "must be a redis://, rediss:// or unix:// URL",
+    "CELERY_BROKER_URL": "must be a broker URL such as redis://host:6379/0 or amqp://user:password@host:5672//",
+    "ATTENTIVE_API_URL": "must be an http:// or https:// URL",
+    "LYTICS_API_URL": "must be an http:// or https:// URL",
+    "ATTENTIVE_RATE_LIMIT": "must be a number greater than 0",
+    "ATTENTIVE_FIRST_POLL_SECONDS": "must be a number of seconds greater than 0",
+    "ATTENTIVE_POLL_CAP_SECONDS": f"must be a number of seconds greater than 0 and at most {MAX_POLL_CAP_SECONDS:g}",
+    "FLUSH_LEASE_SECONDS": "must be a number of seconds, at least 1",
+    "SWEEP_INTERVAL_SECONDS": f"must be a number of seconds greater than 0 and at most {MAX_SWEEP_INTERVAL_SECONDS:g}",
+    "WEBHOOK_MAX_BYTES": "must be a whole number of bytes, at least 1",
+    "WEBHOOK_METHOD": f"must be one of {', '.join(WEBHOOK_METHODS)}",
+}
+#: Variables whose value never appears in an error message.
+_SECRETS = frozenset({"EXPORT_SECRET_KEY", "WEBHOOK_TOKEN"})
+#: Variables that may carry a password (``redis://:password@host``); it is masked in error messages.
+_URLS = frozenset({"REDIS_URL", "CELERY_BROKER_URL", "ATTENTIVE_API_URL", "LYTICS_API_URL"})
+_URL_PASSWORD = re.compile(r"(://[^/@:]*:)[^@/]*@")
 
-    redis_url: str = DEFAULT_REDIS_URL
-    broker_url: str = DEFAULT_REDIS_URL
-    attentive_api_url: str = DEFAULT_ATTENTIVE_API_URL
-    lytics_api_url: str = DEFAULT_LYTICS_API_URL
-    #: Fernet key (urlsafe base64, 32 bytes) that encrypts stored API keys. Never logged.
-    secret_key: str | None = field(default=None, repr=False)
-    rate_limit_per_second: float = DEFAULT_RATE_LIMIT_PER_SECOND
+
+def _http_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(_RULES["ATTENTIVE_API_URL"])
+    return value.rstrip("/")
+
+
+class Settings(BaseSettings):
+    """Typed, validated view of the environment.
+
+    ``Settings()`` reads the environment; keyword arguments by field name override it
+    (``Settings(rate_limit_per_second=5)``, as tests do). Processes use :func:`load_settings`, which
+    turns a validation error into one :class:`SettingsError` line.
+    """
+
+    model_config = SettingsConfigDict(
+        case_sensitive=True,  # REDIS_URL, not redis_url: like os.environ on Linux
+        env_ignore_empty=True,  # empty = unset (blank too: see _blank_is_unset)
+        extra="forbid",  # a misspelt keyword argument is an error, not silently ignored
+        frozen=True,
+        hide_input_in_errors=True,  # a ValidationError's text never shows a value (secrets)
+        # Not validate_by_name/populate_by_name: the environment would then also be searched for
+        # "secret_key", "redis_url"... Keyword arguments by field name are mapped to variable names
+        # in __init__ instead, so variables are read by their names only.
+    )
+
+    #: All state: buffers, batches, jobs, authorizations, status.
+    redis_url: str = Field(DEFAULT_REDIS_URL, validation_alias="REDIS_URL")
+    #: Celery's broker; defaults to ``REDIS_URL``.
+    broker_url: str = Field("", validation_alias="CELERY_BROKER_URL", validate_default=True)
+    attentive_api_url: str = Field(DEFAULT_ATTENTIVE_API_URL, validation_alias="ATTENTIVE_API_URL")
+    lytics_api_url: str = Field(DEFAULT_LYTICS_API_URL, validation_alias="LYTICS_API_URL")
+    #: Fernet key(s) (urlsafe base64, 32 bytes; comma-separated to rotate, the first encrypts) that
+    #: encrypt stored API keys. Never logged. Read it with :meth:`secret_key_value`.
+    secret_key: SecretStr | None = Field(None, validation_alias="EXPORT_SECRET_KEY")
+    #: Requests/s per API key for all workers together (Attentive allows 100).
+    rate_limit_per_second: float = Field(
+        DEFAULT_RATE_LIMIT_PER_SECOND, validation_alias="ATTENTIVE_RATE_LIMIT", gt=0, allow_inf_nan=False
+    )
     #: First status check of an Attentive batch job; later checks back off exponentially.
-    first_poll_seconds: float = 2.0
+    first_poll_seconds: float = Field(
+        2.0, validation_alias="ATTENTIVE_FIRST_POLL_SECONDS", gt=0, allow_inf_nan=False
+    )
     #: Longest wait between two status checks of one batch job.
-    poll_cap_seconds: float = 60.0
+    poll_cap_seconds: float = Field(
+        60.0,
+        validation_alias="ATTENTIVE_POLL_CAP_SECONDS",
+        gt=0,
+        le=MAX_POLL_CAP_SECONDS,
+        validate_default=True,  # checked against ATTENTIVE_FIRST_POLL_SECONDS when left at its default
+    )
     #: How long a flush owns a claimed batch before the sweep hands it to another worker.
-    lease_seconds: float = 60.0
+    lease_seconds: float = Field(60.0, validation_alias="FLUSH_LEASE_SECONDS", ge=1, allow_inf_nan=False)
     #: How often beat runs the sweep; parked polls are released over one interval (worker.pipeline.parked).
-    sweep_interval_seconds: float = 1.0
+    sweep_interval_seconds: float = Field(
+        1.0, validation_alias="SWEEP_INTERVAL_SECONDS", gt=0, le=MAX_SWEEP_INTERVAL_SECONDS
+    )
+    #: Shared secret(s) of the webhook receiver, comma-separated (rotation). Never logged. Read the
+    #: tokens with :meth:`webhook_token_values`.
+    webhook_token: SecretStr | None = Field(None, validation_alias="WEBHOOK_TOKEN")
+    #: Largest webhook body; a larger one gets 413.
+    webhook_max_bytes: int = Field(DEFAULT_WEBHOOK_MAX_BYTES, validation_alias="WEBHOOK_MAX_BYTES", ge=1)
+    #: The method configured in Lytics, accepted besides POST.
+    webhook_method: str = Field("POST", validation_alias="WEBHOOK_METHOD")
+
+    def __init__(self, **values: Any) -> None:
+        super().__init__(**{_ENV_NAMES.get(name, name): value for name, value in values.items()})
+
+    @field_validator("redis_url", mode="before")
+    @classmethod
+    def _redis_scheme(cls, value: Any) -> Any:
+        if isinstance(value, str) and urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(_RULES["REDIS_URL"])
+        return value
+
+    @field_validator("broker_url", mode="before")
+    @classmethod
+    def _broker_url_shape(cls, value: Any) -> Any:
+        if isinstance(value, str) and value and "://" not in value:
+            raise ValueError(_RULES["CELERY_BROKER_URL"])
+        return value
+
+    @field_validator("broker_url", mode="after")
+    @classmethod
+    def _broker_defaults_to_redis(cls, value: str, info: ValidationInfo) -> str:
+        return value or str(info.data.get("redis_url", ""))
+
+    @field_validator("attentive_api_url", "lytics_api_url", mode="before")
+    @classmethod
+    def _api_url(cls, value: Any) -> Any:
+        return _http_url(value) if isinstance(value, str) else value
+
+    @field_validator("secret_key", mode="before")
+    @classmethod
+    def _fernet_keys(cls, value: Any) -> Any:
+        raw = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if not isinstance(raw, str):
+            return value
+        parts = [p.strip() for p in raw.split(",") if p.strip()]
+        if not parts:
+            raise PydanticUseDefault()
+        for position, part in enumerate(parts, start=1):
+            try:
+                Fernet(part.encode("ascii"))
+            except (ValueError, UnicodeEncodeError):
+                where = f" (key {position} of {len(parts)})" if len(parts) > 1 else ""
+                raise ValueError(
+                    f"must be a Fernet key{where}: 32 url-safe base64-encoded bytes (44 characters); "
+                    f"{_SECRET_KEY_HINT}"
+                ) from None
+        return ",".join(parts)
+
+    @field_validator("poll_cap_seconds", mode="after")
+    @classmethod
+    def _cap_not_below_first(cls, value: float, info: ValidationInfo) -> float:
+        first = info.data.get("first_poll_seconds")
+        if first is not None and value < first:
+            raise ValueError(f"must be at least ATTENTIVE_FIRST_POLL_SECONDS ({first:g})")
+        return value
+
+    @field_validator("webhook_token", mode="before")
+    @classmethod
+    def _tokens(cls, value: Any) -> Any:
+        if isinstance(value, tuple | list):  # Settings(webhook_token=("t1", "t2"))
+            value = ",".join(v.get_secret_value() if isinstance(v, SecretStr) else str(v) for v in value)
+        raw = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if not isinstance(raw, str):
+            return value
+        tokens = [t.strip() for t in raw.split(",") if t.strip()]
+        if not tokens:
+            raise PydanticUseDefault()
+        for token in tokens:
+            if len(token) < MIN_WEBHOOK_TOKEN_LENGTH or any(c.isspace() for c in token):
+                raise ValueError(
+                    f"each token must be at least {MIN_WEBHOOK_TOKEN_LENGTH} characters without spaces "
+                    f"(make one with: {_TOKEN_HINT})"
+                )
+        return ",".join(tokens)
+
+    @field_validator("webhook_method", mode="before")
+    @classmethod
+    def _method(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        method = value.upper()
+        if method not in WEBHOOK_METHODS:
+            raise ValueError(_RULES["WEBHOOK_METHOD"])
+        return method
+
+    # Before-validators run last-defined first: this one runs before the field-specific ones above.
+    @field_validator("*", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, str):
+            value = value.strip()
+            if not value:
+                if info.field_name == "broker_url":
+                    return ""  # its default is REDIS_URL: _broker_defaults_to_redis
+                raise PydanticUseDefault()
+        return value
+
+    # --- reading ---------------------------------------------------------------------------------
 
     @classmethod
-    def from_env(cls) -> Settings:
-        """Read ``REDIS_URL``, ``CELERY_BROKER_URL``, ``ATTENTIVE_API_URL``, ``LYTICS_API_URL``, ``EXPORT_SECRET_KEY``,
-        ``ATTENTIVE_RATE_LIMIT`` (requests/s for all workers together), ``ATTENTIVE_FIRST_POLL_SECONDS``,
-        ``ATTENTIVE_POLL_CAP_SECONDS``, ``FLUSH_LEASE_SECONDS``, ``SWEEP_INTERVAL_SECONDS``."""
-        redis_url = _env("REDIS_URL", DEFAULT_REDIS_URL)
-        return cls(
-            redis_url=redis_url,
-            broker_url=_env("CELERY_BROKER_URL", redis_url),
-            attentive_api_url=_env("ATTENTIVE_API_URL", DEFAULT_ATTENTIVE_API_URL).rstrip("/"),
-            lytics_api_url=_env("LYTICS_API_URL", DEFAULT_LYTICS_API_URL).rstrip("/"),
-            secret_key=os.environ.get("EXPORT_SECRET_KEY") or None,
-            rate_limit_per_second=float(_env("ATTENTIVE_RATE_LIMIT", str(DEFAULT_RATE_LIMIT_PER_SECOND))),
-            first_poll_seconds=float(_env("ATTENTIVE_FIRST_POLL_SECONDS", "2")),
-            poll_cap_seconds=float(_env("ATTENTIVE_POLL_CAP_SECONDS", "60")),
-            lease_seconds=float(_env("FLUSH_LEASE_SECONDS", "60")),
-            sweep_interval_seconds=float(_env("SWEEP_INTERVAL_SECONDS", "1")),
-        )
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """The settings from ``env`` (default: this process's environment), validated.
+
+        Raises:
+            SettingsError: a value is wrong; the message is one line naming the variable.
+        """
+        try:
+            if env is None:
+                return cls()
+            # Every variable is given, those missing from ``env`` as unset (blank), so nothing is
+            # read from os.environ (keyword arguments win over the environment).
+            return cls(**{name: env.get(name, "") for name in _ENV_NAMES.values()})
+        except ValidationError as exc:
+            raise SettingsError(describe_error(exc)) from None
+
+    def secret_key_value(self) -> str | None:
+        """``EXPORT_SECRET_KEY`` in clear, for :class:`worker.setup.crypto.Cipher` only."""
+        return self.secret_key.get_secret_value() if self.secret_key is not None else None
+
+    def webhook_token_values(self) -> tuple[str, ...]:
+        """``WEBHOOK_TOKEN``'s tokens in clear, for the receiver's comparison only."""
+        if self.webhook_token is None:
+            return ()
+        return tuple(self.webhook_token.get_secret_value().split(","))
+
+    def require_secret_key(self) -> None:
+        """Raise :class:`SettingsError` unless ``EXPORT_SECRET_KEY`` is set.
+
+        Where a missing key stops a process: a Celery *worker* refuses to start without it (every
+        flush and poll decrypts a stored API key, so a worker without it could only fail or pause
+        every job), see ``worker_init`` in :mod:`worker.app`. Beat, flower and the webhook receiver
+        never decrypt a key and start without it; a CLI command that stores or reads an API key
+        stops with its own one-line error (``worker.setup.crypto.SecretKeyMissing``).
+        """
+        if self.secret_key is None:
+            raise SettingsError(
+                "EXPORT_SECRET_KEY: not set; a worker needs it to decrypt the stored Attentive API keys "
+                f"(use the key the authorizations were saved with, or {_SECRET_KEY_HINT})"
+            )
+
+
+#: Field name -> environment variable.
+_ENV_NAMES: dict[str, str] = {
+    name: str(field.validation_alias) for name, field in Settings.model_fields.items()
+}
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """This process's settings, validated (see the module doc for where each process calls it).
+
+    Raises:
+        SettingsError: one line naming the variable and what is wrong with it.
+    """
+    return Settings.from_env(env)
+
+
+def describe_error(exc: ValidationError) -> str:
+    """One line for a validation error: ``VARIABLE: what is wrong (got 'value')``, ``; ``-separated
+    when several variables are wrong. Secret values are never shown; URL passwords are masked."""
+    problems: dict[str, str] = {}
+    for error in exc.errors(include_url=False):
+        name = str(error["loc"][0]) if error["loc"] else "settings"
+        if name in problems:
+            continue
+        if error["type"] == "value_error":
+            what = str(error.get("ctx", {}).get("error", error["msg"]))
+        elif error["type"] == "extra_forbidden":
+            problems[name] = f"{name}: not a setting"
+            continue
+        else:
+            what = _RULES.get(name, error["msg"])
+        got = ""
+        if name not in _SECRETS and "input" in error and error["loc"]:
+            shown = repr(error["input"])
+            if name in _URLS:
+                shown = _URL_PASSWORD.sub(r"\1***@", shown)
+            got = f" (got {shown[:77] + '...' if len(shown) > 80 else shown})"
+        problems[name] = f"{name}: {what}{got}"
+    return "; ".join(problems.values()) or "invalid settings"

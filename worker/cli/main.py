@@ -1,8 +1,8 @@
 """``attentive-export``: the operator's command line.
 
-Every failure a user can cause (a bad file, a refused key, a missing secret key, an unknown job)
-ends in one clear line on stderr and exit status 2, never a traceback. API keys are read from an
-environment variable or a prompt, never from the command line (it ends up in shell history).
+Every failure a user can cause (a bad setting, a bad file, a refused key, a missing secret key, an
+unknown job) ends in one clear line on stderr and exit status 2, never a traceback. API keys are read
+from an environment variable or a prompt, never from the command line (it ends up in shell history).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from worker.backfill import steps as backfill
 from worker.mapping.transitions import Rejected, parse_line, parse_time_ms
 from worker.observe.status import ingest_status, job_status
 from worker.pipeline import deadletters, inbox
-from worker.settings import Settings
+from worker.settings import Settings, SettingsError, load_settings
 from worker.setup.authorizations import AuthorizationError, AuthorizationStore
 from worker.setup.crypto import SecretKeyError, generate_secret_key
 from worker.setup.jobconfig import JobConfigError, JobState, load_job_config
@@ -62,7 +62,7 @@ def cmd_auth_add(args: argparse.Namespace, settings: Settings) -> None:
         raise UserError(
             "no API key given: set it in the variable named by --api-key-env, or type it at the prompt"
         )
-    store = AuthorizationStore(_redis(settings), settings.secret_key)
+    store = AuthorizationStore(_redis(settings), settings.secret_key_value())
     auth = store.create(args.label, api_key, args.description or "")
     print(
         f"saved authorization {auth.id} ({auth.label}) for {auth.company_name or 'unknown company'} {auth.key_hint}"
@@ -70,7 +70,7 @@ def cmd_auth_add(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def cmd_auth_list(args: argparse.Namespace, settings: Settings) -> None:
-    store = AuthorizationStore(_redis(settings), settings.secret_key)
+    store = AuthorizationStore(_redis(settings), settings.secret_key_value())
     rows = store.list()
     if args.json:
         _print_json([a.model_dump(mode="json") for a in rows])
@@ -82,7 +82,7 @@ def cmd_auth_list(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def cmd_auth_delete(args: argparse.Namespace, settings: Settings) -> None:
-    AuthorizationStore(_redis(settings), settings.secret_key).delete(args.authorization)
+    AuthorizationStore(_redis(settings), settings.secret_key_value()).delete(args.authorization)
     print(f"deleted authorization {args.authorization}")
 
 
@@ -94,7 +94,7 @@ def cmd_secret_key(_args: argparse.Namespace, _settings: Settings) -> None:
 def cmd_jobs_create(args: argparse.Namespace, settings: Settings) -> None:
     config = load_job_config(args.file)
     client = _redis(settings)
-    AuthorizationStore(client, settings.secret_key).get(config.authorization)
+    AuthorizationStore(client, settings.secret_key_value()).get(config.authorization)
     store = JobStore(client)
     job = store.create(config, state=JobState.CREATED)
     if not args.no_start:
@@ -432,8 +432,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args, Settings.from_env())
-    except (UserError, JobConfigError, JobNotFound, AuthorizationError, SecretKeyError) as exc:
+        # Every command validates the whole environment first: a bad setting is one line, exit 2.
+        settings = load_settings()
+        args.func(args, settings)
+    except (
+        SettingsError,
+        UserError,
+        JobConfigError,
+        JobNotFound,
+        AuthorizationError,
+        SecretKeyError,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
