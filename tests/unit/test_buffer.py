@@ -11,11 +11,6 @@ from worker.pipeline.buffer import BatchDataMissing, Change, JobBuffer, entry_js
 from worker.store import keys
 
 
-@pytest.fixture(params=["fake", "real"])
-def redis_client(request: pytest.FixtureRequest) -> Any:
-    return request.getfixturevalue("fake_redis" if request.param == "fake" else "real_redis")
-
-
 def change(user: str, audience: str, at: int, flag: bool = True, **extra: Any) -> Change:
     record = {"identifiers": {"email": user}, "attributes": {"custom": {audience: flag, **extra}}}
     return Change(user, audience, at, json.dumps(record))
@@ -25,8 +20,8 @@ def flags(batch_records: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     return [merge_records(recs)["attributes"]["custom"] for recs in batch_records]
 
 
-def test_full_batch_is_sealed_at_batch_size(redis_client: Any) -> None:
-    buf = JobBuffer(redis_client, "j1", batch_size=3)
+def test_full_batch_is_sealed_at_batch_size(any_redis: Any) -> None:
+    buf = JobBuffer(any_redis, "j1", batch_size=3)
     out = buf.ingest([change(f"u{i}@x.io", "vip", 1) for i in range(4)])
     assert out.accepted == 4
     assert out.sealed == [1]
@@ -36,15 +31,15 @@ def test_full_batch_is_sealed_at_batch_size(redis_client: Any) -> None:
     assert claimed.users == ["u0@x.io", "u1@x.io", "u2@x.io"]
 
 
-def test_stale_and_duplicate_transitions_are_dropped(redis_client: Any) -> None:
-    buf = JobBuffer(redis_client, "j1")
+def test_stale_and_duplicate_transitions_are_dropped(any_redis: Any) -> None:
+    buf = JobBuffer(any_redis, "j1")
     assert buf.ingest([change("a@x.io", "vip", 100)]).accepted == 1
     out = buf.ingest([change("a@x.io", "vip", 100), change("a@x.io", "vip", 99, flag=False)])
     assert (out.accepted, out.stale) == (0, 2)
 
 
-def test_change_for_other_audience_merges_into_pending_entry(redis_client: Any) -> None:
-    buf = JobBuffer(redis_client, "j1")
+def test_change_for_other_audience_merges_into_pending_entry(any_redis: Any) -> None:
+    buf = JobBuffer(any_redis, "j1")
     out = buf.ingest([change("a@x.io", "vip", 1), change("a@x.io", "lapsed", 2, flag=False)])
     assert (out.accepted, out.merged, out.sealed) == (1, 1, [])
     buf.seal_now()
@@ -53,8 +48,8 @@ def test_change_for_other_audience_merges_into_pending_entry(redis_client: Any) 
     assert flags(claimed.records) == [{"vip": True, "lapsed": False}]
 
 
-def test_second_change_same_audience_seals_first_and_waits_for_completion(redis_client: Any) -> None:
-    buf = JobBuffer(redis_client, "j1")
+def test_second_change_same_audience_seals_first_and_waits_for_completion(any_redis: Any) -> None:
+    buf = JobBuffer(any_redis, "j1")
     out = buf.ingest(
         [change("a@x.io", "vip", 1), change("b@x.io", "vip", 1), change("a@x.io", "vip", 2, False)]
     )
@@ -78,8 +73,8 @@ def test_second_change_same_audience_seals_first_and_waits_for_completion(redis_
     assert flags(third.records) == [{"vip": False}]
 
 
-def test_waiting_changes_keep_their_order_across_completions(redis_client: Any) -> None:
-    buf = JobBuffer(redis_client, "j1")
+def test_waiting_changes_keep_their_order_across_completions(any_redis: Any) -> None:
+    buf = JobBuffer(any_redis, "j1")
     buf.ingest([change("a@x.io", "vip", t, flag=bool(t % 2)) for t in range(1, 5)])
     seen = []
     for _ in range(4):
@@ -93,15 +88,15 @@ def test_waiting_changes_keep_their_order_across_completions(redis_client: Any) 
     assert buf.claim(10_000) is None
 
 
-def test_time_based_seal_waits_for_interval(redis_client: Any) -> None:
-    buf = JobBuffer(redis_client, "j1")
+def test_time_based_seal_waits_for_interval(any_redis: Any) -> None:
+    buf = JobBuffer(any_redis, "j1")
     buf.ingest([change("a@x.io", "vip", 1)], now=1_000)
     assert buf.seal_due(30_000, now=30_999) == []
     assert buf.seal_due(30_000, now=31_000) == [1]
 
 
-def test_expired_lease_is_requeued_and_completed_batch_deleted(redis_client: Any) -> None:
-    buf = JobBuffer(redis_client, "j1")
+def test_expired_lease_is_requeued_and_completed_batch_deleted(any_redis: Any) -> None:
+    buf = JobBuffer(any_redis, "j1")
     buf.ingest([change("a@x.io", "vip", 1)])
     buf.seal_now()
     claimed = buf.claim(lease_ms=1_000, now=10_000)
@@ -116,12 +111,12 @@ def test_expired_lease_is_requeued_and_completed_batch_deleted(redis_client: Any
     assert buf.mark_submitted(again, [{"id": "j-new", "idx": [0]}], 10**13)
     buf.complete(again.batch_id, {"users_delivered": 1})
     assert buf.batch(again.batch_id) == {}
-    assert redis_client.exists(keys.batch_entries("j1", again.batch_id)) == 0
+    assert any_redis.exists(keys.batch_entries("j1", again.batch_id)) == 0
     assert buf.outstanding_users() == 0
 
 
-def test_resend_puts_batch_back_first(redis_client: Any) -> None:
-    buf = JobBuffer(redis_client, "j1", batch_size=1)
+def test_resend_puts_batch_back_first(any_redis: Any) -> None:
+    buf = JobBuffer(any_redis, "j1", batch_size=1)
     buf.ingest([change("a@x.io", "vip", 1), change("b@x.io", "vip", 1)])
     first = buf.claim(10_000)
     assert first is not None
@@ -144,9 +139,9 @@ def test_merge_records_deep_merges_later_wins() -> None:
     assert a["attributes"]["custom"] == {"vip": True}
 
 
-def test_claimed_entries_encode_to_the_request_items(redis_client: Any) -> None:
+def test_claimed_entries_encode_to_the_request_items(any_redis: Any) -> None:
     """A single record is sent as stored; several are merged; a record's own "|" or tab changes nothing."""
-    buf = JobBuffer(redis_client, "j1")
+    buf = JobBuffer(any_redis, "j1")
     buf.ingest(
         [
             change("a@x.io", "vip", 1, note="x|vip|y\tz"),
@@ -165,34 +160,15 @@ def test_claimed_entries_encode_to_the_request_items(redis_client: Any) -> None:
     assert merged == merge_records(claimed.records[1])
     assert merged["attributes"]["custom"] == {"vip": True, "lapsed": False}
     # The open batch's hash became the batch's: nothing is left open.
-    assert buf.open_size() == 0 and redis_client.exists(keys.open_entries("j1")) == 0
+    assert buf.open_size() == 0 and any_redis.exists(keys.open_entries("j1")) == 0
 
 
-def test_claim_reports_lost_records_instead_of_requeueing_the_batch(redis_client: Any) -> None:
-    buf = JobBuffer(redis_client, "j1")
+def test_claim_reports_lost_records_instead_of_requeueing_the_batch(any_redis: Any) -> None:
+    buf = JobBuffer(any_redis, "j1")
     buf.ingest([change("a@x.io", "vip", 1)])
     [bid] = buf.seal_now()
-    redis_client.delete(keys.batch_entries("j1", bid))
+    any_redis.delete(keys.batch_entries("j1", bid))
     with pytest.raises(BatchDataMissing) as info:
         buf.claim(10_000)
     assert info.value.batch_id == bid and info.value.users == ["a@x.io"]
     assert buf.sealed_count() == 0  # not back at the front of the queue, where it would block the rest
-
-
-def test_a_batch_sealed_with_records_in_its_hash_is_still_sent(redis_client: Any) -> None:
-    """Batches sealed by the previous layout kept their records in the batch hash."""
-    buf = JobBuffer(redis_client, "j1")
-    buf.ingest(
-        [change("a@x.io", "vip", 1), change("a@x.io", "lapsed", 2, flag=False), change("b@x.io", "vip", 1)]
-    )
-    [bid] = buf.seal_now()
-    records = [json.loads(entry_json(e)) for e in buf.entries(bid, ["a@x.io", "b@x.io"])]
-    redis_client.delete(keys.batch_entries("j1", bid))
-    redis_client.hset(
-        keys.batch("j1", bid),
-        "records",
-        json.dumps([[r] for r in records[:1]] + [[records[1]]]),
-    )
-    claimed = buf.claim(10_000)
-    assert claimed is not None
-    assert [json.loads(entry_json(e)) for e in claimed.entries] == records

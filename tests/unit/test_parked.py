@@ -7,6 +7,7 @@ import math
 from typing import Any
 
 import pytest
+import redis
 
 from worker.pipeline import parked
 from worker.pipeline.buffer import now_ms
@@ -28,11 +29,10 @@ from .pipeline_kit import KEY_HASH, Pipeline, RecordingDispatcher, enter, users
 RATE = 20.0  # released at 20/s, or 10/s while sends wait: at most 20 or 10 per one-second sweep
 
 
-@pytest.fixture(params=["fake", "real"])
-def pipe(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Pipeline:
-    client = request.getfixturevalue("fake_redis" if request.param == "fake" else "real_redis")
-    pipe = Pipeline(client, monkeypatch, rate_limit_per_second=RATE, sweep_interval_seconds=1.0)
-    monkeypatch.setattr(pipe.rt, "limiter_for", lambda job: RateLimiter(client, KEY_HASH, RATE))
+@pytest.fixture
+def pipe(any_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> Pipeline:
+    pipe = Pipeline(any_redis, monkeypatch, rate_limit_per_second=RATE, sweep_interval_seconds=1.0)
+    monkeypatch.setattr(pipe.rt, "limiter_for", lambda job: RateLimiter(any_redis, KEY_HASH, RATE))
     return pipe
 
 

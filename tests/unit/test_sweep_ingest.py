@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import redis
 
 from worker.observe.status import ingest_status
 from worker.pipeline import inbox
@@ -33,10 +34,9 @@ class Clock:
         self.ms += ms
 
 
-@pytest.fixture(params=["fake", "real"])
-def pipe(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Pipeline:
-    client = request.getfixturevalue("fake_redis" if request.param == "fake" else "real_redis")
-    return Pipeline(client, monkeypatch)
+@pytest.fixture
+def pipe(any_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> Pipeline:
+    return Pipeline(any_redis, monkeypatch)
 
 
 @pytest.fixture

@@ -6,11 +6,13 @@ every change has reached the sandbox or been set aside with a reason, then compa
 audience attributes in the sandbox with what the transitions say they must be.
 
 It uses its own Redis database (``DEMO_REDIS_URL``, default ``redis://127.0.0.1:6379/9``), which it
-empties first, so it never touches the data of a real deployment on database 0.
+empties first, so it never touches the data of a real deployment on database 0. When nothing answers
+there it runs on a private server started for the demo alone (``worker/cli/localredis.py``).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
@@ -26,6 +28,7 @@ from typing import Any
 import httpx
 import redis
 
+from worker.cli.localredis import LocalRedisError, Server, ensure_redis
 from worker.observe.status import job_status
 from worker.pipeline import inbox
 from worker.setup.authorizations import AuthorizationStore
@@ -124,16 +127,27 @@ def make_transitions(users: int, seed: int = 7) -> tuple[list[str], dict[str, di
 
 
 def run_demo(users: int = 1000, port: int = 8787) -> None:
-    redis_url = os.environ.get("DEMO_REDIS_URL", "redis://127.0.0.1:6379/9")
-    client = redis.Redis.from_url(redis_url)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
+    configured = os.environ.get("DEMO_REDIS_URL", "redis://127.0.0.1:6379/9")
+    if importlib.util.find_spec("sandbox") is None:  # its own distribution, not in the production wheel
         raise SystemExit(
-            f"demo: cannot reach Redis at {redis_url} ({exc}); start redis-server first"
-        ) from None
+            "demo: the Attentive sandbox is not installed: `make install`, or `pip install ./sandbox`"
+        )
     if not _free(port):
         raise SystemExit(f"demo: port {port} is busy; pass --port to use another one")
+
+    def started(server: Server) -> None:
+        name, url = os.path.basename(server.binary), server.url_for(configured)
+        print(f"demo: nothing answers at {configured}; started a private {name} at {url} for this run")
+
+    try:
+        with ensure_redis(configured, on_start=started) as redis_url:
+            _run(redis_url, users, port)
+    except LocalRedisError as exc:
+        raise SystemExit(f"demo: no Redis at {configured} and none could be started: {exc}") from None
+
+
+def _run(redis_url: str, users: int, port: int) -> None:
+    client = redis.Redis.from_url(redis_url)
     client.flushdb()
     workdir = Path(tempfile.mkdtemp(prefix="attentive-demo-"))
     api_url = f"http://127.0.0.1:{port}"
