@@ -22,8 +22,9 @@ import statistics
 import time
 from typing import Any
 
-from worker.mapping import mapper as mapping
+from worker.mapping.emails import email_slow
 from worker.mapping.mapper import Mapper
+from worker.mapping.phones import phone_slow
 from worker.setup.jobconfig import parse_job_config
 
 N = 50_000
@@ -107,8 +108,8 @@ def _international(rnd: random.Random, n: int) -> list[str]:
 
 
 def _clear_caches() -> None:
-    mapping.phone_slow.cache_clear()
-    mapping.email_slow.cache_clear()
+    phone_slow.cache_clear()
+    email_slow.cache_clear()
 
 
 def _rate(mapper: Mapper, profiles: list[dict[str, Any]]) -> float:

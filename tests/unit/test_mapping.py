@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from tests.contract.schema import contract_problems, schema_errors
-from worker.mapping import mapper as m
+from worker.mapping import reasons
 from worker.mapping.mapper import Mapper, MapResult
 from worker.setup.jobconfig import parse_job_config
 
@@ -123,18 +123,18 @@ def test_record_never_has_subscriptions() -> None:
 def test_profile_without_usable_identifier_is_skipped_with_no_identifier() -> None:
     result = run({"first_name": "Jane", "phone_number": "12", "email": "nope"})
     assert result.record is None
-    assert result.skip_reason == m.NO_IDENTIFIER
-    assert ("phone_number", m.INVALID_PHONE) in result.dropped
+    assert result.skip_reason == reasons.NO_IDENTIFIER
+    assert ("phone_number", reasons.INVALID_PHONE) in result.dropped
 
 
 def test_custom_identifiers_alone_are_not_enough_to_send() -> None:
     result = run({"loyalty_id": "L-7"})
-    assert result.record is None and result.skip_reason == m.NO_IDENTIFIER
+    assert result.record is None and result.skip_reason == reasons.NO_IDENTIFIER
 
 
 def test_non_mapping_profile_is_skipped_not_raised() -> None:
-    assert M.map(None, {}).skip_reason == m.INVALID_PROFILE  # type: ignore[arg-type]
-    assert M.map(["x"], {}).skip_reason == m.INVALID_PROFILE  # type: ignore[arg-type]
+    assert M.map(None, {}).skip_reason == reasons.INVALID_PROFILE  # type: ignore[arg-type]
+    assert M.map(["x"], {}).skip_reason == reasons.INVALID_PROFILE  # type: ignore[arg-type]
     assert M.user_key(None) is None  # type: ignore[arg-type]
 
 
@@ -177,7 +177,7 @@ def test_national_phone_uses_the_jobs_default_region() -> None:
 @pytest.mark.parametrize("raw", ["12", "555-1234", "+1 111 555 1234", "not a phone", "+999123", True, 1.5])
 def test_invalid_phone_is_dropped_with_a_reason(raw: Any) -> None:
     assert "phone" not in ids({"phone_number": raw})
-    assert dropped({"phone_number": raw}) == [("phone_number", m.INVALID_PHONE)]
+    assert dropped({"phone_number": raw}) == [("phone_number", reasons.INVALID_PHONE)]
 
 
 def test_email_is_trimmed_and_lowercased() -> None:
@@ -192,13 +192,13 @@ def test_internationalised_email_is_validated_by_email_validator() -> None:
     "raw", ["jane", "jane@", "@example.com", "a..b@example.com", "a@b.test", 42, ["a@b.co"]]
 )
 def test_invalid_email_is_dropped_with_a_reason(raw: Any) -> None:
-    assert dropped({"email": raw}) == [("email", m.INVALID_EMAIL)]
+    assert dropped({"email": raw}) == [("email", reasons.INVALID_EMAIL)]
 
 
 def test_client_user_id_over_100_characters_is_dropped_not_truncated() -> None:
     result = run({"user_id": "x" * 101, "email": "a@b.co"})
     assert result.record is not None and "clientUserId" not in result.record["identifiers"]
-    assert result.dropped == [("user_id", m.CLIENT_USER_ID_TOO_LONG)]
+    assert result.dropped == [("user_id", reasons.CLIENT_USER_ID_TOO_LONG)]
     assert ids({"user_id": "x" * 100})["clientUserId"] == "x" * 100
 
 
@@ -209,11 +209,11 @@ def test_numbers_for_string_identifiers_become_strings() -> None:
 
 @pytest.mark.parametrize("raw", [True, False, 1.5, {"a": 1}, [1]])
 def test_bools_floats_and_containers_are_not_identifiers(raw: Any) -> None:
-    assert dropped({"shopify": raw}) == [("shopify", m.INVALID_IDENTIFIER)]
+    assert dropped({"shopify": raw}) == [("shopify", reasons.INVALID_IDENTIFIER)]
 
 
 def test_other_identifiers_over_255_characters_are_dropped() -> None:
-    assert dropped({"klaviyo": "k" * 256}) == [("klaviyo", m.IDENTIFIER_TOO_LONG)]
+    assert dropped({"klaviyo": "k" * 256}) == [("klaviyo", reasons.IDENTIFIER_TOO_LONG)]
 
 
 @pytest.mark.parametrize("raw", [None, "", "   ", "\t\n"])
@@ -226,16 +226,16 @@ def test_null_empty_and_blank_values_are_omitted_silently(raw: Any) -> None:
 def test_custom_identifier_values_are_strings_and_blank_ones_are_skipped() -> None:
     assert ids({"loyalty_id": 77})["customIdentifiers"] == [{"key": "loyalty_id", "value": "77"}]
     assert "customIdentifiers" not in ids({"loyalty_id": "  "})
-    assert dropped({"loyalty_id": False}) == [("loyalty_id", m.INVALID_IDENTIFIER)]
+    assert dropped({"loyalty_id": False}) == [("loyalty_id", reasons.INVALID_IDENTIFIER)]
 
 
 def test_nul_characters_are_dropped_with_a_reason() -> None:
-    assert dropped({"user_id": "a\x00b", "email": "a@b.co"}) == [("user_id", m.INVALID_CHARACTERS)]
-    assert dropped({"first_name": "Ja\x00ne"}) == [("first_name", m.INVALID_CHARACTERS)]
+    assert dropped({"user_id": "a\x00b", "email": "a@b.co"}) == [("user_id", reasons.INVALID_CHARACTERS)]
+    assert dropped({"first_name": "Ja\x00ne"}) == [("first_name", reasons.INVALID_CHARACTERS)]
 
 
 def test_lone_surrogates_are_dropped_with_a_reason() -> None:
-    assert dropped({"ltv": "bad \ud800 text"}) == [("ltv", m.INVALID_CHARACTERS)]
+    assert dropped({"ltv": "bad \ud800 text"}) == [("ltv", reasons.INVALID_CHARACTERS)]
 
 
 # --- user key -------------------------------------------------------------------------------------
@@ -299,12 +299,12 @@ def test_date_of_birth_is_normalised_to_yyyy_mm_dd(raw: Any, expected: str) -> N
     ],
 )
 def test_unusable_date_of_birth_is_dropped_with_a_reason(raw: Any) -> None:
-    assert dropped({"birthday": raw}) == [("birthday", m.INVALID_DATE)]
+    assert dropped({"birthday": raw}) == [("birthday", reasons.INVALID_DATE)]
 
 
 def test_date_of_birth_in_the_future_is_dropped() -> None:
     future = (dt.datetime.now(dt.UTC).date() + dt.timedelta(days=3)).isoformat()
-    assert dropped({"birthday": future}) == [("birthday", m.INVALID_DATE)]
+    assert dropped({"birthday": future}) == [("birthday", reasons.INVALID_DATE)]
 
 
 @pytest.mark.parametrize(
@@ -316,7 +316,7 @@ def test_age_is_an_integer(raw: Any, expected: int) -> None:
 
 @pytest.mark.parametrize("raw", [-1, 131, 29.5, "29.5", "-3", "old", True, 10**40, float("inf")])
 def test_negative_absurd_or_fractional_age_is_dropped(raw: Any) -> None:
-    assert dropped({"age": raw}) == [("age", m.INVALID_AGE)]
+    assert dropped({"age": raw}) == [("age", reasons.INVALID_AGE)]
 
 
 def test_string_attributes_are_trimmed_and_numbers_become_strings() -> None:
@@ -329,13 +329,13 @@ def test_string_attributes_are_trimmed_and_numbers_become_strings() -> None:
 @pytest.mark.parametrize(
     ("raw", "reason"),
     [
-        (["Jane"], m.UNSUPPORTED_ARRAY_VALUE),
-        ({"given": "Jane"}, m.UNSUPPORTED_MAP_VALUE),
-        (True, m.UNSUPPORTED_VALUE_TYPE),
-        (float("nan"), m.NON_FINITE_NUMBER),
-        (10**30, m.NUMBER_OUT_OF_RANGE),
-        ("J" * 10_001, m.STRING_TOO_LONG),
-        (object(), m.UNSUPPORTED_VALUE_TYPE),
+        (["Jane"], reasons.UNSUPPORTED_ARRAY_VALUE),
+        ({"given": "Jane"}, reasons.UNSUPPORTED_MAP_VALUE),
+        (True, reasons.UNSUPPORTED_VALUE_TYPE),
+        (float("nan"), reasons.NON_FINITE_NUMBER),
+        (10**30, reasons.NUMBER_OUT_OF_RANGE),
+        ("J" * 10_001, reasons.STRING_TOO_LONG),
+        (object(), reasons.UNSUPPORTED_VALUE_TYPE),
     ],
 )
 def test_string_attribute_refuses_arrays_maps_and_bools(raw: Any, reason: str) -> None:
@@ -362,15 +362,15 @@ def test_an_array_of_only_blanks_is_omitted() -> None:
 @pytest.mark.parametrize(
     ("raw", "reason"),
     [
-        (["a", ["b"]], m.UNSUPPORTED_NESTED_ARRAY),
-        (["a", {"b": 1}], m.UNSUPPORTED_NESTED_ARRAY),
-        ({"a": 1}, m.UNSUPPORTED_MAP_VALUE),
-        (float("inf"), m.NON_FINITE_NUMBER),
-        (float("-inf"), m.NON_FINITE_NUMBER),
-        ([1.0, float("nan")], m.NON_FINITE_NUMBER),
-        (2**63, m.NUMBER_OUT_OF_RANGE),
-        ("v" * 10_001, m.STRING_TOO_LONG),
-        (["v" * 6000, "w" * 6000], m.STRING_TOO_LONG),
+        (["a", ["b"]], reasons.UNSUPPORTED_NESTED_ARRAY),
+        (["a", {"b": 1}], reasons.UNSUPPORTED_NESTED_ARRAY),
+        ({"a": 1}, reasons.UNSUPPORTED_MAP_VALUE),
+        (float("inf"), reasons.NON_FINITE_NUMBER),
+        (float("-inf"), reasons.NON_FINITE_NUMBER),
+        ([1.0, float("nan")], reasons.NON_FINITE_NUMBER),
+        (2**63, reasons.NUMBER_OUT_OF_RANGE),
+        ("v" * 10_001, reasons.STRING_TOO_LONG),
+        (["v" * 6000, "w" * 6000], reasons.STRING_TOO_LONG),
     ],
 )
 def test_unsendable_custom_values_are_dropped_with_a_reason(raw: Any, reason: str) -> None:
@@ -436,8 +436,8 @@ def test_record_never_exceeds_the_size_limit_values_that_do_not_fit_are_dropped(
     profile: dict[str, Any] = {"id": "u1", **{n: "\U0001f600" * 10_000 for n in names}}
     result = big.map(profile, {"vip": True})
     assert result.record is not None
-    assert len(json.dumps(result.record)) <= m.MAX_RECORD_BYTES
-    assert (names[-1], m.RECORD_TOO_LARGE) in result.dropped
+    assert len(json.dumps(result.record)) <= reasons.MAX_RECORD_BYTES
+    assert (names[-1], reasons.RECORD_TOO_LARGE) in result.dropped
     assert result.record["attributes"]["custom"]["vip"] is True
 
 
@@ -446,11 +446,11 @@ def test_mapping_never_raises_on_a_misbehaving_mapping() -> None:
         def get(self, *args: Any) -> Any:
             raise RuntimeError("boom")
 
-    assert M.map(Broken(), {}).skip_reason == m.MAPPING_ERROR
+    assert M.map(Broken(), {}).skip_reason == reasons.MAPPING_ERROR
     assert M.user_key(Broken()) is None
 
 
 def test_reason_codes_are_short_snake_case_and_unique() -> None:
-    codes = [*m.SKIP_REASONS, *m.DROP_REASONS]
+    codes = [*reasons.SKIP_REASONS, *reasons.DROP_REASONS]
     assert len(codes) == len(set(codes))
     assert all(c.replace("_", "").isalnum() and c == c.lower() and len(c) <= 32 for c in codes)

@@ -24,15 +24,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.contract.schema import contract_problems, schema_errors
-from worker.mapping.mapper import (
-    MAPPING_ERROR,
-    MAX_RECORD_BYTES,
-    Mapper,
-    email_slow,
-    normalize_email,
-    normalize_phone,
-    phone_slow,
-)
+from worker.mapping.emails import email_slow, normalize_email
+from worker.mapping.mapper import Mapper
+from worker.mapping.phones import normalize_phone, phone_slow
+from worker.mapping.reasons import MAPPING_ERROR, MAX_RECORD_BYTES
 from worker.setup.jobconfig import parse_job_config
 
 PROFILES = settings(

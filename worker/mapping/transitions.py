@@ -7,14 +7,13 @@ Parsing never raises: every input becomes transitions or a counted rejection wit
 from __future__ import annotations
 
 import datetime as dt
-import json
 import math
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
+from worker import jsonio
 
 # Reasons a payload is rejected before routing; operators see counts by reason.
 NOT_JSON = "not_json"
@@ -75,15 +74,12 @@ def parse_time_ms(value: Any) -> int | None:
 def parse_line(line: str | bytes, received_ms: int | None = None) -> Iterator[Transition | Rejected]:
     """Transitions in one JSON text (a line of JSONL or a webhook body)."""
     try:
-        payload = orjson.loads(line)
-    except orjson.JSONDecodeError:
-        # orjson refuses a few things json accepts (integers beyond 64 bits, NaN): give those the
-        # lenient parser rather than rejecting a whole event for one odd value.
-        try:
-            payload = json.loads(line)
-        except (ValueError, UnicodeDecodeError) as exc:
-            yield Rejected(NOT_JSON, f"not valid JSON: {exc}")
-            return
+        # Lenient (integers beyond 64 bits, NaN are read) rather than rejecting a whole event for one
+        # odd value.
+        payload = jsonio.loads(line)
+    except ValueError as exc:
+        yield Rejected(NOT_JSON, f"not valid JSON: {exc}")
+        return
     yield from parse_payload(payload, received_ms)
 
 
