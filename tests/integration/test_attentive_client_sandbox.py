@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -45,6 +46,11 @@ def users(n: int = 3) -> list[dict[str, Any]]:
         }
         for i in range(n)
     ]
+
+
+def encoded(users: list[dict[str, Any]]) -> list[bytes]:
+    """Records as the flush hands them over: each user's JSON object, UTF-8."""
+    return [json.dumps(u, ensure_ascii=False).encode() for u in users]
 
 
 @pytest.fixture
@@ -100,7 +106,7 @@ def test_me_unknown_key_is_unauthorized(sandbox: SandboxProcess) -> None:
 def test_submit_poll_and_read_results(sandbox: SandboxProcess, client: AttentiveClient) -> None:
     sandbox.set_options(processing_delay=60.0)  # IN_PROGRESS until the sandbox clock moves on
     sent = users(3)
-    job_id = client.submit_bulk(sent)
+    job_id = client.submit_bulk_json(encoded(sent))
     assert uuid.UUID(job_id)
 
     first = client.job_status(job_id)
@@ -123,19 +129,19 @@ def test_submit_poll_and_read_results(sandbox: SandboxProcess, client: Attentive
 
 
 def test_full_batch_of_256(sandbox: SandboxProcess, client: AttentiveClient) -> None:
-    job_id = client.submit_bulk(users(256))
+    job_id = client.submit_bulk_json(encoded(users(256)))
     done = wait_terminal(client, job_id)
     assert done.totalRecords == 256
     assert sum(1 for ln in client.iter_results(done.url or "") if ln.succeeded) == 256
     assert_bodies_follow_contract(sandbox)
     with pytest.raises(ValueError):
-        client.submit_bulk(users(257))
+        client.submit_bulk_json(encoded(users(257)))
     assert len(sandbox.requests()) == 1
 
 
 @pytest.mark.parametrize("status", ["FAILED", "CANCELLED", "NEEDS_REVIEW", "PENDING"])
 def test_injected_job_statuses(sandbox: SandboxProcess, client: AttentiveClient, status: str) -> None:
-    job_id = client.submit_bulk(users(1))
+    job_id = client.submit_bulk_json(encoded(users(1)))
     sandbox.set_job_status(job_id, status)
     seen = client.job_status(job_id)
     assert seen.status == status and seen.url is None and not seen.is_success
@@ -146,7 +152,7 @@ def test_per_record_validation_lands_in_results(sandbox: SandboxProcess, client:
     sandbox.set_options(validation="per_record")
     batch = users(2)
     batch[1]["identifiers"]["phone"] = "555-0100"
-    done = wait_terminal(client, client.submit_bulk(batch))
+    done = wait_terminal(client, client.submit_bulk_json(encoded(batch)))
     lines = {ln.index: ln for ln in client.iter_results(done.url or "")}
     assert lines[0].succeeded
     assert lines[1].failed and lines[1].status_code == 400
@@ -160,7 +166,7 @@ def test_400_carries_the_message_naming_the_field(sandbox: SandboxProcess, clien
     batch = users(3)
     batch[2]["identifiers"]["phone"] = "19148440001"  # no leading +
     with pytest.raises(InvalidRequest) as info:
-        client.submit_bulk(batch)
+        client.submit_bulk_json(encoded(batch))
     err = info.value
     assert err.status_code == 400 and err.error_id is not None
     assert err.attentive_message and "users[2].identifiers.phone" in err.attentive_message
@@ -174,7 +180,7 @@ def test_403_with_readonly_key(sandbox: SandboxProcess) -> None:
     with AttentiveClient(READONLY, sandbox.url) as c:
         assert c.me().companyName  # reading works: /me says nothing about permissions
         with pytest.raises(Forbidden) as info:
-            c.submit_bulk(users(1))
+            c.submit_bulk_json(encoded(users(1)))
     assert info.value.status_code == 403 and info.value.attentive_message
     assert sandbox.requests() == []
 
@@ -182,7 +188,7 @@ def test_403_with_readonly_key(sandbox: SandboxProcess) -> None:
 def test_429_without_retry_after(sandbox: SandboxProcess, client: AttentiveClient) -> None:
     sandbox.set_faults(fault_429=1.0)
     with pytest.raises(RateLimited) as info:
-        client.submit_bulk(users(1))
+        client.submit_bulk_json(encoded(users(1)))
     err = info.value
     assert (err.status_code, err.retry_after, err.limit, err.remaining) == (429, None, 100, 0)
     assert requests_to(sandbox, BULK) == {"429": 1}  # not slept on, not retried in-process
@@ -210,7 +216,7 @@ def test_real_rate_limit_burst(sandbox: SandboxProcess, client: AttentiveClient)
 def test_5xx_is_server_error(sandbox: SandboxProcess, client: AttentiveClient) -> None:
     sandbox.set_faults(fault_5xx=1.0)
     for call in (
-        lambda: client.submit_bulk(users(1)),
+        lambda: client.submit_bulk_json(encoded(users(1))),
         lambda: client.job_status(str(uuid.uuid4())),
         client.me,
     ):
@@ -226,14 +232,14 @@ def test_dropped_connections_become_transport_error_after_retries(
     sandbox.set_faults(drop_connections=1.0)
     started = time.monotonic()
     with pytest.raises(TransportError) as info:
-        client.submit_bulk(users(1))
+        client.submit_bulk_json(encoded(users(1)))
     elapsed = time.monotonic() - started
     err = info.value
     assert err.status_code is None and err.may_have_reached_server and "3 attempt" in str(err)
     assert requests_to(sandbox, BULK) == {"0": 3}
     assert elapsed < 5.0  # short in-process back-off only (about 1 s of waits)
     sandbox.set_faults(drop_connections=0.0)
-    assert client.submit_bulk(users(1))  # the same client recovers (fresh connection)
+    assert client.submit_bulk_json(encoded(users(1)))  # the same client recovers (fresh connection)
 
 
 def test_intermittent_drops_are_absorbed(sandbox: SandboxProcess, client: AttentiveClient) -> None:
@@ -259,13 +265,13 @@ def test_unknown_job_is_not_found(client: AttentiveClient) -> None:
 
 def test_dropped_job_is_not_found(sandbox: SandboxProcess, client: AttentiveClient) -> None:
     sandbox.set_faults(drop_jobs=1.0)
-    job_id = client.submit_bulk(users(1))
+    job_id = client.submit_bulk_json(encoded(users(1)))
     with pytest.raises(NotFound):
         client.job_status(job_id)
 
 
 def test_expired_job_and_results(sandbox: SandboxProcess, client: AttentiveClient) -> None:
-    done = wait_terminal(client, client.submit_bulk(users(1)))
+    done = wait_terminal(client, client.submit_bulk_json(encoded(users(1))))
     sandbox.advance_clock(15 * 24 * 3600)
     with pytest.raises(NotFound):
         client.job_status(done.bulkJobId)
@@ -282,10 +288,10 @@ def test_key_never_logged_and_connection_reused(
     secret = "test-key"
     with caplog.at_level(logging.DEBUG), AttentiveClient(secret, sandbox.url) as c:
         c.me()
-        done = wait_terminal(c, c.submit_bulk(users(2)))
+        done = wait_terminal(c, c.submit_bulk_json(encoded(users(2))))
         list(c.iter_results(done.url or ""))
         with pytest.raises(InvalidRequest) as info:
-            c.submit_bulk([{"identifiers": {}}])
+            c.submit_bulk_json(encoded([{"identifiers": {}}]))
         assert secret not in repr(c) and secret not in str(info.value) and secret not in repr(info.value)
     text = "\n".join(f"{r.name} {r.getMessage()} {r.args!r}" for r in caplog.records)
     assert secret not in text

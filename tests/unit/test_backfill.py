@@ -18,7 +18,7 @@ from worker.backfill import steps as backfill
 from worker.backfill.steps import FILE_PART, FileBackfillError, FileReport, run_step
 from worker.clients.lytics import LyticsClient
 from worker.observe.status import job_status
-from worker.pipeline.buffer import JobBuffer
+from worker.pipeline.buffer import entry_records
 from worker.pipeline.ingest import ingest_lines
 from worker.setup.jobconfig import JobConfigError, JobState, parse_job_config
 from worker.setup.jobs import ExportJob, JobStore
@@ -147,7 +147,8 @@ class World:
 
     def pending(self, job: ExportJob, user: str) -> list[dict[str, Any]]:
         """The user's records not yet sent, oldest first: the open batch, then changes waiting for it."""
-        records = JobBuffer(self.redis, job.id).open_records(user)
+        open_entry = self.redis.hget(keys.open_entries(job.id), user)
+        records = [] if open_entry is None else entry_records(open_entry)
         waiting = self.redis.hget(keys.waiting(job.id), user)
         for entry in (waiting or b"").decode().splitlines():
             records.append(json.loads(entry.split("\t", 1)[1]))

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+
 import httpx
 import pytest
 
 from worker.clients.lytics import (
+    MAX_PAGE_SIZE,
     LyticsAuthError,
     LyticsBadResponse,
     LyticsClient,
     LyticsRateLimited,
     LyticsRetryable,
+    ScanPage,
     lytics_api_url,
 )
 
@@ -58,10 +63,18 @@ def client(fake: FakeScan, sleeps: list[float] | None = None, attempts: int = 3)
     )
 
 
+def every_page(c: LyticsClient, segment: str, limit: int = MAX_PAGE_SIZE) -> list[ScanPage]:
+    """Page after page, handing back each page's ``_next``, as the backfill steps do."""
+    pages = [c.scan_page(segment, limit=limit)]
+    while not pages[-1].last:
+        pages.append(c.scan_page(segment, pages[-1].next_token, limit))
+    return pages
+
+
 def test_scan_follows_next_until_empty_with_limit_and_raw_token() -> None:
     fake = FakeScan(members=250)
     with client(fake) as c:
-        pages = list(c.scan("seg1"))
+        pages = every_page(c, "seg1")
     assert [len(p.members) for p in pages] == [100, 100, 50]
     assert [p.next_token for p in pages] == ["100", "200", ""]
     assert pages[-1].last and not pages[0].last
@@ -77,14 +90,14 @@ def test_scan_follows_next_until_empty_with_limit_and_raw_token() -> None:
 def test_page_size_is_configurable_and_bounded() -> None:
     fake = FakeScan(members=25)
     with client(fake) as c:
-        assert [len(p.members) for p in c.scan("s", limit=10)] == [10, 10, 5]
+        assert [len(p.members) for p in every_page(c, "s", limit=10)] == [10, 10, 5]
         with pytest.raises(ValueError):
             c.scan_page("s", limit=101)
 
 
 def test_empty_segment_is_one_last_page() -> None:
     with client(FakeScan(members=0)) as c:
-        [page] = list(c.scan("s"))
+        [page] = every_page(c, "s")
     assert page.members == [] and page.last
 
 
@@ -116,6 +129,22 @@ def test_429_waits_for_retry_after_then_succeeds() -> None:
     with client(fake, sleeps) as c:
         page = c.scan_page("s")
     assert len(page.members) == 3 and sleeps == [2.0]
+
+
+def test_retry_after_as_an_http_date_is_honoured_and_capped() -> None:
+    when = datetime.now(UTC) + timedelta(seconds=60)
+    replies = [
+        httpx.Response(429, headers={"retry-after": format_datetime(when, usegmt=True)}),
+        httpx.Response(429, headers={"retry-after": "3"}),
+    ]
+    sleeps: list[float] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return replies.pop(0) if replies else FakeScan(members=1).handler(request)
+
+    with LyticsClient(TOKEN, BASE, transport=httpx.MockTransport(handler), sleep=sleeps.append) as c:
+        assert len(c.scan_page("s").members) == 1
+    assert sleeps == [10.0, 3.0]  # a minute away: waited out later, not inside one call
 
 
 def test_429_that_outlasts_the_retries_says_when_to_come_back() -> None:

@@ -18,9 +18,8 @@ Why the client is shaped this way:
 
 from __future__ import annotations
 
-import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,8 +29,10 @@ from tenacity import (
     Retrying,
     retry_if_exception_type,
     stop_after_attempt,
+    wait_exponential_jitter,
 )
 
+from worker.clients.http import parse_retry_after
 from worker.settings import Settings
 
 #: Lytics' maximum (and our default) page size for a segment scan.
@@ -40,6 +41,9 @@ MAX_PAGE_SIZE = 100
 ATTEMPTS = 3
 #: Longest wait between two attempts, also the cap on a Retry-After we honour inside one call.
 MAX_WAIT_SECONDS = 10.0
+#: Waits between attempts without a Retry-After: exponential from half a second plus up to half a
+#: second of jitter, so workers retrying together spread out.
+_BACKOFF = wait_exponential_jitter(multiplier=0.5, max=MAX_WAIT_SECONDS, jitter=0.5)
 #: Characters of Lytics' error message kept in our error (enough to act on, short for status).
 MESSAGE_CHARS = 200
 
@@ -84,15 +88,6 @@ class ScanPage:
 def lytics_api_url() -> str:
     """The configured Lytics host (``LYTICS_API_URL``, see :mod:`worker.settings`), no trailing slash."""
     return Settings.from_env().lytics_api_url
-
-
-def _retry_after_seconds(response: httpx.Response) -> float | None:
-    raw = response.headers.get("retry-after", "").strip()
-    try:
-        value = float(raw)
-    except ValueError:
-        return None
-    return value if value >= 0 else None
 
 
 class LyticsClient:
@@ -152,27 +147,13 @@ class LyticsClient:
                 return self._get_page(segment_id, params)
         raise AssertionError("unreachable: tenacity either returns or re-raises")  # pragma: no cover
 
-    def scan(
-        self, segment_id: str, limit: int = MAX_PAGE_SIZE, start: str | None = None
-    ) -> Iterator[ScanPage]:
-        """Every page of the segment, following ``_next`` until it is empty."""
-        token = start
-        while True:
-            page = self.scan_page(segment_id, token, limit)
-            yield page
-            if page.last:
-                return
-            token = page.next_token
-
     # --- one request --------------------------------------------------------------------------------
     @staticmethod
     def _wait(state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
         if isinstance(exc, LyticsRateLimited) and exc.retry_after is not None:
             return min(exc.retry_after, MAX_WAIT_SECONDS)
-        # Exponential from half a second, jittered so workers retrying together spread out.
-        attempt: int = state.attempt_number
-        return min(MAX_WAIT_SECONDS, 0.5 * 2.0 ** (attempt - 1) + random.uniform(0, 0.5))
+        return _BACKOFF(state)
 
     def _get_page(self, segment_id: str, params: dict[str, str | int]) -> ScanPage:
         where = f"Lytics segment scan of {segment_id!r}"
@@ -191,7 +172,8 @@ class LyticsClient:
             raise LyticsAuthError(f"{where}: Lytics answered {status} ({hint}): {message}")
         if status == 429:
             raise LyticsRateLimited(
-                f"{where}: Lytics answered 429 (rate limited): {message}", _retry_after_seconds(response)
+                f"{where}: Lytics answered 429 (rate limited): {message}",
+                parse_retry_after(response.headers.get("retry-after")),
             )
         if status >= 500:
             raise LyticsRetryable(f"{where}: Lytics answered {status}: {message}")

@@ -1,17 +1,20 @@
 """What flush and poll share when they call Attentive: how long a call may wait for a rate-limit
-token, how late a poll may be before the sweep re-drives it, and pausing a job whose key Attentive
-refuses. One module, so neither stage reaches into the other's internals.
+token, how late a poll may be before the sweep re-drives it, holding every worker off after a 429,
+and pausing a job whose key Attentive refuses. One module, so neither stage reaches into the
+other's internals.
 """
 
 from __future__ import annotations
 
 import logging
 
-from worker.clients.attentive import AttentiveError, Unauthorized
+from worker.backoff import backoff
+from worker.clients.attentive import AttentiveError, RateLimited, Unauthorized
 from worker.runtime import Runtime
 from worker.setup.jobconfig import JobState
 from worker.setup.jobs import SENDING_STATES, ExportJob
 from worker.store import keys
+from worker.store.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +22,31 @@ log = logging.getLogger(__name__)
 TOKEN_WAIT_SECONDS = 5.0
 #: Grace after a poll's due time before the sweep re-drives it (its task was lost).
 POLL_GRACE_MS = 120_000
+#: After a 429 without Retry-After: a full-jitter hold from up to half a second, doubling with each
+#: 429 in a row, up to 30 s.
+RATE_LIMITED_FIRST_SECONDS = 0.5
+RATE_LIMITED_CAP_SECONDS = 30.0
+
+
+def hold_off_after_429(
+    rt: Runtime, limiter: RateLimiter, job_id: str, attempt: int, exc: RateLimited
+) -> float:
+    """Hold every worker sharing the key off after a 429 (invariant 4) and count it.
+
+    Returns the hold in seconds: Attentive's Retry-After, else a back-off for retry ``attempt``
+    (0-based: the flush's 429s in a row before this one, the poll's attempt number).
+    """
+    delay = backoff(
+        attempt,
+        first=RATE_LIMITED_FIRST_SECONDS,
+        cap=RATE_LIMITED_CAP_SECONDS,
+        retry_after=exc.retry_after,
+    )
+    limiter.penalize(delay)
+    status_key = keys.job_status(job_id)
+    rt.redis.hincrby(status_key, "responses_429", 1)
+    rt.redis.hincrbyfloat(status_key, "rate_limited_seconds", delay)
+    return delay
 
 
 def pause_for_auth_error(rt: Runtime, job: ExportJob, exc: AttentiveError) -> str:

@@ -12,33 +12,13 @@ import secrets
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from functools import cache
-from importlib import resources
 from typing import Any
 
 import orjson
 import redis
 
-from worker.store import keys
+from worker.store import keys, scripts
 from worker.store.replies import decode_hash, text
-
-
-@cache
-def _script_source() -> str:
-    return resources.files("worker.store").joinpath("lua/buffer.lua").read_text()
-
-
-_scripts: dict[int, Any] = {}
-
-
-def _script(client: redis.Redis) -> Any:
-    """The registered buffer script for this client (register once per connection pool)."""
-    sid = id(client.connection_pool)
-    script = _scripts.get(sid)
-    if script is None:
-        script = client.register_script(_script_source())
-        _scripts[sid] = script
-    return script
 
 
 def now_ms() -> int:
@@ -118,7 +98,7 @@ class JobBuffer:
 
     def _run(self, op: str, *args: Any, now: int | None = None) -> Any:
         argv = [op, now if now is not None else now_ms(), self._batch_prefix, self.batch_size, *args]
-        return _script(self._redis)(keys=self._keys, args=argv)
+        return scripts.script(self._redis, "buffer")(keys=self._keys, args=argv)
 
     # --- ingest side ----------------------------------------------------------------------------
     def ingest(self, changes: Sequence[Change], now: int | None = None) -> IngestOutcome:
@@ -224,27 +204,8 @@ class JobBuffer:
         found: list[bytes] = []
         for entry in self._redis.hmget(keys.batch_entries(self.job_id, batch_id), list(users)):
             if entry is None:
-                return self._legacy_entries(batch_id, users)
+                raise LookupError(f"job {self.job_id} batch {batch_id}: user entries missing")
             found.append(entry.encode() if isinstance(entry, str) else entry)
-        return found
-
-    def _legacy_entries(self, batch_id: int, users: Sequence[str]) -> list[bytes]:
-        """Entries of a batch sealed before entries hashes existed (its records in the batch hash).
-
-        Raises:
-            LookupError: neither form is there (the batch completed meanwhile, or its data was lost).
-        """
-        raw = self._redis.hmget(keys.batch(self.job_id, batch_id), ["users", "records"])
-        if raw[0] is None or raw[1] is None:
-            raise LookupError(f"job {self.job_id} batch {batch_id}: user entries missing")
-        by_user = dict(zip(orjson.loads(raw[0]), orjson.loads(raw[1]), strict=True))
-        found = []
-        for user in users:
-            if user not in by_user:
-                raise LookupError(f"job {self.job_id} batch {batch_id}: no entry for a user")
-            records = by_user[user]
-            # The entry format needs only one audience mark per record.
-            found.append(b"|" + b"-|" * len(records) + b"\t" + orjson.dumps(records))
         return found
 
     def batch_exists(self, batch_id: int) -> bool:
@@ -269,11 +230,6 @@ class JobBuffer:
     def open_users(self) -> list[str]:
         """Users in the open batch, in arrival order."""
         return [text(u) for u in self._redis.lrange(keys.open_order(self.job_id), 0, -1)]
-
-    def open_records(self, user: str) -> list[dict[str, Any]]:
-        """The user's records pending in the open batch, oldest first (empty if none)."""
-        entry = self._redis.hget(keys.open_entries(self.job_id), user)
-        return [] if entry is None else entry_records(text(entry).encode())
 
     def sealed_count(self) -> int:
         return int(self._redis.llen(keys.sealed(self.job_id)))

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from worker.backoff import backoff
 from worker.clients.attentive import (
     AttentiveError,
     Forbidden,
@@ -21,13 +22,18 @@ from worker.clients.attentive import (
     Unauthorized,
 )
 from worker.pipeline import deadletters, parked
-from worker.pipeline.attentive_calls import POLL_GRACE_MS, TOKEN_WAIT_SECONDS, pause_for_auth_error
+from worker.pipeline.attentive_calls import (
+    POLL_GRACE_MS,
+    TOKEN_WAIT_SECONDS,
+    hold_off_after_429,
+    pause_for_auth_error,
+)
 from worker.pipeline.buffer import BatchDataMissing, ClaimedBatch, JobBuffer, entry_json, entry_record, now_ms
 from worker.pipeline.parked import POLL_YIELDS_MS
 from worker.runtime import Runtime
 from worker.setup.jobs import ExportJob
 from worker.store import keys
-from worker.store.ratelimit import RateLimiter, backoff_delay
+from worker.store.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +43,10 @@ FLUSH_BUDGET_SECONDS = 10.0
 #: refreshed when a flush starts). Past it (a lost message, a killed worker), the next seal queues
 #: another; the sweep re-drives unclaimed batches regardless.
 FLUSH_QUEUED_TTL_MS = 30_000
+#: After a 5xx, a timeout or a dropped connection: a full-jitter wait from up to a second, doubling
+#: with each failure in a row, up to a minute.
+ERROR_RETRY_FIRST_SECONDS = 1.0
+ERROR_RETRY_CAP_SECONDS = 60.0
 
 
 class NoToken(Exception):
@@ -163,16 +173,12 @@ def _flush_batch(
     except RateLimited as exc:
         buffer.release(batch)
         streak = int(rt.redis.hincrby(status_key, "consecutive_429", 1))
-        delay = backoff_delay(streak - 1, retry_after=exc.retry_after)
-        limiter.penalize(delay)
-        rt.redis.hincrby(status_key, "responses_429", 1)
-        rt.redis.hincrbyfloat(status_key, "rate_limited_seconds", delay)
-        return delay
+        return hold_off_after_429(rt, limiter, job.id, streak - 1, exc)
     except AttentiveError as exc:  # 5xx, timeouts, dropped connections, odd responses
         buffer.release(batch)
         streak = int(rt.redis.hincrby(status_key, "consecutive_errors", 1))
         rt.redis.hset(status_key, "last_error", f"{type(exc).__name__}: {exc.message}")
-        return backoff_delay(streak - 1, base=1.0, cap=60.0)
+        return backoff(streak - 1, first=ERROR_RETRY_FIRST_SECONDS, cap=ERROR_RETRY_CAP_SECONDS)
     except Exception:
         buffer.release(batch)
         raise

@@ -10,22 +10,26 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 import redis
 
+from worker.backoff import backoff
 from worker.clients.attentive import AttentiveError, Forbidden, NotFound, RateLimited, Unauthorized
 from worker.pipeline import deadletters
-from worker.pipeline.attentive_calls import POLL_GRACE_MS, TOKEN_WAIT_SECONDS, pause_for_auth_error
+from worker.pipeline.attentive_calls import (
+    POLL_GRACE_MS,
+    TOKEN_WAIT_SECONDS,
+    hold_off_after_429,
+    pause_for_auth_error,
+)
 from worker.pipeline.buffer import JobBuffer, now_ms
 from worker.pipeline.parked import POLL_YIELDS_MS, park
 from worker.runtime import Runtime
 from worker.setup.jobs import ExportJob
 from worker.store import keys
-from worker.store.ratelimit import backoff_delay
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +37,9 @@ log = logging.getLogger(__name__)
 MAX_SEND_ATTEMPTS = 3
 #: How many refused records per batch are logged to status as a sample.
 FAILURE_SAMPLE = 5
+#: Spread of the wait between two checks of a batch: ±20 %, so polls scheduled together do not
+#: come due together.
+POLL_JITTER = (0.8, 1.2)
 
 
 @dataclass
@@ -41,12 +48,6 @@ class PollReport:
     next_in: float | None = None  # seconds until the next poll, when not done
     statuses: tuple[str, ...] = ()
     parked: bool = False  # waiting for spare budget, no request made: the sweep releases it
-
-
-def next_poll_delay(attempt: int, first: float = 2.0, cap: float = 60.0) -> float:
-    """Exponential from ``first`` seconds, capped at ``cap``, with +-20% jitter."""
-    # The jitter keeps polls scheduled together from coming due together.
-    return min(cap, first * 2.0 ** min(attempt, 20)) * random.uniform(0.8, 1.2)
 
 
 def poll_batch(rt: Runtime, job_id: str, batch_id: int, attempt: int) -> PollReport:
@@ -103,27 +104,15 @@ def poll_batch(rt: Runtime, job_id: str, batch_id: int, attempt: int) -> PollRep
         pause_for_auth_error(rt, job, exc)
         return PollReport(done=True)
     except RateLimited as exc:
-        delay = backoff_delay(attempt, retry_after=exc.retry_after)
-        rt.limiter_for(job).penalize(delay)
-        rt.redis.hincrby(status_key, "responses_429", 1)
-        rt.redis.hincrbyfloat(status_key, "rate_limited_seconds", delay)
-        return _again(buffer, batch_id, delay)
+        return _again(buffer, batch_id, hold_off_after_429(rt, rt.limiter_for(job), job_id, attempt, exc))
     except AttentiveError as exc:
         rt.redis.hset(status_key, "last_error", f"poll: {type(exc).__name__}: {exc.message}")
-        return _again(
-            buffer,
-            batch_id,
-            next_poll_delay(attempt, first, cap),
-        )
+        return _again(buffer, batch_id, backoff(attempt, first=first, cap=cap, jitter=POLL_JITTER))
 
     fresh = buffer.batch(batch_id)
     if any(f"done:{sub['id']}" not in fresh for sub in sub_jobs):
-        return _again(
-            buffer,
-            batch_id,
-            next_poll_delay(attempt, first, cap),
-            tuple(statuses),
-        )
+        delay = backoff(attempt, first=first, cap=cap, jitter=POLL_JITTER)
+        return _again(buffer, batch_id, delay, tuple(statuses))
     # Summed over every send of the batch: a re-send carries only the users earlier sends left open.
     delivered = sum(int(v) for k, v in fresh.items() if k.startswith("done:"))
     refused = sum(int(v) for k, v in fresh.items() if k.startswith("failed:"))

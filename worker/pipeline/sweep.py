@@ -6,7 +6,7 @@ re-drives polls that should have happened, releases parked polls (worker/parked.
 dispatches flushes for batches nobody is sending.
 It also re-drives inbox chunks whose ingest task was lost and backfill parts that stopped making
 progress (:func:`worker.backfill.steps.redrive_stalled`). Every step is idempotent; one sweep runs at a
-time (a short Redis lock), and a job whose step fails is logged and shown in its status without
+time (a short redis-py lock), and a job whose step fails is logged and shown in its status without
 stopping the others.
 """
 
@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import redis
 from kombu.exceptions import OperationalError
+from redis.exceptions import LockError
 
 from worker.pipeline import inbox, parked
 from worker.pipeline.attentive_calls import POLL_GRACE_MS
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 #: A job with sealed batches and no claim for this long gets a flush dispatched.
 IDLE_FLUSH_MS = 5_000
 #: Longest a sweep holds the lock that keeps two from running at once (one normally takes milliseconds).
-SWEEP_LOCK_MS = 10_000
+SWEEP_LOCK_SECONDS = 10.0
 #: Poll attempt number used for a re-driven poll (its backoff starts mid-way, not from scratch).
 REDRIVEN_POLL_ATTEMPT = 3
 
@@ -61,17 +61,18 @@ def sweep(rt: Runtime, redrive_backfills: Callable[[int], int] = lambda _now: 0)
     builds on the pipeline, so the pipeline cannot import it).
     """
     report = SweepReport()
-    token = secrets.token_hex(8)
     # Sweeps queued while the workers were busy can start together: two would both release and
     # re-drive the same polls.
-    if not rt.redis.set(keys.sweep_lock(), token, nx=True, px=SWEEP_LOCK_MS):
+    lock = rt.redis.lock(keys.sweep_lock(), timeout=SWEEP_LOCK_SECONDS, blocking=False)
+    if not lock.acquire():
         report.skipped = True
         return report
     try:
         _sweep_all(rt, now_ms(), report, redrive_backfills)
     finally:
-        if rt.redis.get(keys.sweep_lock()) in (token, token.encode()):
-            rt.redis.delete(keys.sweep_lock())
+        # LockError: it expired (a very slow sweep) and another may hold it now; that one releases it.
+        with contextlib.suppress(LockError):
+            lock.release()
     return report
 
 

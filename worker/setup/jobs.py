@@ -147,13 +147,6 @@ class JobStore:
                 except redis.WatchError:
                     continue
 
-    def delete(self, job_id: str) -> None:
-        self.get(job_id)
-        pipe = self._redis.pipeline(transaction=True)
-        pipe.hdel(keys.jobs(), job_id)
-        pipe.incr(keys.jobs_version())
-        pipe.execute()
-
     # --- routing (hot path) ---------------------------------------------------------------------
     def cached(self, job_id: str) -> ExportJob | None:
         """The job as of now, from this process's copy of the job table (reloaded if it changed)."""

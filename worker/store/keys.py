@@ -125,7 +125,7 @@ def parked_polls(job_id: str) -> str:
 
 
 def sweep_lock() -> str:
-    """STRING with a TTL: a sweep is running (holds its random token)."""
+    """STRING: lock held by the one sweep running (redis-py Lock, with a timeout)."""
     return f"{PREFIX}:sweep:lock"
 
 

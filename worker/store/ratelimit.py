@@ -37,14 +37,12 @@ from __future__ import annotations
 
 import hashlib
 import math
-import random
 import time
-from importlib import resources
 
 import redis
 
 from worker.settings import DEFAULT_RATE_LIMIT_PER_SECOND
-from worker.store import keys
+from worker.store import keys, scripts
 
 #: Requests that may go at once after an idle spell. ``rate + burst`` must stay ≤ 100 (see module doc).
 DEFAULT_BURST = 5
@@ -52,16 +50,6 @@ DEFAULT_BURST = 5
 KEY_HASH_LENGTH = 16
 
 _US = 1_000_000
-
-
-def _lua(name: str) -> str:
-    return (resources.files("worker.store") / "lua" / name).read_text(encoding="utf-8")
-
-
-# Read once per process; each RateLimiter registers them on its client (EVALSHA, NOSCRIPT-safe).
-_ACQUIRE_LUA = _lua("ratelimit_acquire.lua")
-_PENALIZE_LUA = _lua("ratelimit_penalize.lua")
-_BACKOFF_LUA = _lua("ratelimit_backoff.lua")
 
 
 def api_key_hash(api_key: str) -> str:
@@ -102,9 +90,8 @@ class RateLimiter:
         self.interval_us = max(1, math.ceil(_US / rate_per_second))
         self._keys = [keys.ratelimit(key_hash), keys.ratelimit_backoff(key_hash)]
         self._redis = redis
-        self._acquire = redis.register_script(_ACQUIRE_LUA)
-        self._penalize = redis.register_script(_PENALIZE_LUA)
-        self._backoff = redis.register_script(_BACKOFF_LUA)
+        self._acquire = scripts.script(redis, "ratelimit_acquire")
+        self._penalize = scripts.script(redis, "ratelimit_penalize")
         #: Redis-clock epoch seconds of the latest token this instance took (None before the first).
         self.last_granted_at: float | None = None
         #: Seconds the latest :meth:`acquire` spent sleeping for the limit (granted or not).
@@ -186,21 +173,3 @@ class RateLimiter:
         """
         delay_us = max(0, math.ceil(delay * _US))
         self._penalize(keys=self._keys, args=[delay_us, self.interval_us, self.burst])
-
-    def backoff_remaining(self) -> float:
-        """Seconds of 429 back-off still in force for this key (0.0 if none), on the Redis clock."""
-        return int(self._backoff(keys=self._keys[1:])) / _US
-
-
-def backoff_delay(
-    attempt: int, *, base: float = 0.5, cap: float = 30.0, retry_after: float | None = None
-) -> float:
-    """Seconds to wait before retry number ``attempt`` (0-based): full-jitter exponential back-off.
-
-    A uniform draw from ``[0, min(cap, base * 2**attempt)]``, as Attentive recommends "randomness" in
-    the back-off (CONTRACT.md §4). A server-given ``retry_after`` (seconds) wins when present.
-    """
-    if retry_after is not None:
-        return max(0.0, retry_after)
-    exponent = min(max(attempt, 0), 60)  # 2**60 * base is far past any cap; avoids float overflow
-    return random.uniform(0.0, min(cap, base * 2.0**exponent))

@@ -40,7 +40,6 @@ import contextlib
 import hmac
 import json
 import logging
-import os
 import re
 import time
 from collections import Counter
@@ -48,7 +47,6 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import orjson
 import redis
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -56,9 +54,17 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from worker import jsonio
 from worker.mapping.transitions import Rejected, parse_payload
 from worker.pipeline import inbox
-from worker.settings import DEFAULT_REDIS_URL
+from worker.settings import (
+    DEFAULT_REDIS_URL,
+    DEFAULT_WEBHOOK_MAX_BYTES,
+    MIN_WEBHOOK_TOKEN_LENGTH,
+    WEBHOOK_METHODS,
+    SettingsError,
+    load_settings,
+)
 
 log = logging.getLogger("worker.webhook.receiver")
 
@@ -66,13 +72,13 @@ log = logging.getLogger("worker.webhook.receiver")
 TRANSITIONS_PATH = "/v1/transitions"
 HEALTH_PATH = "/healthz"
 #: 5 MiB: a Lytics batch of 1,000 triggers with a few dozen profile fields fits comfortably.
-DEFAULT_MAX_BYTES = 5 * 1024 * 1024
+DEFAULT_MAX_BYTES = DEFAULT_WEBHOOK_MAX_BYTES
 #: A token shorter than this is too easy to guess for an endpoint on the internet.
-MIN_TOKEN_LENGTH = 16
+MIN_TOKEN_LENGTH = MIN_WEBHOOK_TOKEN_LENGTH
 TOKEN_HEADER = "x-webhook-token"
 TOKEN_PARAM = "token"
 #: Methods Lytics can be configured to use (``POST`` is its default and always accepted).
-LYTICS_METHODS = ("POST", "GET", "PUT", "PATCH", "DELETE")
+LYTICS_METHODS = WEBHOOK_METHODS
 #: Seconds a client should wait before retrying after a 503.
 RETRY_AFTER_SECONDS = 5
 #: Reasons listed in a 400 for a body with no usable transition.
@@ -130,28 +136,24 @@ class WebhookSettings:
     def from_env(
         cls, env: Mapping[str, str] | None = None, insecure_no_auth: bool = False
     ) -> WebhookSettings:
-        """Read ``REDIS_URL``, ``WEBHOOK_TOKEN`` (comma-separated for rotation), ``WEBHOOK_MAX_BYTES``
-        and ``WEBHOOK_METHOD`` (the method configured in Lytics, besides POST).
+        """The receiver's part of :class:`worker.settings.Settings` (validated there, like every
+        process's): ``REDIS_URL``, ``WEBHOOK_TOKEN`` (comma-separated for rotation),
+        ``WEBHOOK_MAX_BYTES`` and ``WEBHOOK_METHOD`` (the method configured in Lytics, besides POST).
+        ``env`` defaults to the environment.
 
         ``insecure_no_auth`` only allows starting without a token: a token that is set is enforced.
         """
-        source = os.environ if env is None else env
-        tokens = tuple(t.strip() for t in source.get("WEBHOOK_TOKEN", "").split(",") if t.strip())
-        raw_max = source.get("WEBHOOK_MAX_BYTES", "").strip()
         try:
-            max_bytes = int(raw_max) if raw_max else DEFAULT_MAX_BYTES
-        except ValueError:
-            raise WebhookConfigError(
-                f"WEBHOOK_MAX_BYTES must be a whole number of bytes, got {raw_max!r}"
-            ) from None
-        method = source.get("WEBHOOK_METHOD", "").strip().upper() or "POST"
-        redis_url = source.get("REDIS_URL", "").strip() or DEFAULT_REDIS_URL
+            settings = load_settings(env)
+        except SettingsError as exc:
+            raise WebhookConfigError(str(exc)) from None
+        tokens = settings.webhook_token_values()
         return cls(
-            redis_url=redis_url,
+            redis_url=settings.redis_url,
             tokens=tokens,
             require_auth=bool(tokens) or not insecure_no_auth,
-            max_bytes=max_bytes,
-            methods=tuple(dict.fromkeys(("POST", method))),
+            max_bytes=settings.webhook_max_bytes,
+            methods=tuple(dict.fromkeys(("POST", settings.webhook_method))),
         )
 
 
@@ -179,18 +181,9 @@ def _error(
     return JSONResponse({"error": code, "message": message, **extra}, status_code=status, headers=headers)
 
 
-def _decode(text: bytes) -> Any:
-    """Parse like ingest does (``transitions.parse_line``): orjson, then the lenient stdlib parser
-    for what orjson refuses but is usable (integers beyond 64 bits, NaN)."""
-    try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return json.loads(text)
-
-
 def _parse_json(text: bytes, where: str, line: int | None = None) -> Any:
     try:
-        return _decode(text)
+        return jsonio.loads(text)  # as ingest parses it (``transitions.parse_line``)
     except UnicodeDecodeError as exc:
         raise BadBody(
             "invalid_json", f"{where} is not UTF-8 text: {exc.reason} at byte {exc.start}"
@@ -462,13 +455,26 @@ def create_app(
 _app: Starlette | None = None
 
 
+class WebhookStartupError(WebhookConfigError, SystemExit):
+    """A bad configuration met by the module-level ``app``. uvicorn lets a SystemExit through
+    untouched, so ``uvicorn worker.webhook.receiver:app`` prints ``error: <one line>`` and exits 1
+    instead of a traceback; it is still a :class:`WebhookConfigError` for callers that catch that."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.code = f"error: {message}"
+
+
 def __getattr__(name: str) -> Any:
     """``worker.webhook.receiver.app``, built from the environment on first access, so ``uvicorn
     worker.webhook.receiver:app`` works while importing this module (tests, the CLI) needs no configuration."""
     global _app
     if name == "app":
         if _app is None:
-            _app = create_app(WebhookSettings.from_env())
+            try:
+                _app = create_app(WebhookSettings.from_env())
+            except WebhookConfigError as exc:
+                raise WebhookStartupError(str(exc)) from None
         return _app
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

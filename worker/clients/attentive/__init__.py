@@ -5,7 +5,7 @@ Import from here, not from the submodules::
     from worker.clients.attentive import AttentiveClient, RateLimited
 """
 
-from worker.clients.attentive.client import MAX_USERS_PER_REQUEST, AttentiveClient, parse_retry_after
+from worker.clients.attentive.client import MAX_USERS_PER_REQUEST, AttentiveClient
 from worker.clients.attentive.errors import (
     AttentiveError,
     Forbidden,
@@ -17,7 +17,7 @@ from worker.clients.attentive.errors import (
     Unauthorized,
     UnexpectedResponse,
 )
-from worker.clients.attentive.models import BulkJobStatus, BulkSuccess, BulkUser, MeResponse, ResultLine
+from worker.clients.attentive.models import BulkJobStatus, BulkSuccess, MeResponse, ResultLine
 
 __all__ = [
     "MAX_USERS_PER_REQUEST",
@@ -25,7 +25,6 @@ __all__ = [
     "AttentiveError",
     "BulkJobStatus",
     "BulkSuccess",
-    "BulkUser",
     "Forbidden",
     "InvalidRequest",
     "MeResponse",
@@ -36,5 +35,4 @@ __all__ = [
     "TransportError",
     "Unauthorized",
     "UnexpectedResponse",
-    "parse_retry_after",
 ]

@@ -28,24 +28,21 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from importlib import metadata
 from types import TracebackType
 from typing import Any, NoReturn, TypeVar
 from urllib.parse import quote
 
 import httpx
-import orjson
 import pydantic
 from tenacity import (
     RetryCallState,
     Retrying,
     retry_if_exception_type,
     stop_after_attempt,
+    wait_exponential_jitter,
 )
 
 from worker.clients.attentive.errors import (
@@ -61,6 +58,7 @@ from worker.clients.attentive.errors import (
     UnexpectedResponse,
 )
 from worker.clients.attentive.models import BulkJobStatus, BulkSuccess, MeResponse, ResultLine
+from worker.clients.http import parse_retry_after
 
 logger = logging.getLogger(__name__)
 
@@ -82,11 +80,9 @@ DEFAULT_MAX_ATTEMPTS = 3
 MAX_RESULT_LINE_BYTES = 1 << 20
 
 
-def _retry_wait(state: RetryCallState) -> float:
-    """About 0.2 s then 0.4 s, plus up to 0.2 s jitter, never over 0.5 s: at most 1 s with 3 attempts."""
-    base = 0.2 * 2.0 ** (state.attempt_number - 1)
-    return min(0.5, base + random.uniform(0.0, 0.2))  # jitter, not cryptography
-
+#: Waits between attempts: 0.2 s then 0.4 s, plus up to 0.2 s jitter, never over 0.5 s: at most
+#: 1 s in all with 3 attempts.
+_RETRY_WAIT = wait_exponential_jitter(multiplier=0.2, max=0.5, jitter=0.2)
 
 #: Failures where no response arrived and retrying soon is reasonable (see the module docstring).
 _RETRYABLE: tuple[type[BaseException], ...] = (
@@ -208,35 +204,19 @@ class AttentiveClient:
         response = self._send(self._http.build_request("GET", "/v2/me"))
         return self._parse(MeResponse, response)
 
-    def submit_bulk(self, users: Sequence[Mapping[str, Any]]) -> str:
-        """Submit up to 256 user records with ``POST /v2/bulk/user/attributes``.
-
-        Records are serialized as given (no pydantic round trip on the hot path): the mapping layer has
-        already built and validated them.
-
-        Args:
-            users: 1 to 256 ``CreateUserAttributesRequestDtoV21`` dicts.
-
-        Returns:
-            The ``batchJobId`` to poll with :meth:`job_status`.
-
-        Raises:
-            ValueError: empty, over 256 users, a non-mapping item, or a value JSON cannot encode
-                (raised locally, nothing is sent).
-            InvalidRequest: Attentive answered 400. Other :class:`AttentiveError` subclasses otherwise.
-        """
-        _check_batch_size(users, "users", "user records")
-        for i, user in enumerate(users):
-            if not isinstance(user, Mapping):
-                raise ValueError(f"users[{i}] is a {type(user).__name__}, not a mapping")
-        return self._post_bulk(_encode_users(users))
-
     def submit_bulk_json(self, records: Sequence[bytes]) -> str:
-        """:meth:`submit_bulk` for records already encoded as JSON objects (UTF-8).
+        """Submit up to 256 user records, already encoded as JSON objects (UTF-8), with
+        ``POST /v2/bulk/user/attributes``.
 
         The flush path keeps records as the JSON text mapping produced, so a batch is sent without a
         parse and re-encode. Only the framing is checked here: what is inside each object is the
         mapping layer's responsibility, and Attentive's 400 is the judge.
+
+        Args:
+            records: 1 to 256 ``CreateUserAttributesRequestDtoV21`` objects as JSON bytes.
+
+        Returns:
+            The ``batchJobId`` to poll with :meth:`job_status`.
 
         Raises:
             ValueError: empty, over 256 records, or an item that is not ``{...}`` bytes (nothing sent).
@@ -246,13 +226,10 @@ class AttentiveClient:
         for i, record in enumerate(records):
             if not isinstance(record, bytes) or not (record.startswith(b"{") and record.endswith(b"}")):
                 raise ValueError(f"records[{i}] is not a JSON object's bytes")
-        return self._post_bulk(b'{"users":[' + b",".join(records) + b"]}")
-
-    def _post_bulk(self, content: bytes) -> str:
         request = self._http.build_request(
             "POST",
             "/v2/bulk/user/attributes",
-            content=content,
+            content=b'{"users":[' + b",".join(records) + b"]}",
             headers={"Content-Type": "application/json"},
         )
         response = self._send(request)
@@ -262,7 +239,7 @@ class AttentiveClient:
         """Poll one job with ``GET /v2/bulk/job/{id}``.
 
         Args:
-            job_id: the ``batchJobId`` returned by :meth:`submit_bulk` (URL-encoded here).
+            job_id: the ``batchJobId`` returned by :meth:`submit_bulk_json` (URL-encoded here).
 
         Returns:
             The job's status. A body without ``bulkJobId`` gets the id asked for.
@@ -328,7 +305,7 @@ class AttentiveClient:
         """Send with connection-level retries; return a 2xx response or raise a typed error."""
         retrying = Retrying(
             stop=stop_after_attempt(self._max_attempts),
-            wait=_retry_wait,
+            wait=_RETRY_WAIT,
             retry=retry_if_exception_type(_RETRYABLE),
             sleep=self._sleep,
             before_sleep=self._log_retry(request),
@@ -468,13 +445,6 @@ class AttentiveClient:
         return text.replace(key, "[redacted]") if key and key in text else text
 
 
-#: orjson leaves these to us (``default`` unset, so they raise) rather than encoding what the stdlib
-#: encoder would refuse.
-_ORJSON_STRICT = (
-    orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_SUBCLASS
-)
-
-
 def _check_batch_size(items: object, name: str, kind: str) -> None:
     """ValueError unless ``items`` is a sequence (not text) of 1 to 256 items; names it ``name``."""
     if isinstance(items, str | bytes) or not isinstance(items, Sequence):
@@ -483,30 +453,6 @@ def _check_batch_size(items: object, name: str, kind: str) -> None:
         raise ValueError(f"{name} is empty; Attentive requires 1 to 256 users per request")
     if len(items) > MAX_USERS_PER_REQUEST:
         raise ValueError(f"{len(items)} users; Attentive accepts at most {MAX_USERS_PER_REQUEST}")
-
-
-def _encode_users(users: Sequence[Mapping[str, Any]]) -> bytes:
-    """The bulk body as compact UTF-8 JSON; ValueError for anything JSON cannot carry.
-
-    orjson is about 15x faster than the stdlib here (1.3 ms for 256 users), but it writes NaN and
-    infinities as ``null``. So any body it cannot encode, or whose text holds a ``null``, is
-    encoded again by the stdlib encoder with ``allow_nan=False``, which decides.
-    """
-    items = [u if type(u) is dict else dict(u) for u in users]
-    try:
-        content = orjson.dumps({"users": items}, option=_ORJSON_STRICT)
-    except orjson.JSONEncodeError:
-        pass
-    else:
-        if b"null" not in content:
-            return content
-    try:
-        return json.dumps(
-            {"users": items}, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-        ).encode("utf-8")
-    except (TypeError, ValueError) as exc:
-        # The exception text names a type or "Out of range float", never the value itself.
-        raise ValueError(f"users cannot be encoded as JSON: {exc}") from None
 
 
 def _parse_error_body(response: httpx.Response) -> tuple[str | None, str | None]:
@@ -545,37 +491,6 @@ def _parse_error_body(response: httpx.Response) -> tuple[str | None, str | None]
                 message = value
                 break
     return error_id, (message.strip() or None) if message else None
-
-
-def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP-date).
-
-    Args:
-        value: the header value, or None.
-        now: the current time, for tests; defaults to the system clock (UTC).
-
-    Returns:
-        Seconds (0.0 for a date in the past), or None when absent or unparseable.
-    """
-    if value is None:
-        return None
-    value = value.strip()
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        pass
-    else:
-        return seconds if math.isfinite(seconds) and seconds >= 0 else None
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    current = now or datetime.now(UTC)
-    return max(0.0, (when - current).total_seconds())
 
 
 def _header_int(value: str | None) -> int | None:

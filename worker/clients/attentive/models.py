@@ -1,4 +1,4 @@
-"""Typed views of Attentive's responses, and an optional model of a bulk user record.
+"""Typed views of Attentive's responses.
 
 Response models ignore unknown fields: the job-status description promises "metadata such as timestamps
 and error messages" that its schema does not list (CONTRACT.md §2), and Attentive may add fields at any
@@ -7,12 +7,12 @@ time. Field names follow the wire format (camelCase) so they read like the contr
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from worker import jsonio
 
 #: Job states after which a job never changes again (CONTRACT.md §2 client policy).
 TERMINAL_STATUSES = frozenset({"COMPLETED", "FAILED", "CANCELLED"})
@@ -138,14 +138,10 @@ class ResultLine:
             The parsed line, or one with ``parse_error`` set.
         """
         try:
-            obj = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            # orjson refuses some lines the stdlib reads (NaN, Infinity): a report on a record is
-            # worth the slower parse, and only such lines pay for it.
-            try:
-                obj = json.loads(line)
-            except (ValueError, RecursionError) as exc:
-                return cls(line_number=line_number, parse_error=f"invalid JSON: {type(exc).__name__}")
+            # Lenient (NaN, Infinity are read): a report on a record is worth the slower parse.
+            obj = jsonio.loads(line)
+        except ValueError as exc:
+            return cls(line_number=line_number, parse_error=f"invalid JSON: {type(exc).__name__}")
         if not isinstance(obj, dict):
             return cls(line_number=line_number, parse_error=f"not a JSON object: {type(obj).__name__}")
         return cls.from_obj(obj, line_number)
@@ -234,73 +230,3 @@ def _message_of(value: Any) -> str | None:
         if isinstance(inner, str) and inner:
             return inner
     return None
-
-
-# --- Request side: an optional typed model of CreateUserAttributesRequestDtoV21 ----------------------
-# The client serializes plain dicts (the mapping layer builds them); these models exist for typing and
-# for tests that want to check a record's shape. They forbid unknown keys, so a typo fails loudly.
-
-
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class CustomIdentifier(_Request):
-    key: str
-    value: str
-
-
-class Identifiers(_Request):
-    email: str | None = None
-    phone: str | None = None
-    shopifyId: str | None = None
-    klaviyoId: str | None = None
-    clientUserId: str | None = Field(default=None, max_length=100)
-    customIdentifiers: list[CustomIdentifier] | None = None
-
-
-class Demographic(_Request):
-    language: str | None = None
-    dateOfBirth: str | None = Field(default=None, pattern=r"^\d{4}-\d{2}-\d{2}$")
-    age: int | None = None
-    organization: str | None = None
-    title: str | None = None
-    website: str | None = None
-
-
-class Location(_Request):
-    address1: str | None = None
-    address2: str | None = None
-    city: str | None = None
-    state: str | None = None
-    zip: str | None = None
-    latitude: str | None = None
-    longitude: str | None = None
-    country: str | None = None
-    region: str | None = None
-    timezone: str | None = None
-
-
-class Locale(_Request):
-    language: str | None = None
-    country: str | None = None
-
-
-class Attributes(_Request):
-    firstName: str | None = None
-    lastName: str | None = None
-    demographic: Demographic | None = None
-    location: Location | None = None
-    locale: Locale | None = None
-    custom: dict[str, str | int | float | bool] | None = None
-
-
-class BulkUser(_Request):
-    """One ``users[]`` item. No ``subscriptions``: membership export never subscribes anyone."""
-
-    identifiers: Identifiers
-    attributes: Attributes | None = None
-
-    def to_wire(self) -> dict[str, Any]:
-        """The dict to pass to :meth:`AttentiveClient.submit_bulk` (None fields omitted, per §1)."""
-        return self.model_dump(exclude_none=True)
