@@ -14,5 +14,5 @@ from worker.runtime import runtime
 def poll(job_id: str, batch_id: int, attempt: int) -> None:
     rt = runtime()
     report = poll_batch(rt, job_id, batch_id, attempt)
-    if not report.done and report.next_in is not None:  # None when parked (worker/parked.py)
+    if not report.done and report.next_in is not None:  # None when parked (worker/pipeline/parked.py)
         rt.dispatch.poll(job_id, batch_id, attempt + 1, report.next_in)

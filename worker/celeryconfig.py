@@ -28,7 +28,7 @@ worker_prefetch_multiplier = 1
 
 # Redis transport: an unacknowledged message comes back after this long. Well above the longest
 # countdown (polls cap at about 72 s), so countdown tasks are not delivered twice. Crash recovery
-# does not wait for it: leases and the sweep re-drive batches within a minute (worker/sweep.py).
+# does not wait for it: leases and the sweep re-drive batches within a minute (worker/pipeline/sweep.py).
 broker_transport_options = {"visibility_timeout": 3600}
 broker_connection_retry_on_startup = True
 

@@ -2,7 +2,7 @@
 
 Run by Celery beat every second or so (one beat per deployment). For every active job it seals
 buffers older than the job's flush interval, gives expired flush leases back to the queue,
-re-drives polls that should have happened, releases parked polls (worker/parked.py), and
+re-drives polls that should have happened, releases parked polls (worker/pipeline/parked.py), and
 dispatches flushes for batches nobody is sending.
 It also re-drives inbox chunks whose ingest task was lost and backfill parts that stopped making
 progress (:func:`worker.backfill.steps.redrive_stalled`). Every step is idempotent; one sweep runs at a
