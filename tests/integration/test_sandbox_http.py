@@ -368,17 +368,26 @@ def test_everything_the_sandbox_accepts_satisfies_the_published_contract(
 def test_requests_log_and_counters_record_what_the_client_did(
     http: httpx.Client, sandbox: SandboxProcess
 ) -> None:
+    started = time.monotonic()
     first = submit(http, [member(1), member(2)])
     second = submit(http, [member(3)])
     log = sandbox.requests()
     assert [(r["seq"], r["batchJobId"], r["users"]) for r in log] == [(1, first, 2), (2, second, 1)]
     assert log[0]["identifiers"][1] == {"phone": "+19148440002", "email": "user2@example.com"}
     job(http, first)
+    took = time.monotonic() - started
     counters = sandbox.counters("test-key")
     assert counters["requests"][f"POST {BULK}"] == {"202": 2}
     assert counters["requests"]["GET /v2/bulk/job/{bulkJobId}"] == {"200": 1}
     assert counters["users_per_request"] == {"1": 1, "2": 1}
-    assert counters["max_requests_per_second"]["budgeted"] == 3
+    # "budgeted" counts both endpoints in one sliding second: at least each one's own peak, at most
+    # the three requests, and all three when they took under a second (as they do unless the
+    # machine stalls; the sandbox counts each between its send and its answer). Bug caught: a
+    # budgeted peak that leaves out the job-status GETs (2) or counts other endpoints.
+    peak = counters["max_requests_per_second"]
+    assert max(peak[f"POST {BULK}"], peak["GET /v2/bulk/job/{bulkJobId}"]) <= peak["budgeted"] <= 3, peak
+    if took < 1.0:
+        assert peak["budgeted"] == 3, peak
 
 
 def test_options_reject_unknown_names_and_reset_restores_startup_values(sandbox: SandboxProcess) -> None:
@@ -396,17 +405,30 @@ def test_options_reject_unknown_names_and_reset_restores_startup_values(sandbox:
 
 
 def test_rate_limit_accepts_100_per_second_per_token(http: httpx.Client, sandbox: SandboxProcess) -> None:
-    """Offer ~300 job-status GETs/s for ~3 s on one token; ~100/s get through, the rest get bare 429s."""
+    """Offer ~300 job-status GETs/s for ~3 s on one token: a full bucket of 100 goes through, then
+    never more than 100/s; the rest get bare 429s.
+
+    Only what holds whatever the machine's speed is asserted here (how many requests a busy machine
+    manages to offer and answer in a given second is not); the exact refill, 100 a second, is
+    checked on a controlled clock in tests/unit/test_sandbox_ratelimit.py.
+    """
     job_id = submit(http, [member(1)])
     host, port = "127.0.0.1", sandbox.port
     request = encode_request("GET", f"/v2/bulk/job/{job_id}", f"{host}:{port}", KEY)
     outcomes = asyncio.run(offer(host, port, request, rate=300, seconds=3.2))
     statuses = Counter(o.status for o in outcomes)
-    assert set(statuses) == {200, 429}, statuses
-    accepted_per_window = Counter(int(o.at) for o in outcomes if o.status == 200)
-    # Window 0 includes the bucket's initial burst of 100; windows 1 and 2 show the sustained rate.
-    for window in (1, 2):
-        assert 90 <= accepted_per_window[window] <= 110, accepted_per_window
+    assert set(statuses) <= {200, 429}, statuses
+    accepted = statuses[200]
+    # The bucket starts full: the first request leaves 99 (the most any answer can show), and the
+    # first 100 all go through. Bug caught: a smaller burst.
+    assert max(int(o.headers["x-ratelimit-remaining"]) for o in outcomes if o.status == 200) == 99
+    assert accepted >= min(len(outcomes), 100), statuses
+    # Every decision fell between the run's start and its last answer, ``span`` seconds on the same
+    # machine's monotonic clock: a bucket of 100 refilled at 100/s cannot grant more than
+    # 100 + 100 * span in that time (+1 for rounding). Bug caught: no limit, or a looser one, on
+    # any machine offering more than the limit (the run offers 300/s, so 429s are certain then).
+    span = max(o.at for o in outcomes)
+    assert accepted <= 100 + 100 * span + 1, (statuses, span)
     for o in outcomes:
         assert o.headers["x-ratelimit-limit"] == "100"
         assert "x-ratelimit-remaining" in o.headers

@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 
 from worker.pipeline import deadletters
 from worker.pipeline.attentive_calls import POLL_GRACE_MS
@@ -23,10 +24,9 @@ from worker.store.ratelimit import RateLimiter
 from .pipeline_kit import KEY_HASH, RATE, Pipeline, emails_of, enter, error, exit_, users
 
 
-@pytest.fixture(params=["fake", "real"])
-def pipe(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Pipeline:
-    client = request.getfixturevalue("fake_redis" if request.param == "fake" else "real_redis")
-    return Pipeline(client, monkeypatch)
+@pytest.fixture
+def pipe(any_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> Pipeline:
+    return Pipeline(any_redis, monkeypatch)
 
 
 @pytest.fixture
@@ -107,7 +107,7 @@ def test_429_releases_batch_penalizes_shared_limiter_and_counts(pipe: Pipeline, 
     assert pipe.buffer(job).sealed_count() == 1
     assert pipe.buffer(job).batch(bid)["state"] == "sealed"
     assert pipe.buffer(job).outstanding_users() == 3  # nothing was lost or freed
-    assert 0 < RateLimiter(pipe.redis, KEY_HASH, RATE).backoff_remaining() <= 0.5  # seen by any worker
+    assert 0 < RateLimiter(pipe.redis, KEY_HASH, RATE).try_acquire() <= 0.5  # seen by any worker
     status = pipe.status(job)
     assert status["responses_429"] == "1"
     assert float(status["rate_limited_seconds"]) == 0.5
@@ -138,7 +138,7 @@ def test_retry_after_seconds_is_the_delay_and_holds_every_worker_off(pipe: Pipel
     report = flush_job(pipe.rt, job.id)
 
     assert report.retry_in == 7.0
-    assert 6.0 < RateLimiter(pipe.redis, KEY_HASH, RATE).backoff_remaining() <= 7.0
+    assert 6.0 < RateLimiter(pipe.redis, KEY_HASH, RATE).try_acquire() <= 7.0
     assert float(pipe.status(job)["rate_limited_seconds"]) == 7.0
 
     # Any flush during the hold sends nothing: no token before the hold ends, batch kept.
@@ -351,16 +351,38 @@ def test_with_batches_queued_behind_a_poll_is_parked_not_queued(pipe: Pipeline) 
 def test_a_send_that_waited_for_its_token_parks_its_poll(
     pipe: Pipeline, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Bug caught: a flush that ignores ``limiter.last_wait`` queues the poll as a task, which would
+    only find no spare token while sends use the whole budget."""
+    from worker.store import ratelimit
+
     job = pipe.create_job()
     bid = pipe.sealed_batch(job, users(2))
-    busy = RateLimiter(pipe.redis, KEY_HASH, 200.0)  # a token every 5 ms
+    interval = 4.0  # one token every 4 s: the wait can only run out on the test's clock below
+    busy = RateLimiter(pipe.redis, KEY_HASH, 1 / interval)
     monkeypatch.setattr(pipe.rt, "limiter_for", lambda job: busy)
-    while busy.try_acquire() == 0.0:  # other senders took the burst
+    while busy.try_acquire() == 0.0:  # other senders took the burst: the next token is 4 s away
         pass
+
+    class LimiterClock:
+        """The limiter's ``time``: sleeping is instant and moves the shared schedule back instead,
+        which to the limiter is that much time passing (on a real Redis too, whose clock we cannot
+        move). Only the moments between the drain above and the flush's first request pass for real,
+        against a 4 s interval (the 5 ms interval used before was lost on a busy machine)."""
+
+        now = 0.0
+
+        def monotonic(self) -> float:
+            return self.now
+
+        def sleep(self, seconds: float) -> None:
+            self.now += seconds
+            pipe.redis.decrby(keys.ratelimit(KEY_HASH), math.ceil(seconds * 1_000_000))
+
+    monkeypatch.setattr(ratelimit, "time", LimiterClock())
 
     assert flush_job(pipe.rt, job.id).submitted == [bid]
 
-    assert busy.last_wait > 0
+    assert 0 < busy.last_wait <= interval  # it did wait for its token
     assert pipe.parked(job) == [(bid, 0)] and pipe.dispatch.polls == []
 
 
