@@ -7,6 +7,7 @@ import logging
 from celery import Celery
 from celery.signals import after_setup_logger, worker_init
 
+from worker import redis_broker
 from worker.settings import SettingsError, load_settings
 
 app = Celery(
@@ -14,6 +15,8 @@ app = Celery(
 )
 # Importing worker.celeryconfig validates every setting (a bad one ends the process with one line).
 app.config_from_object("worker.celeryconfig")
+# Workers survive a Redis restart while holding unacknowledged messages (a celery/kombu 5.7 bug).
+redis_broker.install(app)
 
 
 @worker_init.connect  # type: ignore[untyped-decorator]
