@@ -33,14 +33,16 @@ import contextlib
 import os
 import secrets
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 import redis
 from redis.exceptions import LockError, WatchError
 
+from worker import jsonio
 from worker.clients.lytics import (
     LyticsClient,
     LyticsError,
@@ -48,6 +50,7 @@ from worker.clients.lytics import (
     LyticsRetryable,
 )
 from worker.dispatch import Dispatcher
+from worker.mapping import transitions
 from worker.pipeline.buffer import now_ms
 from worker.pipeline.ingest import ingest_lines
 from worker.setup.jobconfig import JobState
@@ -396,6 +399,10 @@ def redrive_stalled(
 
 
 # --- file backfills ---------------------------------------------------------------------------------------
+#: Why a backfill file line is left out (besides the reasons of ``worker.mapping.transitions``).
+AUDIENCE_NOT_EXPORTED = "audience_not_exported"
+
+
 @dataclass
 class FileReport:
     lines: int = 0
@@ -404,36 +411,59 @@ class FileReport:
     chunks: int = 0
     #: Lines left out (not JSON objects, or transitions for audiences the job does not export).
     skipped: int = 0
+    #: Why lines were left out: reason -> count (every skipped line has one).
+    reasons: Counter[str] = field(default_factory=Counter)
+
+    def skip(self, reason: str) -> None:
+        self.skipped += 1
+        self.reasons[reason] += 1
 
 
 def file_lines(
-    lines: Iterable[str], audiences: Iterable[str], audience: str | None, at_ms: int, report: FileReport
-) -> Iterable[bytes]:
+    lines: Iterable[str | bytes],
+    audiences: Iterable[str],
+    audience: str | None,
+    at_ms: int,
+    report: FileReport,
+) -> Iterator[bytes]:
     """Canonical transition lines from a backfill file.
 
-    Each line is a canonical transition (kept as is, with its own time) or a profile, which becomes
-    an *enter* of ``audience`` at ``at_ms``. Raises :class:`FileBackfillError` for a profile when no
-    audience was given, since guessing would flag users in the wrong audience.
+    Each line is a canonical transition (kept as is, with its own time: ingest checks it and counts
+    it by reason if unusable) or a profile, which becomes an *enter* of ``audience`` at ``at_ms``.
+    A line that is not a JSON object (not UTF-8, not JSON, an array, empty) or a transition for an
+    audience the job does not export is left out and counted in ``report.reasons``; the rest go on.
+    Raises :class:`FileBackfillError` for a profile when no audience was given, since guessing
+    would flag users in the wrong audience; nothing else.
     """
     exported = set(audiences)
+    prefix = b'{"audience":%s,"event":"enter","at":%d,"user":' % (orjson.dumps(audience), int(at_ms))
     for n, raw in enumerate(lines, 1):
-        if not raw.strip():
+        if isinstance(raw, str):
+            try:
+                raw = raw.encode()
+            except UnicodeEncodeError:  # lone surrogates: text that was not UTF-8
+                report.lines += 1
+                report.skip(transitions.NOT_JSON)
+                continue
+        line = raw.strip().removeprefix(b"\xef\xbb\xbf")  # a byte order mark (editors write one)
+        if not line:
             continue
         report.lines += 1
         try:
-            obj = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            report.skipped += 1
+            obj = jsonio.loads(line)  # as ingest reads it: NaN and long integers are read, not refused
+        except (ValueError, RecursionError):  # not JSON, not UTF-8
+            report.skip(transitions.NOT_JSON)
             continue
         if not isinstance(obj, dict) or not obj:
-            report.skipped += 1
+            report.skip(transitions.NOT_AN_OBJECT)
             continue
         if "event" in obj and "audience" in obj:
-            if obj["audience"] not in exported:
-                report.skipped += 1
+            slug = obj["audience"]
+            if not isinstance(slug, str) or slug.strip() not in exported:
+                report.skip(AUDIENCE_NOT_EXPORTED)
                 continue
             report.transitions += 1
-            yield raw.strip().encode()
+            yield line
             continue
         if audience is None:
             raise FileBackfillError(
@@ -441,7 +471,9 @@ def file_lines(
                 "the file's members belong to"
             )
         report.profiles += 1
-        yield orjson.dumps({"audience": audience, "event": "enter", "at": at_ms, "user": obj})
+        # The profile's own text, not a re-encoding: ingest reads exactly what the file holds (orjson
+        # would refuse to write an integer beyond 64 bits or nesting over 255 levels).
+        yield prefix + line + b"}"
 
 
 def enqueue_file(

@@ -20,7 +20,7 @@ from typing import Any
 import redis
 
 from worker.backfill import steps as backfill
-from worker.mapping.transitions import Rejected, parse_line, parse_time_ms
+from worker.mapping.transitions import Rejected, parse_line, read_time_ms
 from worker.observe.status import ingest_status, job_status
 from worker.pipeline import deadletters, inbox
 from worker.settings import Settings, SettingsError, load_settings
@@ -197,7 +197,7 @@ def cmd_preview(args: argparse.Namespace, _settings: Settings) -> None:
 
     config = load_job_config(args.job_file)
     mapper = Mapper(config)
-    with _open_input(args.input) as lines:
+    with _open_input(args.input, binary=True) as lines:  # undecodable bytes: a counted line, not a crash
         for n, line in enumerate(lines, 1):
             if not line.strip():
                 continue
@@ -229,8 +229,10 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> None:
     client = _redis(settings)
     dispatcher = CeleryDispatcher()
     chunks = total = 0
-    batch: list[str] = []
-    with _open_input(args.input) as lines:
+    batch: list[bytes] = []
+    # Raw bytes, not text: a line that is not UTF-8 is that line's problem (counted as not_json by
+    # ingest), not a crash halfway through the file.
+    with _open_input(args.input, binary=True) as lines:
         for line in lines:
             if not line.strip():
                 continue
@@ -265,18 +267,19 @@ def cmd_backfill(args: argparse.Namespace, settings: Settings) -> None:
         )
     at_ms = int(time.time() * 1000)
     if args.at is not None:
-        parsed = parse_time_ms(args.at)
-        if parsed is None:
-            raise UserError(f"--at {args.at!r} is not an ISO-8601 time or epoch number")
+        parsed = read_time_ms(args.at, at_ms)
+        if isinstance(parsed, Rejected):
+            raise UserError(f"--at: {parsed.detail}")
         at_ms = parsed
     report = backfill.FileReport()
     try:
-        with _open_input(args.input) as lines:
+        with _open_input(args.input, binary=True) as lines:
             converted = backfill.file_lines(lines, job.config.audiences, args.audience, at_ms, report)
             backfill.enqueue_file(client, job, converted, report, CeleryDispatcher())
     except backfill.FileBackfillError as exc:
         raise UserError(f"{args.input}: {exc}; nothing was queued") from None
-    skipped = f", {report.skipped} skipped (not a JSON object, or an audience this job does not export)"
+    reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(report.reasons.items()))
+    skipped = f", {report.skipped} skipped ({reasons})"
     print(
         f"queued {report.profiles} profiles and {report.transitions} transitions in {report.chunks} chunks"
         f"{skipped if report.skipped else ''}; follow progress with `attentive-export status {job.id}`"
@@ -284,15 +287,21 @@ def cmd_backfill(args: argparse.Namespace, settings: Settings) -> None:
 
 
 class _open_input:
-    def __init__(self, path: str) -> None:
+    """Lines of a file or of stdin (``-``): text, or raw bytes with ``binary`` (no decoding error)."""
+
+    def __init__(self, path: str, binary: bool = False) -> None:
         self._path = path
+        self._binary = binary
         self._fh: Any = None
 
     def __enter__(self) -> Any:
         if self._path == "-":
-            return sys.stdin
+            return sys.stdin.buffer if self._binary else sys.stdin
         try:
-            self._fh = Path(self._path).open(encoding="utf-8")
+            if self._binary:
+                self._fh = Path(self._path).open("rb")
+            else:
+                self._fh = Path(self._path).open(encoding="utf-8")
         except OSError as exc:
             raise UserError(f"cannot read {self._path}: {exc.strerror}") from None
         return self._fh

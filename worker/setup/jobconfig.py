@@ -521,6 +521,11 @@ def load_job_config(path: str | Path) -> ExportJobConfig:
         raise JobConfigError([f"{path}: not valid JSON: {exc}"]) from None
     except yaml.YAMLError as exc:
         raise JobConfigError([f"{path}: not valid YAML: {exc}".rstrip()]) from None
+    except ValueError as exc:  # a number over 4,300 digits, a YAML date such as 2020-13-45
+        reason = str(exc).split("; use sys.", 1)[0]  # Python's hint is for programmers, not operators
+        raise JobConfigError([f"{path}: cannot read the file: {reason}"]) from None
+    except RecursionError:  # both parsers recurse: nesting deeper than any configuration needs
+        raise JobConfigError([f"{path}: cannot read the file: it is nested too deeply"]) from None
     if data is None:
         raise JobConfigError([f"{path}: the file is empty"])
     return parse_job_config(data)
