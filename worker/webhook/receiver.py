@@ -10,8 +10,9 @@ nothing between requests, so any number of receivers can run behind a load balan
 
 What is refused at the door, and why (invariant 6: a clear answer):
 
-- a body that is not JSON (400, with the line and column), empty (400), too large (413, the limit
-  is ``WEBHOOK_MAX_BYTES``), of another content type (415), or without the shared token (401);
+- a body that is not JSON (400, with the line and column; also nesting beyond the parser's 1,024
+  levels or an integer over 4,300 digits), empty (400), too large (413, the limit is
+  ``WEBHOOK_MAX_BYTES``), of another content type (415), or without the shared token (401);
 - a body in which *no* transition is usable (400, with the reasons): nothing in it could ever reach
   Attentive, so retrying is pointless, and a 400 shows a misconfigured webhook (wrong template,
   wrong fields) in Lytics' delivery log at once instead of only in our counters.
@@ -22,6 +23,9 @@ slug, a bad time, an unknown shape...) are counted by reason by ingest (``attent
 defaults to 400, 401, 403, 404), so refusing a batch for one bad event would drop the good ones with
 it. The door check reuses :func:`worker.mapping.transitions.parse_payload` (cheap: no mapping, no Redis), so
 the door and ingest never disagree on what is usable.
+
+No body gets a 5xx (only Redis being down does): parsing never raises, and a last-resort guard turns
+anything unforeseen into a 400 (``test_fuzz_inputs.py`` fuzzes the receiver to keep it so).
 
 Redelivery is harmless: Lytics retries create another chunk, and ingest drops a transition that is
 not newer than one already accepted for the same user and audience (invariant 3).
@@ -46,6 +50,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+from urllib.parse import quote, quote_plus, unquote_plus
 
 import redis
 from starlette.applications import Starlette
@@ -197,6 +202,14 @@ def _parse_json(text: bytes, where: str, line: int | None = None) -> Any:
             f"{where} is not valid JSON: {exc.msg} at line {position['line']} column {exc.colno}",
             **position,
         ) from None
+    except (ValueError, RecursionError) as exc:
+        # Read by neither parser for another reason: an integer too long to convert (the standard
+        # library's 4,300-digit limit), nesting too deep. A clear 400, never a 500 Lytics would retry.
+        raise BadBody("invalid_json", f"{where} is not valid JSON: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
 
 
 def body_lines(body: bytes, ndjson: bool) -> list[tuple[int, bytes]]:
@@ -301,7 +314,7 @@ class Receiver:
         )
         declared = request.headers.get("content-length")
         if declared is not None:
-            if not declared.isdigit():
+            if not (declared.isascii() and declared.isdigit()):  # isdigit() alone accepts "²"
                 return _error(400, "bad_request", "Content-Length is not a number")
             if int(declared) > self.settings.max_bytes:
                 return too_large
@@ -338,7 +351,16 @@ class Receiver:
     def accept(self, body: bytes, ndjson: bool) -> Accepted:
         """Check, store, dispatch (in a worker thread: JSON parsing and Redis calls block)."""
         lines = body_lines(body, ndjson)
-        usable, unusable, details = check_lines(lines, ndjson, int(time.time() * 1000))
+        try:
+            usable, unusable, details = check_lines(lines, ndjson, int(time.time() * 1000))
+        except BadBody:
+            raise
+        except Exception as exc:
+            # Last resort: parsing never raises for bad input (tested by fuzzing); should it ever,
+            # the sender gets a 400 naming the problem rather than a 500 it would retry forever.
+            # Type only: a traceback or message could quote the body (personal data, invariant 5).
+            log.error("webhook body could not be checked: %s", type(exc).__name__)
+            raise BadBody("unreadable_body", f"the body could not be read ({type(exc).__name__})") from None
         if not usable:
             if not unusable:
                 raise BadBody("no_transitions", "the body holds no transitions (an empty array)")
@@ -393,27 +415,72 @@ async def _read_limited(request: Request, limit: int) -> bytes | None:
 
 
 # --- logging ---------------------------------------------------------------------------------------
-_TOKEN_IN_QUERY = re.compile(rf"([?&]{TOKEN_PARAM}=)[^&\s\"]*", re.IGNORECASE)
+#: A query string in a log line (uvicorn's access log prints the raw one, percent-encoding included).
+_QUERY = re.compile(r"\?[^\s\"]*")
+REDACTED = "***"
+
+
+def _redact_param(param: str, tokens: tuple[str, ...]) -> str:
+    """One ``name=value`` of a query string, its value hidden if it may be a token.
+
+    Names are compared as Starlette reads them (``parse_qsl``: ``+`` and percent-escapes decoded), so
+    ``tok%65n=`` (accepted as ``token``) is hidden like ``token=``. A parameter that mentions a token
+    or holds one of ``tokens``, raw or decoded (repeatedly: ``tok%2565n``), is hidden whole.
+    """
+    name, _eq, _value = param.partition("=")
+    if unquote_plus(name).strip().casefold() == TOKEN_PARAM:
+        return f"{name}={REDACTED}"
+    decoded = [param]
+    while len(decoded) < 5 and unquote_plus(decoded[-1]) != decoded[-1]:  # tok%2565n -> tok%65n -> token
+        decoded.append(unquote_plus(decoded[-1]))
+    if any(TOKEN_PARAM in d.casefold() or any(t in d for t in tokens) for d in decoded):
+        return REDACTED
+    return param
+
+
+def redact_tokens(text: str, tokens: Iterable[str] = ()) -> str:
+    """``text`` without webhook tokens: query values named ``token`` (however encoded) hidden, and
+    any of ``tokens`` (the configured ones) hidden wherever they appear, raw or percent-encoded."""
+    known = tuple(t for t in tokens if t)
+    text = _QUERY.sub(
+        lambda m: "?" + "&".join(_redact_param(p, known) for p in m.group()[1:].split("&")), text
+    )
+    for token in known:
+        for form in {token, quote(token, safe=""), quote_plus(token)}:
+            text = text.replace(form, REDACTED)
+    return text
 
 
 class RedactTokenFilter(logging.Filter):
-    """Hides ``token=`` query values in log lines (uvicorn's access log prints the query string)."""
+    """Hides webhook tokens in log lines (uvicorn's access log prints the query string): every
+    ``token`` query value, and the configured tokens anywhere in the line."""
+
+    def __init__(self, tokens: Iterable[str] = ()) -> None:
+        super().__init__()
+        self.tokens: tuple[str, ...] = tuple(tokens)
+
+    def __repr__(self) -> str:
+        return f"RedactTokenFilter(<{len(self.tokens)} token(s)>)"
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.msg, str):
-            record.msg = _TOKEN_IN_QUERY.sub(r"\1***", record.msg)
+            record.msg = redact_tokens(record.msg, self.tokens)
         if isinstance(record.args, tuple):
             record.args = tuple(
-                _TOKEN_IN_QUERY.sub(r"\1***", a) if isinstance(a, str) else a for a in record.args
+                redact_tokens(a, self.tokens) if isinstance(a, str) else a for a in record.args
             )
         return True
 
 
-def install_log_redaction() -> None:
-    """Attach the filter to uvicorn's access logger once (also when run as ``uvicorn worker.webhook.receiver:app``)."""
+def install_log_redaction(tokens: Iterable[str] = ()) -> None:
+    """Attach the filter to uvicorn's access logger once (also when run as ``uvicorn
+    worker.webhook.receiver:app``); ``tokens`` are added to what it hides."""
     logger = logging.getLogger("uvicorn.access")
-    if not any(isinstance(f, RedactTokenFilter) for f in logger.filters):
-        logger.addFilter(RedactTokenFilter())
+    for existing in logger.filters:
+        if isinstance(existing, RedactTokenFilter):
+            existing.tokens = tuple(dict.fromkeys((*existing.tokens, *tokens)))
+            return
+    logger.addFilter(RedactTokenFilter(tokens))
 
 
 # --- app -------------------------------------------------------------------------------------------
@@ -436,7 +503,7 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
-        install_log_redaction()
+        install_log_redaction(settings.tokens)
         yield
         if owned:
             receiver.redis.close()
@@ -491,7 +558,7 @@ def serve(
 
     settings = WebhookSettings.from_env(env, insecure_no_auth=insecure_no_auth)
     app = create_app(settings)
-    install_log_redaction()
+    install_log_redaction(settings.tokens)
     if settings.require_auth:
         auth = f"{len(settings.tokens)} token(s) from WEBHOOK_TOKEN"
     else:
