@@ -138,6 +138,13 @@ class Settings(BaseSettings):
     )
     #: How long a flush owns a claimed batch before the sweep hands it to another worker.
     lease_seconds: float = Field(60.0, validation_alias="FLUSH_LEASE_SECONDS", ge=1, allow_inf_nan=False)
+    #: After a send whose answer never came (the connection dropped after the request went out),
+    #: Attentive may run a job nobody knows the id of. Its users are held at least this long (or
+    #: twice the longest Attentive job seen for the export job, if longer) before anything newer is
+    #: sent for them, so such a job can never overwrite a newer change (worker.pipeline.flush).
+    uncertain_send_hold_seconds: float = Field(
+        600.0, validation_alias="ATTENTIVE_UNCERTAIN_HOLD_SECONDS", gt=0, allow_inf_nan=False
+    )
     #: How often beat runs the sweep; parked polls are released over one interval (worker.pipeline.parked).
     sweep_interval_seconds: float = Field(
         1.0, validation_alias="SWEEP_INTERVAL_SECONDS", gt=0, le=MAX_SWEEP_INTERVAL_SECONDS

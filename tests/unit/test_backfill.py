@@ -151,7 +151,7 @@ class World:
         records = [] if open_entry is None else entry_records(open_entry)
         waiting = self.redis.hget(keys.waiting(job.id), user)
         for entry in (waiting or b"").decode().splitlines():
-            records.append(json.loads(entry.split("\t", 1)[1]))
+            records.append(json.loads(entry.split("\t")[1]))  # aud<TAB>record<TAB>identifiers
         return records
 
     def counters(self, job: ExportJob) -> dict[str, Any]:

@@ -61,7 +61,8 @@ def test_second_change_same_audience_seals_first_and_waits_for_completion(any_re
     # Other users are not held back.
     buf.ingest([change("c@x.io", "vip", 3)])
     assert buf.seal_now() == [2]
-    assert buf.mark_submitted(first, [{"id": "job-1", "idx": [0, 1]}], poll_deadline_ms=10**13)
+    assert buf.record_accepted(first.batch_id, {"id": "job-1", "idx": [0, 1]})
+    assert buf.mark_submitted(first, poll_deadline_ms=10**13)
     buf.complete(first.batch_id)
     assert buf.waiting_users() == 0
     assert buf.open_size() == 1
@@ -82,7 +83,8 @@ def test_waiting_changes_keep_their_order_across_completions(any_redis: Any) -> 
         b = buf.claim(10_000)
         assert b is not None and b.users == ["a@x.io"]
         seen.append(flags(b.records)[0]["vip"])
-        buf.mark_submitted(b, [{"id": "j", "idx": [0]}], 10**13)
+        buf.record_accepted(b.batch_id, {"id": "j", "idx": [0]})
+        buf.mark_submitted(b, 10**13)
         buf.complete(b.batch_id)
     assert seen == [True, False, True, False]
     assert buf.claim(10_000) is None
@@ -107,8 +109,8 @@ def test_expired_lease_is_requeued_and_completed_batch_deleted(any_redis: Any) -
     again = buf.claim(1_000, now=11_002)
     assert again is not None and again.batch_id == claimed.batch_id
     # The first owner lost its lease: its late report is refused.
-    assert not buf.mark_submitted(claimed, [{"id": "j-old", "idx": [0]}], 10**13)
-    assert buf.mark_submitted(again, [{"id": "j-new", "idx": [0]}], 10**13)
+    assert not buf.mark_submitted(claimed, 10**13)
+    assert buf.mark_submitted(again, 10**13)
     buf.complete(again.batch_id, {"users_delivered": 1})
     assert buf.batch(again.batch_id) == {}
     assert any_redis.exists(keys.batch_entries("j1", again.batch_id)) == 0
@@ -120,10 +122,14 @@ def test_resend_puts_batch_back_first(any_redis: Any) -> None:
     buf.ingest([change("a@x.io", "vip", 1), change("b@x.io", "vip", 1)])
     first = buf.claim(10_000)
     assert first is not None
-    buf.mark_submitted(first, [{"id": "j", "idx": [0]}], 10**13)
+    buf.record_accepted(first.batch_id, {"id": "j", "idx": [0]})
+    buf.mark_submitted(first, 10**13)
+    assert buf.end_job(first.batch_id, "j", "FAILED", failed=True)
+    assert not buf.end_job(first.batch_id, "j", "FAILED", failed=True)  # a twin poll counts nothing twice
     assert buf.resend(first.batch_id, "FAILED")
     again = buf.claim(10_000)
     assert again is not None and again.batch_id == first.batch_id and again.attempts == 1
+    assert again.carried == frozenset()  # the failed job carries nobody: all are sent again
 
 
 def test_merge_records_deep_merges_later_wins() -> None:

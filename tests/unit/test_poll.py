@@ -123,7 +123,9 @@ def test_failed_job_resends_the_batch_then_deadletters_after_max_attempts(pipe: 
         assert pipe.dispatch.flushes[-1] == (job.id, 0.0)
         assert deadletters.read(pipe.redis, job.id) == []
         assert flush_job(pipe.rt, job.id).submitted == [bid]  # the dispatched flush sends it again
-        aj = json.loads(pipe.buffer(job).batch(bid)["attentive_jobs"])[0]["id"]
+        recorded = json.loads(pipe.buffer(job).batch(bid)["attentive_jobs"])
+        assert len(recorded) == attempt + 1  # every job stays recorded until the batch completes
+        aj = recorded[-1]["id"]
 
     assert [emails_of(b) for b in pipe.attentive.bulk_bodies] == [emails] * MAX_SEND_ATTEMPTS
     pipe.attentive.statuses[aj] = ["FAILED"]
@@ -133,7 +135,7 @@ def test_failed_job_resends_the_batch_then_deadletters_after_max_attempts(pipe: 
     dead = deadletters.read(pipe.redis, job.id)
     assert sorted(d["user"] for d in dead) == emails
     assert all(
-        d["reason"] == f"Attentive job {aj} ended FAILED; gave up after {MAX_SEND_ATTEMPTS} sends"
+        d["reason"] == f"Attentive job {aj} ended FAILED; gave up after {MAX_SEND_ATTEMPTS} failed sends"
         for d in dead
     )
     assert pipe.redis.exists(keys.batch(job.id, bid)) == 0

@@ -95,7 +95,7 @@ def test_expired_lease_puts_the_batch_back_and_dispatches_a_flush(pipe: Pipeline
     assert buffer.batch(bid)["state"] == "sealed" and buffer.sealed_count() == 1
     assert pipe.status(job)["leases_expired"] == "1"
     # The dead owner cannot complete its submit any more; the dispatched flush sends the batch.
-    assert not buffer.mark_submitted(crashed, [{"id": "zombie", "idx": [0, 1]}], clock.ms + 10_000)
+    assert not buffer.mark_submitted(crashed, clock.ms + 10_000)
     assert flush_job(pipe.rt, job.id).submitted == [bid]
     assert emails_of(pipe.attentive.bulk_bodies[0]) == users(2)
 

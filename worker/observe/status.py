@@ -24,6 +24,7 @@ COUNTERS = (
     "merged",
     "queued_behind_unfinished",
     "batches_sealed",
+    "sealed_for_shared_identifier",
     "batches_submitted",
     "batches_completed",
     "batches_resent",

@@ -22,31 +22,37 @@ log = logging.getLogger(__name__)
 TOKEN_WAIT_SECONDS = 5.0
 #: Grace after a poll's due time before the sweep re-drives it (its task was lost).
 POLL_GRACE_MS = 120_000
-#: After a 429 without Retry-After: a full-jitter hold from up to half a second, doubling with each
-#: 429 in a row, up to 30 s.
-RATE_LIMITED_FIRST_SECONDS = 0.5
+#: After a 429 without Retry-After, by the key's 429s in a row across all workers (reset by any
+#: success): the first is taken as noise (Attentive or a proxy shedding one request; no hold, the
+#: request just goes again with its own token), the second holds every worker off up to 0.1 s
+#: (full jitter), each further one doubles that, up to 30 s. A hold of half a second per 429 froze the
+#: key for good under 20-30% random 429s; a genuine limit answers 429 to a run of requests and still
+#: reaches the 30 s hold after about ten.
+RATE_LIMITED_FIRST_SECONDS = 0.1
 RATE_LIMITED_CAP_SECONDS = 30.0
 
 
-def hold_off_after_429(
-    rt: Runtime, limiter: RateLimiter, job_id: str, attempt: int, exc: RateLimited
-) -> float:
-    """Hold every worker sharing the key off after a 429 (invariant 4) and count it.
+def hold_off_after_429(rt: Runtime, limiter: RateLimiter, job_id: str, exc: RateLimited) -> float:
+    """Count a 429 for the key and hold every worker sharing it off as its streak says (invariant 4).
 
-    Returns the hold in seconds: Attentive's Retry-After, else a back-off for retry ``attempt``
-    (0-based: the flush's 429s in a row before this one, the poll's attempt number).
+    Returns the seconds until the refused request may go again: Attentive's Retry-After when given,
+    else the hold for the key's streak (at least one token interval).
     """
-    delay = backoff(
-        attempt,
-        first=RATE_LIMITED_FIRST_SECONDS,
-        cap=RATE_LIMITED_CAP_SECONDS,
-        retry_after=exc.retry_after,
-    )
-    limiter.penalize(delay)
+    streak = limiter.note_429()
+    if exc.retry_after is not None or streak > 1:
+        delay = backoff(
+            max(0, streak - 2),
+            first=RATE_LIMITED_FIRST_SECONDS,
+            cap=RATE_LIMITED_CAP_SECONDS,
+            retry_after=exc.retry_after,
+        )
+        limiter.penalize(delay)
+    else:
+        delay = 0.0
     status_key = keys.job_status(job_id)
     rt.redis.hincrby(status_key, "responses_429", 1)
     rt.redis.hincrbyfloat(status_key, "rate_limited_seconds", delay)
-    return delay
+    return max(delay, 1.0 / limiter.rate_per_second)
 
 
 def pause_for_auth_error(rt: Runtime, job: ExportJob, exc: AttentiveError) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +33,9 @@ class Change:
     audience: str
     at_ms: int
     record_json: str | bytes
+    #: The record's identifiers as :func:`identifier_list` writes them: two users carrying one of the
+    #: same never share a request. Empty: none compared.
+    identifiers: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +45,28 @@ class IngestOutcome:
     queued: int
     stale: int
     sealed: list[int]
+    #: Open batches sealed early because a user carried an identifier another user of it carried.
+    sealed_for_shared_identifier: int = 0
+
+
+def identifier_list(identifiers: Mapping[str, Any]) -> str:
+    """A record's identifiers as the buffer compares them: ``type:value`` strings joined by tabs.
+
+    ``{"email": "a@x.io", "customIdentifiers": [{"key": "loyalty", "value": "7"}]}`` gives
+    ``"email:a@x.io\tcustom:loyalty:7"``. Values come normalised from the mapping (emails lowercased,
+    phones E.164). A tab or newline in a value (buffer.lua keeps a held change's identifiers on one
+    line) becomes a space: at worst two odd values compare equal and a batch is sealed needlessly.
+    """
+    parts = []
+    for name, value in identifiers.items():
+        if name == "customIdentifiers":
+            parts += [f"custom:{item['key']}:{item['value']}" for item in value]
+        else:
+            parts.append(f"{name}:{value}")
+    joined = "\t".join(parts)
+    if "\n" in joined or joined.count("\t") >= len(parts):  # a stray tab or newline in a value
+        joined = "\t".join(p.replace("\t", " ").replace("\n", " ") for p in parts)
+    return joined
 
 
 class BatchDataMissing(LookupError):
@@ -67,6 +92,9 @@ class ClaimedBatch:
     settled: frozenset[int] = frozenset()
     #: Sealed batches of the job still queued behind this one when it was claimed.
     queued_behind: int = 0
+    #: Indices of users carried by Attentive jobs of an earlier send that are still unfinished: this
+    #: send leaves them out, the poll follows those jobs.
+    carried: frozenset[int] = frozenset()
 
     @property
     def records(self) -> list[list[dict[str, Any]]]:
@@ -93,6 +121,7 @@ class JobBuffer:
             keys.job_status(job_id),
             keys.leases(job_id),
             keys.polls(job_id),
+            keys.open_identifiers(job_id),
         ]
         self._batch_prefix = keys.batch(job_id, "")
 
@@ -102,14 +131,18 @@ class JobBuffer:
 
     # --- ingest side ----------------------------------------------------------------------------
     def ingest(self, changes: Sequence[Change], now: int | None = None) -> IngestOutcome:
-        """Add changes atomically: stale ones dropped, conflicts sealed first, busy users queued."""
+        """Add changes atomically: stale ones dropped, conflicts (a user's second change for an
+        audience, or an identifier another user of the open batch carries) sealed first, busy users
+        queued."""
         if not changes:
             return IngestOutcome(0, 0, 0, 0, [])
         args: list[Any] = []
         for c in changes:
-            args += [c.user_key, c.audience, c.at_ms, c.record_json]
-        accepted, merged, queued, stale, sealed = self._run("ingest", *args, now=now)
-        return IngestOutcome(int(accepted), int(merged), int(queued), int(stale), [int(b) for b in sealed])
+            args += [c.user_key, c.audience, c.at_ms, c.record_json, c.identifiers]
+        accepted, merged, queued, stale, sealed, shared = self._run("ingest", *args, now=now)
+        return IngestOutcome(
+            int(accepted), int(merged), int(queued), int(stale), [int(b) for b in sealed], int(shared)
+        )
 
     def seal_due(self, interval_ms: int, now: int | None = None) -> list[int]:
         """Seal the open batch if its oldest entry has waited ``interval_ms``; returns sealed ids."""
@@ -125,7 +158,7 @@ class JobBuffer:
         got = self._run("claim", token, lease_ms, now=now)
         if got is None:
             return None
-        raw_bid, users_json, attempts, settled, left = got
+        raw_bid, users_json, attempts, settled, left, carried = got
         bid = int(raw_bid)
         users: list[str] = orjson.loads(users_json)
         try:
@@ -137,28 +170,47 @@ class JobBuffer:
             self._run("release", bid, token)
             raise
         return ClaimedBatch(
-            bid, users, entries, int(attempts or 0), token, frozenset(orjson.loads(settled)), int(left)
+            bid,
+            users,
+            entries,
+            int(attempts or 0),
+            token,
+            frozenset(orjson.loads(settled)),
+            int(left),
+            frozenset(orjson.loads(carried)),
         )
 
     def release(self, batch: ClaimedBatch) -> bool:
         """Give a claimed batch back, unsent, to the front of the queue."""
         return bool(self._run("release", batch.batch_id, batch.token))
 
+    def record_accepted(self, batch_id: int, job: dict[str, Any]) -> bool:
+        """Record one request Attentive accepted (``{"id", "idx"}``), or may have (an ``unknown:`` id
+        with ``until``), the moment it happens: the batch completes only once it has finished.
+
+        Whoever owns the batch: a job Attentive runs must be polled however this send ends. False
+        only when the batch is gone (completed), which a live send cannot see.
+        """
+        return bool(self._run("accepted", batch_id, json.dumps(job, separators=(",", ":"))))
+
+    def end_job(self, batch_id: int, job_id: str, reason: str, *, failed: bool = False) -> bool:
+        """Mark one recorded job finished without delivering; ``failed`` counts it toward the batch's
+        failed sends. True only for the first call per job (twin polls count nothing twice)."""
+        return bool(self._run("ended", batch_id, job_id, reason, "1" if failed else "0"))
+
     def mark_submitted(
         self,
         batch: ClaimedBatch,
-        attentive_jobs: list[dict[str, Any]],
         poll_deadline_ms: int,
         settled: Iterable[int] = (),
     ) -> bool:
-        """Record the Attentive job ids and the users now settled for good (refused and
-        dead-lettered); False if the lease was lost meanwhile (whoever claims it next re-sends it)."""
+        """Hand the batch to the poll (its jobs were recorded by :meth:`record_accepted`) with the users
+        now settled for good (refused and dead-lettered); False if the lease was lost meanwhile."""
         return bool(
             self._run(
                 "submitted",
                 batch.batch_id,
                 batch.token,
-                json.dumps(attentive_jobs),
                 poll_deadline_ms,
                 json.dumps(sorted(batch.settled.union(settled))),
             )
@@ -169,7 +221,8 @@ class JobBuffer:
         self._run("poll_due", batch_id, deadline_ms)
 
     def resend(self, batch_id: int, reason: str) -> bool:
-        """Put a submitted batch back at the front of the queue (Attentive failed or lost its job)."""
+        """Put a submitted batch whose jobs have all finished, with users still open, back at the front
+        of the queue (a job failed or was lost, a send's answer never came, a split stopped half way)."""
         return bool(self._run("resend", batch_id, reason))
 
     def complete(self, batch_id: int, counters: dict[str, int] | None = None) -> list[int]:

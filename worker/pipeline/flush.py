@@ -8,8 +8,9 @@ are dead-lettered (400). See DESIGN.md §4.
 from __future__ import annotations
 
 import logging
+import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,7 @@ from worker.clients.attentive import (
     Forbidden,
     InvalidRequest,
     RateLimited,
+    TransportError,
     Unauthorized,
 )
 from worker.pipeline import deadletters, parked
@@ -153,61 +155,102 @@ def _flush_batch(
 ) -> bool | float | str:
     """True if submitted, a float to retry after that many seconds, a str pause reason.
 
-    Appends how long each POST took to ``post_seconds``."""
+    Appends how long each POST took to ``post_seconds``. Whatever Attentive accepted (or may have)
+    is recorded on the batch as it happens (:meth:`JobBuffer.record_accepted`); once anything
+    happened the batch goes to the poll, which follows every recorded job and sends the users still
+    open again only after all of them finished (invariant 2 across Attentive's asynchronous jobs).
+    Only a send that achieved nothing is released back to the queue.
+    """
     status_key = keys.job_status(job.id)
-    to_send = [i for i in range(len(batch.users)) if i not in batch.settled]
-    if not to_send:  # a re-send whose users were all finished in earlier sends
-        buffer.complete(batch.batch_id, {"batches_completed": 1})
+    to_send = [i for i in range(len(batch.users)) if i not in batch.settled and i not in batch.carried]
+    if not to_send:
+        if batch.carried:  # an earlier send's jobs still carry the rest: follow them
+            return _hand_to_poll(rt, job, buffer, batch, {}, saturated=False)
+        buffer.complete(batch.batch_id, {"batches_completed": 1})  # all finished in earlier sends
         return False
     try:
         client = rt.client_for(job)
         limiter = rt.limiter_for(job)
-        encoded = {i: entry_json(batch.entries[i]) for i in to_send}
-        submissions, refused = _submit_isolating(client, limiter, encoded, to_send, post_seconds)
-    except (Unauthorized, Forbidden) as exc:
-        buffer.release(batch)
-        return pause_for_auth_error(rt, job, exc)
-    except NoToken as exc:
-        buffer.release(batch)
-        return exc.wait
-    except RateLimited as exc:
-        buffer.release(batch)
-        streak = int(rt.redis.hincrby(status_key, "consecutive_429", 1))
-        return hold_off_after_429(rt, limiter, job.id, streak - 1, exc)
-    except AttentiveError as exc:  # 5xx, timeouts, dropped connections, odd responses
-        buffer.release(batch)
-        streak = int(rt.redis.hincrby(status_key, "consecutive_errors", 1))
-        rt.redis.hset(status_key, "last_error", f"{type(exc).__name__}: {exc.message}")
-        return backoff(streak - 1, first=ERROR_RETRY_FIRST_SECONDS, cap=ERROR_RETRY_CAP_SECONDS)
-    except Exception:
+    except BaseException:
         buffer.release(batch)
         raise
-
-    if refused:
+    encoded = {i: entry_json(batch.entries[i]) for i in to_send}
+    hold_until = now_ms() + _uncertain_hold_ms(rt, job.id)
+    sent = _submit_isolating(
+        client,
+        limiter,
+        encoded,
+        to_send,
+        post_seconds,
+        record=lambda sub: buffer.record_accepted(batch.batch_id, sub),
+        uncertain_until_ms=hold_until,
+    )
+    if sent.refused:
         deadletters.record(
             rt.redis,
             job.id,
             batch.batch_id,
             (
                 (batch.users[i], f"attentive_400: {msg}", entry_record(batch.entries[i]))
-                for i, msg in refused.items()
+                for i, msg in sent.refused.items()
             ),
         )
-    if not submissions:  # every user was refused: nothing to poll
-        rt.redis.hset(status_key, mapping={"consecutive_429": 0, "consecutive_errors": 0})
-        buffer.complete(batch.batch_id, {"batches_completed": 1})
-        return False
-    jobs = [{"id": job_id, "idx": idx} for job_id, idx in submissions]
+    exc = sent.error
+    if exc is None:
+        if not sent.accepted and not batch.carried:  # every user was refused: nothing to poll
+            rt.redis.hset(status_key, mapping={"consecutive_429": 0, "consecutive_errors": 0})
+            buffer.complete(batch.batch_id, {"batches_completed": 1})
+            return False
+        saturated = bool(batch.queued_behind) or limiter.last_wait > 0
+        return _hand_to_poll(rt, job, buffer, batch, sent.refused, saturated)
+    if sent.accepted or sent.refused:
+        # A split stopped half way: what Attentive accepted is polled; the rest goes again after.
+        _hand_to_poll(rt, job, buffer, batch, sent.refused, saturated=True)
+        rt.redis.hincrby(status_key, "sends_interrupted", 1)
+    else:
+        buffer.release(batch)  # an "unknown:" send stays recorded: its users are held until it ends
+    if sent.uncertain:
+        rt.redis.hincrby(status_key, "sends_uncertain", 1)
+        log.warning(
+            "job %s batch %s: no answer to a send that may have reached Attentive; its %d users are "
+            "held until %d ms",
+            job.id,
+            batch.batch_id,
+            len(sent.uncertain),
+            hold_until,
+        )
+    if isinstance(exc, Unauthorized | Forbidden):
+        return pause_for_auth_error(rt, job, exc)
+    if isinstance(exc, NoToken):
+        return exc.wait
+    if isinstance(exc, RateLimited):
+        rt.redis.hincrby(status_key, "consecutive_429", 1)
+        return hold_off_after_429(rt, limiter, job.id, exc)
+    if isinstance(exc, AttentiveError):  # 5xx, timeouts, dropped connections, odd responses
+        streak = int(rt.redis.hincrby(status_key, "consecutive_errors", 1))
+        rt.redis.hset(status_key, "last_error", f"{type(exc).__name__}: {exc.message}")
+        return backoff(streak - 1, first=ERROR_RETRY_FIRST_SECONDS, cap=ERROR_RETRY_CAP_SECONDS)
+    raise exc
+
+
+def _hand_to_poll(
+    rt: Runtime,
+    job: ExportJob,
+    buffer: JobBuffer,
+    batch: ClaimedBatch,
+    refused: Mapping[int, str],
+    saturated: bool,
+) -> bool:
+    """Mark the batch submitted and schedule (or park) its first poll; False if the lease was lost."""
     # Polls share the request budget with sends. With batches queued behind this one, or a token
     # we had to wait for, sends are using all of it: the poll is parked in Redis until the sweep
     # sees spare budget (worker.pipeline.parked), instead of a broker task that would find none.
-    saturated = bool(batch.queued_behind) or limiter.last_wait > 0
     first_poll = rt.settings.first_poll_seconds
     due = now_ms() + int(first_poll * 1000)
     deadline = due + (POLL_YIELDS_MS if saturated else 0) + POLL_GRACE_MS
-    if not buffer.mark_submitted(batch, jobs, deadline, settled=refused):
-        # Our lease ran out and the batch went back to the queue: it will be sent again (an upsert,
-        # harmless) and polled by whoever sends it.
+    if not buffer.mark_submitted(batch, deadline, settled=refused):
+        # Our lease ran out: the sweep re-queued the batch, or handed it to the poll if Attentive had
+        # accepted part of it. Either way its recorded jobs are followed by whoever has it now.
         log.warning("job %s batch %s: lease lost during submit", job.id, batch.batch_id)
         return False
     if saturated:
@@ -217,37 +260,72 @@ def _flush_batch(
     return True
 
 
+def _uncertain_hold_ms(rt: Runtime, job_id: str) -> int:
+    """How long users of a send whose answer never came are held: the configured floor, or twice the
+    longest Attentive job seen for this export job (recorded by the poll), whichever is longer."""
+    longest = int(rt.redis.hget(keys.job_status(job_id), "longest_attentive_job_ms") or 0)
+    return max(int(rt.settings.uncertain_send_hold_seconds * 1000), 2 * longest)
+
+
+@dataclass
+class _Sent:
+    """What one send of a batch achieved before it ended, and the error that ended it (if any)."""
+
+    #: User indices of each request Attentive accepted (each recorded on the batch already).
+    accepted: list[list[int]] = field(default_factory=list)
+    #: Users Attentive refused (400), with its message.
+    refused: dict[int, str] = field(default_factory=dict)
+    #: Users of a request whose answer never came (recorded as an "unknown:" job).
+    uncertain: list[int] = field(default_factory=list)
+    error: BaseException | None = None
+
+
 def _submit_isolating(
     client: Any,
     limiter: RateLimiter,
     users: Mapping[int, bytes],
     indices: list[int],
     post_seconds: list[float],
-) -> tuple[list[tuple[str, list[int]]], dict[int, str]]:
+    record: Callable[[dict[str, Any]], bool],
+    uncertain_until_ms: int,
+) -> _Sent:
     """POST ``users[i] for i in indices`` (JSON records); on a 400 split in halves until refused users
     are isolated.
 
-    Returns (Attentive job id, indices of the users it carries) per accepted request, and the
-    refused users' indices with Attentive's message. Other errors propagate.
+    Each accepted request is recorded with ``record`` before the next one goes out, so nothing that
+    happens later (a 429 in the other half, a crash) can lose an Attentive job id. A request whose
+    answer never came although it may have reached Attentive is recorded as an ``unknown:`` job held
+    until ``uncertain_until_ms``. The first other error ends the send and is returned, not raised.
     """
-    submissions: list[tuple[str, list[int]]] = []
-    refused: dict[int, str] = {}
+    sent = _Sent()
     pending: list[list[int]] = [indices]
-    while pending:
-        idx = pending.pop()
-        if not limiter.acquire(TOKEN_WAIT_SECONDS):
-            raise NoToken(limiter.next_wait)
-        started = time.monotonic()
-        try:
-            job_id = client.submit_bulk_json([users[i] for i in idx])
-        except InvalidRequest as exc:
+    try:
+        while pending:
+            idx = pending.pop()
+            if not limiter.acquire(TOKEN_WAIT_SECONDS):
+                raise NoToken(limiter.next_wait)
+            started = time.monotonic()
+            try:
+                job_id = client.submit_bulk_json([users[i] for i in idx])
+            except InvalidRequest as exc:
+                post_seconds.append(time.monotonic() - started)
+                if len(idx) == 1:
+                    sent.refused[idx[0]] = exc.attentive_message or exc.message
+                else:
+                    half = len(idx) // 2
+                    pending += [idx[half:], idx[:half]]
+                continue
+            except TransportError as exc:
+                post_seconds.append(time.monotonic() - started)
+                if exc.may_have_reached_server:
+                    unknown = f"unknown:{secrets.token_hex(8)}"
+                    record({"id": unknown, "idx": idx, "until": uncertain_until_ms})
+                    sent.uncertain += idx
+                raise
             post_seconds.append(time.monotonic() - started)
-            if len(idx) == 1:
-                refused[idx[0]] = exc.attentive_message or exc.message
-            else:
-                half = len(idx) // 2
-                pending += [idx[half:], idx[:half]]
-            continue
-        post_seconds.append(time.monotonic() - started)
-        submissions.append((job_id, idx))
-    return submissions, refused
+            record({"id": job_id, "idx": idx})
+            sent.accepted.append(idx)
+            limiter.note_success()
+    except Exception as exc:  # returned: the caller decides, knowing what was accepted before it
+        sent.error = exc
+    return sent

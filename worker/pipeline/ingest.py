@@ -2,10 +2,15 @@
 
 One call handles one inbox chunk. It is safe to run twice on the same chunk (a redelivered task):
 the buffer drops a transition whose event time is not newer than one already accepted.
+
+Bad input never fails a chunk: a line or transition that cannot be used is counted by reason
+(``ingest`` in ``attentive-export status``) and the rest of the chunk goes on. Only infrastructure
+errors (Redis unreachable) raise, so the task is retried and nothing accepted is lost.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -15,11 +20,14 @@ import orjson
 import redis
 
 from worker.mapping.mapper import compiled_mapper
+from worker.mapping.reasons import MAPPING_ERROR
 from worker.mapping.transitions import Rejected, Transition, parse_line
 from worker.pipeline import inbox
-from worker.pipeline.buffer import Change, JobBuffer
+from worker.pipeline.buffer import Change, JobBuffer, identifier_list
 from worker.setup.jobs import JobStore
 from worker.store import keys
+
+log = logging.getLogger(__name__)
 
 #: Transitions per buffer script call: keeps each atomic step short so Redis stays responsive.
 SCRIPT_CHUNK = 512
@@ -51,7 +59,17 @@ def ingest_lines(client: redis.Redis, jobs: JobStore, lines: Iterable[str | byte
             if isinstance(item, Rejected):
                 report.rejected[item.reason] += 1
                 continue
-            routed = _route(jobs, item, per_job, skips, drops)
+            try:
+                routed = _route(jobs, item, per_job, skips, drops)
+            except redis.RedisError:
+                raise  # infrastructure: the task fails and the chunk is retried
+            except Exception as exc:
+                # Last resort (mapping has its own guard): one transition that cannot be used must
+                # not fail the task, or the whole chunk would be re-driven forever and its good
+                # lines never arrive (DESIGN.md invariant 6). Counted; the type only, no profile data.
+                log.error("ingest: a transition could not be routed: %s", type(exc).__name__)
+                report.rejected[MAPPING_ERROR] += 1
+                continue
             if not routed:
                 report.unroutable += 1
     _write_counters(client, report, skips, drops)
@@ -89,7 +107,8 @@ def _route(
             # the same identifier (counted, so an operator can fix the producer or the key field).
             user_key = fallback_user_key(result.record)
             drops[job.id][USER_KEY_FALLBACK] += 1
-        per_job[job.id].append(Change(user_key, t.audience, t.at_ms, orjson.dumps(result.record)))
+        record, ids = result.record, identifier_list(result.record["identifiers"])
+        per_job[job.id].append(Change(user_key, t.audience, t.at_ms, orjson.dumps(record), ids))
     return bool(targets)
 
 

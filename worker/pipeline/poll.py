@@ -51,7 +51,7 @@ class PollReport:
 
 
 def poll_batch(rt: Runtime, job_id: str, batch_id: int, attempt: int) -> PollReport:
-    """Check the batch's Attentive jobs once and settle the batch if they have all finished."""
+    """Check the batch's unfinished Attentive jobs once; settle the batch once all have finished."""
     job = rt.jobs.cached(job_id)
     if job is None or not job.sending:
         return PollReport(done=True)  # paused/stopped: the sweep re-drives the poll after resume
@@ -61,13 +61,15 @@ def poll_batch(rt: Runtime, job_id: str, batch_id: int, attempt: int) -> PollRep
         return PollReport(done=True)  # settled by a twin poll, or re-queued for sending
     status_key = keys.job_status(job_id)
     first, cap = rt.settings.first_poll_seconds, rt.settings.poll_cap_seconds
-    sub_jobs: list[dict[str, Any]] = json.loads(batch["attentive_jobs"])
     statuses: list[str] = []
     try:
         client = rt.client_for(job)
         limiter = rt.limiter_for(job)
-        for sub in sub_jobs:
-            if f"done:{sub['id']}" in batch:
+        for sub in _unfinished(batch):
+            if sub["id"].startswith(UNKNOWN_PREFIX):
+                # A send whose answer never came: nothing to ask Attentive, only a hold to sit out.
+                if now_ms() >= int(sub.get("until") or 0):
+                    buffer.end_job(batch_id, sub["id"], "no answer to the send; its hold has passed")
                 continue
             age_ms = now_ms() - int(batch.get("submitted_at") or 0)
             if age_ms < POLL_YIELDS_MS:
@@ -85,9 +87,11 @@ def poll_batch(rt: Runtime, job_id: str, batch_id: int, attempt: int) -> PollRep
             try:
                 st = client.job_status(sub["id"])
             except NotFound:
-                return _failed(
-                    rt, job, buffer, batch_id, batch, f"Attentive has no job {sub['id']} (404): lost"
+                _job_failed(
+                    rt, buffer, batch_id, job_id, sub["id"], f"Attentive has no job {sub['id']} (404): lost"
                 )
+                continue
+            limiter.note_success()
             state = st.normalized_status
             statuses.append(state)
             # Every status, terminal ones too: status must not keep showing IN_PROGRESS/NEEDS_REVIEW
@@ -95,8 +99,11 @@ def poll_batch(rt: Runtime, job_id: str, batch_id: int, attempt: int) -> PollRep
             rt.redis.hset(status_key, "last_attentive_status", state)
             if state == "COMPLETED":
                 _settle_results(rt, job, buffer, batch_id, batch, sub, client, st.url)
+                _note_job_time(rt, job_id, batch)
             elif state in ("FAILED", "CANCELLED"):
-                return _failed(rt, job, buffer, batch_id, batch, f"Attentive job {sub['id']} ended {state}")
+                _job_failed(
+                    rt, buffer, batch_id, job_id, sub["id"], f"Attentive job {sub['id']} ended {state}"
+                )
             elif not st.is_known_status or state == "NEEDS_REVIEW":
                 rt.redis.hincrby(status_key, f"polls_{state.lower()[:32]}", 1)
                 log.warning("job %s batch %s: Attentive job status %s", job_id, batch_id, state)
@@ -104,22 +111,84 @@ def poll_batch(rt: Runtime, job_id: str, batch_id: int, attempt: int) -> PollRep
         pause_for_auth_error(rt, job, exc)
         return PollReport(done=True)
     except RateLimited as exc:
-        return _again(buffer, batch_id, hold_off_after_429(rt, rt.limiter_for(job), job_id, attempt, exc))
+        return _again(buffer, batch_id, hold_off_after_429(rt, rt.limiter_for(job), job_id, exc))
     except AttentiveError as exc:
         rt.redis.hset(status_key, "last_error", f"poll: {type(exc).__name__}: {exc.message}")
         return _again(buffer, batch_id, backoff(attempt, first=first, cap=cap, jitter=POLL_JITTER))
 
+    # Read again: a send that outlived its lease may have recorded one more job meanwhile.
     fresh = buffer.batch(batch_id)
-    if any(f"done:{sub['id']}" not in fresh for sub in sub_jobs):
+    if fresh.get("state") != "submitted":
+        return PollReport(done=True, statuses=tuple(statuses))  # a twin poll settled it
+    if _unfinished(fresh):
         delay = backoff(attempt, first=first, cap=cap, jitter=POLL_JITTER)
         return _again(buffer, batch_id, delay, tuple(statuses))
-    # Summed over every send of the batch: a re-send carries only the users earlier sends left open.
-    delivered = sum(int(v) for k, v in fresh.items() if k.startswith("done:"))
-    refused = sum(int(v) for k, v in fresh.items() if k.startswith("failed:"))
-    buffer.complete(
-        batch_id, {"batches_completed": 1, "users_delivered": delivered, "record_failures": refused}
+    return _finish(rt, job, buffer, batch_id, fresh, tuple(statuses))
+
+
+#: Id prefix of a recorded send whose answer never came (worker.pipeline.flush).
+UNKNOWN_PREFIX = "unknown:"
+
+
+def _unfinished(batch: dict[str, str]) -> list[dict[str, Any]]:
+    """The batch's recorded Attentive jobs that have neither completed nor ended."""
+    subs: list[dict[str, Any]] = json.loads(batch.get("attentive_jobs") or "[]")
+    return [s for s in subs if f"done:{s['id']}" not in batch and f"ended:{s['id']}" not in batch]
+
+
+def _finish(
+    rt: Runtime,
+    job: ExportJob,
+    buffer: JobBuffer,
+    batch_id: int,
+    batch: dict[str, str],
+    statuses: tuple[str, ...],
+) -> PollReport:
+    """Every recorded job has finished: complete the batch, or send its open users again (a job
+    failed or was lost, a send's answer never came, a split stopped half way), or give them up
+    after :data:`MAX_SEND_ATTEMPTS` failed jobs."""
+    users: list[str] = json.loads(batch["users"])
+    settled = set(json.loads(batch.get("settled") or "[]"))
+    open_users = [u for i, u in enumerate(users) if i not in settled]
+    if not open_users:
+        # Summed over every send of the batch: a re-send carries only the users earlier sends left open.
+        delivered = sum(int(v) for k, v in batch.items() if k.startswith("done:"))
+        refused = sum(int(v) for k, v in batch.items() if k.startswith("failed:"))
+        buffer.complete(
+            batch_id, {"batches_completed": 1, "users_delivered": delivered, "record_failures": refused}
+        )
+        return PollReport(done=True, statuses=statuses)
+    attempts = int(batch.get("attempts") or 0)
+    reason = batch.get("last_error") or "users left open by an earlier send"
+    if attempts < MAX_SEND_ATTEMPTS:
+        if buffer.resend(batch_id, reason):
+            rt.dispatch.flush(job.id)
+        return PollReport(done=True, statuses=statuses)
+    try:
+        records = buffer.records_for(batch_id, open_users)
+    except LookupError:
+        return PollReport(done=True)  # completed meanwhile by a twin poll: nothing left to give up on
+    why = f"{reason}; gave up after {attempts} failed sends"
+    deadletters.record(
+        rt.redis, job.id, batch_id, ((u, why, rec) for u, rec in zip(open_users, records, strict=True))
     )
-    return PollReport(done=True, statuses=tuple(statuses))
+    buffer.complete(batch_id, {"batches_deadlettered": 1})
+    return PollReport(done=True, statuses=statuses)
+
+
+def _job_failed(rt: Runtime, buffer: JobBuffer, batch_id: int, job_id: str, sub_id: str, reason: str) -> None:
+    """An Attentive job ended without delivering (FAILED, CANCELLED, 404): counts as a failed send once."""
+    if buffer.end_job(batch_id, sub_id, reason, failed=True):
+        rt.redis.hset(keys.job_status(job_id), "last_error", reason)
+
+
+def _note_job_time(rt: Runtime, job_id: str, batch: dict[str, str]) -> None:
+    """Keep the longest time an Attentive job took (from its batch's submission): it sizes the hold
+    after a send whose answer never came (worker.pipeline.flush)."""
+    took = now_ms() - int(batch.get("submitted_at") or now_ms())
+    key = keys.job_status(job_id)
+    if took > int(rt.redis.hget(key, "longest_attentive_job_ms") or 0):
+        rt.redis.hset(key, "longest_attentive_job_ms", took)
 
 
 def _again(buffer: JobBuffer, batch_id: int, delay: float, statuses: tuple[str, ...] = ()) -> PollReport:
@@ -191,28 +260,3 @@ def _settle_results(
             pipe.execute()
         except (redis.WatchError, LookupError):
             return  # the batch changed meanwhile (a twin settled it): the caller re-checks and re-polls
-
-
-def _failed(
-    rt: Runtime, job: ExportJob, buffer: JobBuffer, batch_id: int, batch: dict[str, str], reason: str
-) -> PollReport:
-    """Send the batch again, or dead-letter it once it has been sent MAX_SEND_ATTEMPTS times."""
-    attempts = int(batch.get("attempts", 0)) + 1
-    rt.redis.hset(keys.job_status(job.id), "last_error", reason)
-    if attempts < MAX_SEND_ATTEMPTS:
-        if buffer.resend(batch_id, reason):
-            rt.dispatch.flush(job.id)
-        return PollReport(done=True)
-    users: list[str] = json.loads(batch["users"])
-    settled = set(json.loads(batch.get("settled") or "[]"))
-    open_users = [u for i, u in enumerate(users) if i not in settled]
-    try:
-        records = buffer.records_for(batch_id, open_users)
-    except LookupError:
-        return PollReport(done=True)  # completed meanwhile by a twin poll: nothing left to give up on
-    why = f"{reason}; gave up after {attempts} sends"
-    deadletters.record(
-        rt.redis, job.id, batch_id, ((u, why, rec) for u, rec in zip(open_users, records, strict=True))
-    )
-    buffer.complete(batch_id, {"batches_deadlettered": 1})
-    return PollReport(done=True)

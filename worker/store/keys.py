@@ -38,6 +38,11 @@ def ratelimit(key_hash: str) -> str:
     return f"{PREFIX}:{{rl:{key_hash}}}:tat"
 
 
+def ratelimit_streak(key_hash: str) -> str:
+    """String: 429s in a row for this API key across every worker (reset by a success, expires)."""
+    return f"{PREFIX}:{{rl:{key_hash}}}:streak429"
+
+
 def ratelimit_backoff(key_hash: str) -> str:
     """String: epoch microseconds (Redis clock) until which every worker holds off this API key after a 429."""
     return f"{PREFIX}:{{rl:{key_hash}}}:backoff"
@@ -72,6 +77,12 @@ def open_order(job_id: str) -> str:
 def open_since(job_id: str) -> str:
     """STRING: when the open batch got its first user (ms), for the interval seal."""
     return _job(job_id, "open:since")
+
+
+def open_identifiers(job_id: str) -> str:
+    """HASH: ``type:value`` identifier -> the user of the open batch carrying it, so two users sharing an
+    identifier never travel in one request (cleared when the open batch is sealed)."""
+    return _job(job_id, "open:identifiers")
 
 
 def last_writer(job_id: str) -> str:

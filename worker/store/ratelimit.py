@@ -46,6 +46,8 @@ from worker.store import keys, scripts
 
 #: Requests that may go at once after an idle spell. ``rate + burst`` must stay ≤ 100 (see module doc).
 DEFAULT_BURST = 5
+#: A 429 streak older than this (no 429 since) is forgotten, as if a request had succeeded.
+STREAK_TTL_MS = 60_000
 #: Hex characters of sha256 kept in key names: 64 bits, plenty to tell a deployment's few keys apart.
 KEY_HASH_LENGTH = 16
 
@@ -89,6 +91,7 @@ class RateLimiter:
         #: Emission interval in whole microseconds, rounded up so the rate is never exceeded.
         self.interval_us = max(1, math.ceil(_US / rate_per_second))
         self._keys = [keys.ratelimit(key_hash), keys.ratelimit_backoff(key_hash)]
+        self._streak_key = keys.ratelimit_streak(key_hash)
         self._redis = redis
         self._acquire = scripts.script(redis, "ratelimit_acquire")
         self._penalize = scripts.script(redis, "ratelimit_penalize")
@@ -164,6 +167,22 @@ class RateLimiter:
         self.last_wait = slept
         self.total_wait += slept
         return granted
+
+    def note_429(self) -> int:
+        """Count a 429 for this key (every worker's count together); returns the 429s in a row.
+
+        The count expires after :data:`STREAK_TTL_MS` without a new 429, and :meth:`note_success`
+        resets it, so an isolated 429 among successes stays a streak of 1.
+        """
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.incr(self._streak_key)
+        pipe.pexpire(self._streak_key, STREAK_TTL_MS)
+        streak, _ = pipe.execute()
+        return int(streak)
+
+    def note_success(self) -> None:
+        """A request with this key succeeded: the 429 streak starts again from zero."""
+        self._redis.delete(self._streak_key)
 
     def penalize(self, delay: float) -> None:
         """Hold off every worker sharing this key for ``delay`` seconds (after a 429).

@@ -3,17 +3,17 @@
 One :class:`AttentiveClient` per API key, reused across calls so connections stay alive. Celery tasks are
 synchronous, so this is a plain ``httpx.Client``.
 
-Retry policy (in-process, tenacity): only connection-level failures are retried, at most
+Retry policy (in-process, tenacity): only failures where the request certainly never reached
+Attentive are retried (connect errors and connect timeouts), at most
 :data:`DEFAULT_MAX_ATTEMPTS` attempts with jittered exponential waits capped so that all waits together
-stay around one second:
+stay around one second. So every attempt that reaches Attentive is one the caller took a rate-limit
+token for (DESIGN.md invariant 4).
 
-- connect errors and connect timeouts: the request never left, retrying is always safe;
-- dropped connections (``RemoteProtocolError``, ``ReadError``, ``WriteError``): the usual cause is a
-  keep-alive connection the server closed while idle. For the POST the server *may* have created a job;
-  CONTRACT.md §0 says replaying the upsert is harmless in effect, and the Celery task would resend the same
-  batch anyway, so retrying here only makes the common case cheaper;
-- read/write/pool timeouts are **not** retried: a server that took 30 s once is not having a blip, and
-  three more attempts would block a worker for minutes. They raise :class:`TransportError` at once.
+Anything after the request went out (a dropped connection, ``ReadError``, ``RemoteProtocolError``, a
+read timeout) raises :class:`TransportError` with ``may_have_reached_server`` at once: for the bulk POST
+Attentive may have created a job whose id we never saw, and there is no idempotency key (CONTRACT.md
+§0), so the flush records such a send and holds its users until that job has surely finished
+(worker.pipeline.flush). Retrying here would create more untracked jobs.
 
 Status errors are never retried or slept on here: 4xx are not transient, and for 429/5xx the caller (a
 task sharing one rate limiter across all workers) decides how long everyone waits (DESIGN.md invariant 4).
@@ -84,16 +84,10 @@ MAX_RESULT_LINE_BYTES = 1 << 20
 #: 1 s in all with 3 attempts.
 _RETRY_WAIT = wait_exponential_jitter(multiplier=0.2, max=0.5, jitter=0.2)
 
-#: Failures where no response arrived and retrying soon is reasonable (see the module docstring).
-_RETRYABLE: tuple[type[BaseException], ...] = (
-    httpx.ConnectError,
-    httpx.ConnectTimeout,
-    httpx.RemoteProtocolError,
-    httpx.ReadError,
-    httpx.WriteError,
-)
 #: Failures that certainly happened before the request was sent.
 _NOT_SENT: tuple[type[BaseException], ...] = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+#: The only ones retried here (a pool timeout already waited its time for a connection).
+_RETRIED: tuple[type[BaseException], ...] = (httpx.ConnectError, httpx.ConnectTimeout)
 
 
 def _user_agent() -> str:
@@ -306,7 +300,7 @@ class AttentiveClient:
         retrying = Retrying(
             stop=stop_after_attempt(self._max_attempts),
             wait=_RETRY_WAIT,
-            retry=retry_if_exception_type(_RETRYABLE),
+            retry=retry_if_exception_type(_RETRIED),
             sleep=self._sleep,
             before_sleep=self._log_retry(request),
             reraise=True,

@@ -11,12 +11,15 @@
 --   3 open_since   STR   when the open batch got its first user (ms): the interval seal's clock
 --   4 lww          HASH  "aud|user" -> newest accepted event time (ms)
 --   5 outstanding  HASH  user -> id of the unfinished batch that carries the user
---   6 waiting      HASH  user -> "aud\trecord\n..." changes held until the user's batch finishes
+--   6 waiting      HASH  user -> "aud\trecord\tid\tid\n..." changes held until the user's batch
+--                        finishes, with their identifiers (a line without a second tab has none)
 --   7 sealed       LIST  ids of sealed batches ready to submit (FIFO)
 --   8 seq          STR   batch id counter
 --   9 status       HASH  counters
 --  10 leases       ZSET  batch id -> lease expiry (ms) while a flush owns it
 --  11 polls        ZSET  batch id -> time (ms) after which a missing poll is re-driven
+--  12 open_ids     HASH  "type:value" identifier -> the user of the open batch carrying it (cleared
+--                        with every seal), so two users sharing an identifier never share a request
 -- ARGV[1] op, ARGV[2] now (ms), ARGV[3] batch key prefix ("...:batch:"), ARGV[4] batch size, op args follow.
 -- A batch is two keys under that prefix: <bid> HASH (users as a JSON list, state, owner, attempts,
 -- Attentive jobs, per-job done/failed counts) and <bid>:entries HASH (the open entries, renamed).
@@ -26,6 +29,9 @@
 --   * a user pending in the open batch with a change for another audience is merged into the same
 --     batch entry (distinct attributes, so their relative order cannot matter);
 --   * a second change for an audience already pending seals the open batch first (early flush);
+--   * a user carrying an identifier (phone, email, ...) that another user of the open batch carries
+--     seals the open batch first too: duplicate identifier values in one request can bridge separate
+--     users at Attentive (counted as sealed_for_shared_identifier);
 --   * while a user's batch is unfinished at Attentive, the user's later changes wait, in order, and
 --     join the open batch only when that batch completes. Other users are never held back.
 --
@@ -36,6 +42,7 @@
 local K_OPEN, K_ORDER, K_SINCE, K_LWW = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local K_OUTSTANDING, K_WAITING, K_SEALED, K_SEQ = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local K_STATUS, K_LEASES, K_POLLS = KEYS[9], KEYS[10], KEYS[11]
+local K_IDS = KEYS[12]
 
 local op = ARGV[1]
 local now = tonumber(ARGV[2])
@@ -54,6 +61,15 @@ local open_count = redis.call('LLEN', K_ORDER)
 -- open_cache (true when the open batch is empty or was just sealed), so misses need no HGET.
 local open_cache, out_cache, wait_cache = {}, {}, {}
 local open_all_cached = open_count == 0
+-- The same for the open batch's identifier index (identifier -> user); empty with the open batch.
+local ids_cache = {}
+local ids_all_cached = open_count == 0
+-- Index entries not written yet (identifier, user, identifier, user, ...): the ingest op writes them
+-- in one HSET at its end, other ops at once. A seal drops them with the index.
+local ids_unwritten, ids_unwritten_n = {}, 0
+local defer_ids = op == 'ingest'
+-- Seals this op made because two users shared an identifier.
+local shared_seals = 0
 
 local function hmget(key, fields)
     local out = {}
@@ -135,10 +151,13 @@ local function seal()
     redis.call('HSET', batch_prefix .. bid,
         'users', cjson.encode(users), 'n', #users, 'state', 'sealed', 'attempts', 0, 'sealed_at', now)
     redis.call('RPUSH', K_SEALED, bid)
-    redis.call('DEL', K_ORDER, K_SINCE)
+    redis.call('DEL', K_ORDER, K_SINCE, K_IDS)
     open_count = 0
     open_cache = {}
     open_all_cached = true
+    ids_cache = {}
+    ids_all_cached = true
+    ids_unwritten, ids_unwritten_n = {}, 0
     redis.call('HINCRBY', K_STATUS, 'batches_sealed', 1)
     sealed_now[#sealed_now + 1] = bid
 end
@@ -148,21 +167,88 @@ local function set_entry(user, entry)
     open_cache[user] = entry
 end
 
-local function add_to_open(user, aud, rec)
+-- A change's identifiers ("type:value" strings) arrive joined by tabs; split_ids appends them to a
+-- list, and the helpers below take a change's identifiers as the slice t[i..j] of such a list.
+local function split_ids(s, from, t, n)
+    local len = #s
+    while from <= len do
+        local to = string.find(s, '\t', from, true) or len + 1
+        n = n + 1
+        t[n] = string.sub(s, from, to - 1)
+        from = to + 1
+    end
+    return n
+end
+
+local function id_owner(id)
+    local v = ids_cache[id]
+    if v == nil then
+        v = (not ids_all_cached and redis.call('HGET', K_IDS, id)) or false
+        ids_cache[id] = v
+    end
+    return v
+end
+
+-- Whether another user of the open batch carries one of the identifiers t[i..j].
+local function shares_identifier(user, t, i, j)
+    if open_count == 0 then
+        return false
+    end
+    for x = i, j do
+        local owner = id_owner(t[x])
+        if owner and owner ~= user then
+            return true
+        end
+    end
+    return false
+end
+
+local function index_identifiers(user, t, i, j)
+    if defer_ids then
+        for x = i, j do
+            local id = t[x]
+            if ids_cache[id] ~= user then
+                ids_cache[id] = user
+                ids_unwritten[ids_unwritten_n + 1] = id
+                ids_unwritten[ids_unwritten_n + 2] = user
+                ids_unwritten_n = ids_unwritten_n + 2
+            end
+        end
+        return
+    end
+    local pairs_ = {}
+    for x = i, j do
+        pairs_[#pairs_ + 1] = t[x]
+        pairs_[#pairs_ + 1] = user
+        ids_cache[t[x]] = user
+    end
+    sliced('HSET', K_IDS, pairs_)
+end
+
+local function add_to_open(user, aud, rec, t, i, j)
     if open_count == 0 then
         redis.call('SET', K_SINCE, now)
     end
     set_entry(user, '|' .. aud .. '|\t[' .. rec .. ']')
     redis.call('RPUSH', K_ORDER, user)
     open_count = open_count + 1
+    index_identifiers(user, t, i, j)
     if open_count >= batch_size then
         seal()
     end
 end
 
-local function merge_into_open(user, aud, rec, entry)
+local function merge_into_open(user, aud, rec, entry, t, i, j)
     local tab = string.find(entry, '\t', 1, true)
     set_entry(user, string.sub(entry, 1, tab - 1) .. aud .. '|\t' .. string.sub(entry, tab + 1, -2) .. ',' .. rec .. ']')
+    index_identifiers(user, t, i, j)
+end
+
+-- Seal the open batch because a user about to join (or grow) it shares an identifier with another.
+local function seal_shared()
+    seal()
+    shared_seals = shared_seals + 1
+    redis.call('HINCRBY', K_STATUS, 'sealed_for_shared_identifier', 1)
 end
 
 -- Whether ``entry`` (an open entry) already holds a change for ``aud``.
@@ -171,28 +257,35 @@ local function pending_audience(entry, aud)
     return string.find(auds, '|' .. aud .. '|', 1, true) ~= nil
 end
 
-local function append_waiting(user, aud, rec)
+local function append_waiting(user, aud, rec, t, i, j)
     local w = redis.call('HGET', K_WAITING, user) or ''
-    redis.call('HSET', K_WAITING, user, w .. aud .. '\t' .. rec .. '\n')
+    redis.call('HSET', K_WAITING, user, w .. aud .. '\t' .. rec .. '\t' .. table.concat(t, '\t', i, j) .. '\n')
     wait_cache[user] = true
 end
 
 -- Returns 'accepted' | 'merged' | 'queued'.
-local function place(user, aud, rec)
+-- ``t[i..j]``: the change's identifiers.
+local function place(user, aud, rec, t, i, j)
     local entry = open_entry(user)
     local waiting = has_waiting(user)
     if entry then
-        if not waiting and not pending_audience(entry, aud) then
-            merge_into_open(user, aud, rec, entry)
+        if waiting or pending_audience(entry, aud) then
+            seal() -- early flush: the user's pending change goes first
+        elseif shares_identifier(user, t, i, j) then
+            seal_shared() -- the pending entry goes first, this change waits for it as above
+        else
+            merge_into_open(user, aud, rec, entry, t, i, j)
             return 'merged'
         end
-        seal() -- early flush: the user's pending change goes first
     end
     if waiting or outstanding_of(user) then
-        append_waiting(user, aud, rec)
+        append_waiting(user, aud, rec, t, i, j)
         return 'queued'
     end
-    add_to_open(user, aud, rec)
+    if shares_identifier(user, t, i, j) then
+        seal_shared()
+    end
+    add_to_open(user, aud, rec, t, i, j)
     return 'accepted'
 end
 
@@ -205,17 +298,27 @@ local function drain_waiting(user, w)
         local nl = string.find(w, '\n', pos, true)
         local line = string.sub(w, pos, nl - 1)
         local tab = string.find(line, '\t', 1, true)
-        local aud, rec = string.sub(line, 1, tab - 1), string.sub(line, tab + 1)
+        local tab2 = string.find(line, '\t', tab + 1, true) -- record JSON never holds a raw tab
+        local aud, rec, ids = string.sub(line, 1, tab - 1), string.sub(line, tab + 1), {}
+        if tab2 then -- identifiers follow (a line written before they were kept has none)
+            rec = string.sub(line, tab + 1, tab2 - 1)
+            split_ids(line, tab2 + 1, ids, 0)
+        end
         local entry = open_entry(user)
+        if not outstanding_of(user) and not (entry and pending_audience(entry, aud))
+            and shares_identifier(user, ids, 1, #ids) then
+            seal_shared()
+            entry = false
+        end
         if outstanding_of(user) or (entry and pending_audience(entry, aud)) then
             redis.call('HSET', K_WAITING, user, string.sub(w, pos))
             wait_cache[user] = true
             return
         end
         if entry then
-            merge_into_open(user, aud, rec, entry)
+            merge_into_open(user, aud, rec, entry, ids, 1, #ids)
         else
-            add_to_open(user, aud, rec)
+            add_to_open(user, aud, rec, ids, 1, #ids)
         end
         pos = nl + 1
     end
@@ -226,30 +329,82 @@ local function owns(key, token)
     return redis.call('HGET', key, 'owner') == token and redis.call('HGET', key, 'state') == 'submitting'
 end
 
+-- Every request Attentive accepted for a batch (or may have: an "unknown:" entry stands for a send
+-- whose answer never came) is recorded in its 'attentive_jobs' JSON list, and stays there until the
+-- batch completes: a batch completes only when each of them has finished ('done:<id>' or
+-- 'ended:<id>'), so a user's next change never races an older Attentive job carrying the user.
+local function unfinished_jobs(key)
+    local raw = redis.call('HGET', key, 'attentive_jobs')
+    local out = {}
+    if not raw then
+        return out
+    end
+    for _, j in ipairs(cjson.decode(raw)) do
+        if redis.call('HEXISTS', key, 'done:' .. j.id) == 0 and redis.call('HEXISTS', key, 'ended:' .. j.id) == 0 then
+            out[#out + 1] = j
+        end
+    end
+    return out
+end
+
+-- Indices of users carried by unfinished jobs Attentive certainly accepted (a JSON list): a re-send
+-- leaves them out, the poll follows their jobs.
+local function carried_json(key)
+    local idx = {}
+    for _, j in ipairs(unfinished_jobs(key)) do
+        if string.sub(j.id, 1, 8) ~= 'unknown:' then
+            for _, i in ipairs(j.idx) do
+                idx[#idx + 1] = i
+            end
+        end
+    end
+    if #idx == 0 then
+        return '[]'
+    end
+    return cjson.encode(idx)
+end
+
 if op == 'ingest' then
-    -- op args: groups of (user, audience, event time ms, record JSON)
+    -- op args: groups of (user, audience, event time ms, record JSON, identifiers: "type:value"
+    -- strings joined by tabs, '' for none)
     local accepted, merged, queued, stale = 0, 0, 0, 0
     local fields, users, seen = {}, {}, {}
-    for i = 5, #ARGV, 4 do
+    local idt, id_from, id_to, n = {}, {}, {}, 0 -- every change's identifiers, and its slice of them
+    for i = 5, #ARGV, 5 do
         local user = ARGV[i]
-        fields[#fields + 1] = ARGV[i + 1] .. '|' .. user
+        local k = #fields + 1
+        fields[k] = ARGV[i + 1] .. '|' .. user
         if not seen[user] then
             seen[user] = true
             users[#users + 1] = user
         end
+        id_from[k] = n + 1
+        n = split_ids(ARGV[i + 4], 1, idt, n)
+        id_to[k] = n
     end
     local stored = hmget(K_LWW, fields)
     prefetch(users)
+    -- Read the index for the changes that may join before the open batch fills up (a seal empties it;
+    -- a later change still needing it, after stale or queued ones, reads it one HGET at a time).
+    local room = math.min(batch_size - open_count, #fields)
+    local upto = (not ids_all_cached and room > 0) and id_to[room] or 0
+    for s = 1, upto, SLICE do
+        local e = math.min(s + SLICE - 1, upto)
+        local owners = redis.call('HMGET', K_IDS, unpack(idt, s, e))
+        for x = s, e do
+            ids_cache[idt[x]] = owners[x - s + 1] or false
+        end
+    end
     local newest = {} -- lww field -> newest time accepted by this op
     for k, lww_field in ipairs(fields) do
-        local i = 1 + 4 * k
+        local i = 5 * k
         local at = tonumber(ARGV[i + 2])
         local known = newest[lww_field] or tonumber(stored[k])
         if known and at <= known then
             stale = stale + 1
         else
             newest[lww_field] = at
-            local r = place(ARGV[i], ARGV[i + 1], ARGV[i + 3])
+            local r = place(ARGV[i], ARGV[i + 1], ARGV[i + 3], idt, id_from[k], id_to[k])
             if r == 'accepted' then accepted = accepted + 1
             elseif r == 'merged' then merged = merged + 1
             else queued = queued + 1 end
@@ -261,12 +416,13 @@ if op == 'ingest' then
         writes[#writes + 1] = string.format('%d', at)
     end
     sliced('HSET', K_LWW, writes)
+    sliced('HSET', K_IDS, ids_unwritten)
     redis.call('HINCRBY', K_STATUS, 'accepted', accepted + merged + queued)
     if stale > 0 then redis.call('HINCRBY', K_STATUS, 'stale', stale) end
     if merged > 0 then redis.call('HINCRBY', K_STATUS, 'merged', merged) end
     if queued > 0 then redis.call('HINCRBY', K_STATUS, 'queued_behind_unfinished', queued) end
     redis.call('HSET', K_STATUS, 'last_ingest_at', now)
-    return {accepted, merged, queued, stale, sealed_now}
+    return {accepted, merged, queued, stale, sealed_now, shared_seals}
 
 elseif op == 'seal_due' then
     -- op args: flush interval (ms). Seals the open batch if its oldest entry is that old.
@@ -281,7 +437,8 @@ elseif op == 'seal_now' then
     return sealed_now
 
 elseif op == 'claim' then
-    -- op args: owner token, lease (ms). Returns {bid, users, attempts, settled, sealed batches left}
+    -- op args: owner token, lease (ms). Returns {bid, users, attempts, settled, sealed batches left,
+    -- indices carried by unfinished accepted jobs}
     -- or nil; the caller reads the records from the batch's entries hash (immutable until the batch
     -- completes).
     local token, lease = ARGV[5], tonumber(ARGV[6])
@@ -296,7 +453,7 @@ elseif op == 'claim' then
             redis.call('ZADD', K_LEASES, now + lease, bid)
             redis.call('HSET', K_STATUS, 'last_claim_at', now)
             local b = redis.call('HMGET', key, 'users', 'attempts', 'settled')
-            return {bid, b[1], b[2], b[3] or '[]', redis.call('LLEN', K_SEALED)}
+            return {bid, b[1], b[2], b[3] or '[]', redis.call('LLEN', K_SEALED), carried_json(key)}
         end
         -- a stale id (batch already completed or re-queued twice) is dropped from the FIFO
     end
@@ -313,18 +470,48 @@ elseif op == 'release' then
     redis.call('LPUSH', K_SEALED, bid)
     return 1
 
+elseif op == 'accepted' then
+    -- op args: bid, one job as JSON ({"id", "idx": [user indices]}, plus "until" (ms) for an
+    -- "unknown:" send). Recorded the moment Attentive accepts a request, before anything else can
+    -- fail, and whoever owns the batch: a job Attentive runs is polled however the send ended.
+    local key = batch_prefix .. ARGV[5]
+    if redis.call('HEXISTS', key, 'users') == 0 then
+        return 0
+    end
+    local raw = redis.call('HGET', key, 'attentive_jobs')
+    if not raw or raw == '[]' then
+        raw = '[' .. ARGV[6] .. ']'
+    else
+        raw = string.sub(raw, 1, -2) .. ',' .. ARGV[6] .. ']'
+    end
+    redis.call('HSET', key, 'attentive_jobs', raw)
+    return 1
+
+elseif op == 'ended' then
+    -- op args: bid, job id, reason, '1' if it counts as a failed send. A recorded job finished
+    -- without delivering (FAILED, CANCELLED, lost, or an unanswered send whose hold passed). Once per
+    -- job, so twin polls never count a failure twice.
+    local key = batch_prefix .. ARGV[5]
+    if redis.call('HEXISTS', key, 'users') == 0 or redis.call('HSETNX', key, 'ended:' .. ARGV[6], ARGV[7]) == 0 then
+        return 0
+    end
+    redis.call('HSET', key, 'last_error', ARGV[7])
+    if ARGV[8] == '1' then
+        redis.call('HINCRBY', key, 'attempts', 1)
+    end
+    return 1
+
 elseif op == 'submitted' then
-    -- op args: bid, owner token, Attentive job ids (JSON list), poll deadline (ms), settled users
-    -- (JSON list of indices that are finished for good: refused by a 400 and dead-lettered)
+    -- op args: bid, owner token, poll deadline (ms), settled users (JSON list of indices that are
+    -- finished for good: refused by a 400 and dead-lettered). The jobs were recorded by 'accepted'.
     local bid = ARGV[5]
     local key = batch_prefix .. bid
     if not owns(key, ARGV[6]) then
         return 0
     end
-    redis.call('HSET', key, 'state', 'submitted', 'owner', '', 'attentive_jobs', ARGV[7], 'submitted_at', now,
-        'settled', ARGV[9])
+    redis.call('HSET', key, 'state', 'submitted', 'owner', '', 'submitted_at', now, 'settled', ARGV[8])
     redis.call('ZREM', K_LEASES, bid)
-    redis.call('ZADD', K_POLLS, tonumber(ARGV[8]), bid)
+    redis.call('ZADD', K_POLLS, tonumber(ARGV[7]), bid)
     redis.call('HINCRBY', K_STATUS, 'batches_submitted', 1)
     redis.call('HSET', K_STATUS, 'last_flush_at', now, 'consecutive_429', 0, 'consecutive_errors', 0)
     return 1
@@ -338,14 +525,16 @@ elseif op == 'poll_due' then
     return 1
 
 elseif op == 'resend' then
-    -- op args: bid, reason. Attentive failed or lost the job: submit the same batch again, first.
+    -- op args: bid, reason. Users are still open after every recorded job finished (a job failed or
+    -- was lost, a send's answer never came, a split stopped half way): send the batch again, first.
     local bid = ARGV[5]
     local key = batch_prefix .. bid
     if redis.call('HGET', key, 'state') ~= 'submitted' then
         return 0
     end
-    redis.call('HINCRBY', key, 'attempts', 1)
-    redis.call('HSET', key, 'state', 'sealed', 'attentive_jobs', '[]', 'last_error', ARGV[6])
+    -- The recorded jobs stay: every one has finished (the poll resends only then), and their marks
+    -- tell the next send which users are settled already.
+    redis.call('HSET', key, 'state', 'sealed', 'last_error', ARGV[6])
     redis.call('ZREM', K_POLLS, bid)
     redis.call('LPUSH', K_SEALED, bid)
     redis.call('HINCRBY', K_STATUS, 'batches_resent', 1)
@@ -393,9 +582,16 @@ elseif op == 'reap' then
         local key = batch_prefix .. bid
         redis.call('ZREM', K_LEASES, bid)
         if redis.call('HGET', key, 'state') == 'submitting' then
-            redis.call('HSET', key, 'state', 'sealed', 'owner', '')
-            redis.call('LPUSH', K_SEALED, bid)
-            requeued = requeued + 1
+            if #unfinished_jobs(key) > 0 then
+                -- Its flush died after Attentive accepted part of it: poll what was accepted now (the
+                -- poll resends the rest once those jobs finish), never re-send it alongside them.
+                redis.call('HSET', key, 'state', 'submitted', 'owner', '')
+                redis.call('ZADD', K_POLLS, now, bid)
+            else
+                redis.call('HSET', key, 'state', 'sealed', 'owner', '')
+                redis.call('LPUSH', K_SEALED, bid)
+                requeued = requeued + 1
+            end
         end
     end
     local overdue = redis.call('ZRANGEBYSCORE', K_POLLS, '-inf', now)
