@@ -268,6 +268,35 @@ def test_dropped_connection_is_a_transport_error(http: httpx.Client, sandbox: Sa
     assert sandbox.requests() == []
 
 
+def test_answer_dropped_after_accept_leaves_a_job_that_completes(
+    http: httpx.Client, sandbox: SandboxProcess
+) -> None:
+    """The connection dies after Attentive accepted the POST: the client gets no answer (no job id),
+    yet the job runs and its users land in the store."""
+    sandbox.set_faults(drop_after_accept=1.0)
+    with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)):
+        http.post(BULK, json={"users": [member(1, vip_shoppers=True)]}, headers=KEY)
+    [logged] = sandbox.requests()
+    assert logged["answerDropped"] is True and logged["droppedJob"] is False
+    counters = sandbox.counters("test-key")
+    assert counters["requests"][f"POST {BULK}"] == {"202": 1}  # accepted: a job was created
+    assert counters["answers_dropped"] == 1
+    [created] = sandbox.wait_jobs_done()
+    assert (created["bulkJobId"], created["status"]) == (logged["batchJobId"], "COMPLETED")
+    assert logged["time"] <= created["finishedAt"] <= time.time()
+    stored = sandbox.user(phone="+19148440001")
+    assert stored is not None and stored["custom"] == {"vip_shoppers": True}
+    assert [h["jobId"] for h in stored["history"]] == [logged["batchJobId"]]
+    # Only accepted requests lose their answer: a refused one is still answered, and nothing else is.
+    refused = http.post(BULK, json={"users": []}, headers=KEY)
+    assert refused.status_code == 400
+    assert http.get(f"/v2/bulk/job/{logged['batchJobId']}", headers=KEY).status_code == 200
+    sandbox.set_faults(drop_after_accept=0.0)
+    answered = submit(http, [member(2)])
+    assert [(r["batchJobId"], r["answerDropped"]) for r in sandbox.requests()][1:] == [(answered, False)]
+    assert sandbox.counters("test-key")["answers_dropped"] == 1
+
+
 def test_failed_jobs_end_failed_and_are_not_applied(http: httpx.Client, sandbox: SandboxProcess) -> None:
     sandbox.set_faults(fail_jobs=1.0)
     job_id = submit(http, [member(1)])

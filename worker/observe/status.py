@@ -29,6 +29,8 @@ COUNTERS = (
     "batches_completed",
     "batches_resent",
     "batches_deadlettered",
+    "sends_interrupted",
+    "sends_uncertain",
     "users_delivered",
     "record_failures",
     "deadlettered_users",

@@ -175,7 +175,7 @@ def _flush_batch(
         buffer.release(batch)
         raise
     encoded = {i: entry_json(batch.entries[i]) for i in to_send}
-    hold_until = now_ms() + _uncertain_hold_ms(rt, job.id)
+    hold_ms = _uncertain_hold_ms(rt, job.id)
     sent = _submit_isolating(
         client,
         limiter,
@@ -183,7 +183,7 @@ def _flush_batch(
         to_send,
         post_seconds,
         record=lambda sub: buffer.record_accepted(batch.batch_id, sub),
-        uncertain_until_ms=hold_until,
+        uncertain_hold_ms=hold_ms,
     )
     if sent.refused:
         deadletters.record(
@@ -213,11 +213,11 @@ def _flush_batch(
         rt.redis.hincrby(status_key, "sends_uncertain", 1)
         log.warning(
             "job %s batch %s: no answer to a send that may have reached Attentive; its %d users are "
-            "held until %d ms",
+            "held %d ms",
             job.id,
             batch.batch_id,
             len(sent.uncertain),
-            hold_until,
+            hold_ms,
         )
     if isinstance(exc, Unauthorized | Forbidden):
         return pause_for_auth_error(rt, job, exc)
@@ -287,7 +287,7 @@ def _submit_isolating(
     indices: list[int],
     post_seconds: list[float],
     record: Callable[[dict[str, Any]], bool],
-    uncertain_until_ms: int,
+    uncertain_hold_ms: int,
 ) -> _Sent:
     """POST ``users[i] for i in indices`` (JSON records); on a 400 split in halves until refused users
     are isolated.
@@ -295,7 +295,7 @@ def _submit_isolating(
     Each accepted request is recorded with ``record`` before the next one goes out, so nothing that
     happens later (a 429 in the other half, a crash) can lose an Attentive job id. A request whose
     answer never came although it may have reached Attentive is recorded as an ``unknown:`` job held
-    until ``uncertain_until_ms``. The first other error ends the send and is returned, not raised.
+    ``uncertain_hold_ms`` from the moment the answer failed. The first other error ends the send and is returned, not raised.
     """
     sent = _Sent()
     pending: list[list[int]] = [indices]
@@ -319,7 +319,7 @@ def _submit_isolating(
                 post_seconds.append(time.monotonic() - started)
                 if exc.may_have_reached_server:
                     unknown = f"unknown:{secrets.token_hex(8)}"
-                    record({"id": unknown, "idx": idx, "until": uncertain_until_ms})
+                    record({"id": unknown, "idx": idx, "until": now_ms() + uncertain_hold_ms})
                     sent.uncertain += idx
                 raise
             post_seconds.append(time.monotonic() - started)

@@ -59,6 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fault-5xx", type=_fraction, default=0.0, metavar="FRACTION", help="split 500/503")
     p.add_argument("--latency-ms", type=float, default=0.0, metavar="N")
     p.add_argument("--drop-connections", type=_fraction, default=0.0, metavar="FRACTION")
+    p.add_argument(
+        "--drop-after-accept",
+        type=_fraction,
+        default=0.0,
+        metavar="FRACTION",
+        help="accepted bulk POSTs whose job is created but whose 202 is replaced by a connection reset",
+    )
     p.add_argument("--fail-jobs", type=_fraction, default=0.0, metavar="FRACTION")
     p.add_argument("--drop-jobs", type=_fraction, default=0.0, metavar="FRACTION")
     p.add_argument("--seed", type=int, default=None)
@@ -78,6 +85,7 @@ def options_from(args: argparse.Namespace) -> Options:
         fault_5xx=args.fault_5xx,
         latency_ms=args.latency_ms,
         drop_connections=args.drop_connections,
+        drop_after_accept=args.drop_after_accept,
         fail_jobs=args.fail_jobs,
         drop_jobs=args.drop_jobs,
         seed=args.seed,

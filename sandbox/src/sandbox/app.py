@@ -1,9 +1,11 @@
 """The sandbox's HTTP surface: Attentive's endpoints (CONTRACT §7) plus ``/_sandbox/`` admin routes.
 
 Every API request goes through the same gate, in this order: injected latency, dropped connection,
-rate limit (429), auth (401/403), injected 429/5xx, then the endpoint. Rate-limit headers are added to
-every API response when limiting is on. Admin routes and the results files need no auth and are never
-faulted or limited (results stand in for pre-signed object-store URLs).
+rate limit (429), auth (401/403), injected 429/5xx, then the endpoint. An accepted bulk POST may then
+lose its answer (drop-after-accept): its job is created and completes as usual, but the connection is
+reset instead of sending the 202. Rate-limit headers are added to every API response when limiting
+is on. Admin routes and the results files need no auth and are never faulted or limited (results
+stand in for pre-signed object-store URLs).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from sandbox.counters import Recorder
+from sandbox.counters import LoggedRequest, Recorder
 from sandbox.faults import FaultDice, drop_connection
 from sandbox.jobs import STATUSES, Clock, Job, JobBoard
 from sandbox.lytics import LyticsStand
@@ -45,6 +47,9 @@ from sandbox.validation import (
 logger = logging.getLogger("sandbox")
 
 BULK = "POST /v2/bulk/user/attributes"
+BULK_PATH = "/v2/bulk/user/attributes"
+#: ASGI scope key: the accepted request (its log entry) whose answer is to be dropped.
+UNANSWERED = "sandbox.unanswered"
 JOB = "GET /v2/bulk/job/{bulkJobId}"
 SINGLE = "POST /v2/user/attributes"
 ACCEPTED_MESSAGE = "Bulk user attributes job successfully submitted"
@@ -106,7 +111,31 @@ class Sandbox:
                     self.recorder.count(token.key, _endpoint_name(scope["method"], scope["path"]), 0)
                 if await drop_connection(send):
                     return
+            if scope["method"] == "POST" and scope["path"] == BULK_PATH:
+                send = self._answer_or_drop(scope, send)
         await self.app(scope, receive, send)
+
+    def _answer_or_drop(self, scope: Any, send: Any) -> Any:
+        """Wrap uvicorn's ``send``: when the bulk handler marked the request (drop-after-accept), reset
+        the connection instead of starting its 202, and swallow what the app sends after that."""
+        dropped = False
+
+        async def answer_or_drop(message: Any) -> None:
+            nonlocal dropped
+            if dropped:
+                return
+            entry: LoggedRequest | None = scope.get(UNANSWERED)
+            if entry is not None and message["type"] == "http.response.start":
+                if await drop_connection(send):
+                    dropped = True
+                    self.recorder.answer_dropped(entry)
+                    return
+                logger.warning(
+                    "drop-after-accept: no transport to reset; answering job %s", entry.batch_job_id
+                )
+            await send(message)
+
+        return answer_or_drop
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, _app: Starlette) -> AsyncIterator[None]:
@@ -225,7 +254,9 @@ class Sandbox:
             record_errors.setdefault(i, (413, f"record exceeds 1 MiB ({size} bytes)"))
         job_id = str(uuid.uuid4())
         dropped = self.dice.roll(options.drop_jobs)
-        self.recorder.log_accepted(token.key, job_id, raw, len(users), dropped)
+        entry = self.recorder.log_accepted(token.key, job_id, raw, len(users), dropped)
+        if self.dice.roll(options.drop_after_accept):
+            request.scope[UNANSWERED] = entry  # the job is created below; the answer is dropped (__call__)
         if not dropped:
             now = self.clock.now()
             self.board.add(

@@ -1,8 +1,11 @@
 """What the sandbox saw, for tests to assert on: counters per token and the accepted-requests log.
 
 The log keeps every accepted bulk request's users' identifiers in arrival order, so tests can check
-ordering and that one request never carries the same user twice. The per-token peak over any sliding
-one-second window tells whether a client stayed under Attentive's 100 requests/s.
+ordering and that one request never carries the same user twice. A request accepted but left without
+its 202 (the drop-after-accept fault) is counted as 202 like any accepted one, flagged
+``answerDropped`` in the log and counted in ``answers_dropped``: its job exists, the client never
+learnt its id. The per-token peak over any sliding one-second window tells whether a client stayed
+under Attentive's 100 requests/s.
 """
 
 from __future__ import annotations
@@ -41,12 +44,15 @@ class TokenCounters:
     requests: dict[str, Counter[int]] = field(default_factory=dict)
     users_per_request: Counter[int] = field(default_factory=Counter)
     windows: dict[str, _Window] = field(default_factory=dict)
+    #: Accepted bulk requests (counted 202 above, job created) whose answer was replaced by a reset.
+    answers_dropped: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
             "requests": {ep: {str(k): v for k, v in sorted(c.items())} for ep, c in self.requests.items()},
             "users_per_request": {str(k): v for k, v in sorted(self.users_per_request.items())},
             "max_requests_per_second": {name: w.peak for name, w in self.windows.items()},
+            "answers_dropped": self.answers_dropped,
         }
 
 
@@ -59,6 +65,8 @@ class LoggedRequest:
     raw: bytes
     users: int
     dropped: bool
+    #: The job was created but the client got a connection reset instead of the 202.
+    answer_dropped: bool = False
 
     def to_json(self, with_body: bool) -> dict[str, Any]:
         """The log entry; identifiers (and the body) are re-parsed from the raw request on demand."""
@@ -71,6 +79,7 @@ class LoggedRequest:
             "users": self.users,
             "identifiers": [u.get("identifiers") if isinstance(u, dict) else None for u in body["users"]],
             "droppedJob": self.dropped,
+            "answerDropped": self.answer_dropped,
         }
         if with_body:
             out["body"] = body
@@ -104,11 +113,16 @@ class Recorder:
                 window = counters.windows[name] = _Window()
             window.hit(now)
 
-    def log_accepted(self, token: str, job_id: str, raw: bytes, users: int, dropped: bool) -> None:
+    def log_accepted(self, token: str, job_id: str, raw: bytes, users: int, dropped: bool) -> LoggedRequest:
         self.tokens.setdefault(token, TokenCounters()).users_per_request[users] += 1
-        self.accepted.append(
-            LoggedRequest(len(self.accepted) + 1, time.time(), token, job_id, raw, users, dropped)
-        )
+        entry = LoggedRequest(len(self.accepted) + 1, time.time(), token, job_id, raw, users, dropped)
+        self.accepted.append(entry)
+        return entry
+
+    def answer_dropped(self, entry: LoggedRequest) -> None:
+        """``entry`` was accepted, but the client got a connection reset instead of its answer."""
+        entry.answer_dropped = True
+        self.tokens.setdefault(entry.token, TokenCounters()).answers_dropped += 1
 
     def log_rejected(self, token: str, status: int, message: str) -> None:
         self.rejected.append({"time": time.time(), "token": token, "status": status, "message": message})

@@ -9,6 +9,9 @@ and calls ``transport.abort()``: the kernel sends a TCP RST, the client sees a t
 does not try to answer. If the transport cannot be found (another server), we fall back to sending
 nothing but an ``http.response.start`` that never completes, which still leaves the client without a
 usable response.
+
+Two faults use it: ``drop_connections`` before a request is processed, ``drop_after_accept`` after an
+accepted bulk POST was processed (its job exists; only the 202 is lost).
 """
 
 from __future__ import annotations

@@ -62,6 +62,9 @@ class Job:
     pinned: bool = False
     applied: bool = False
     completed_order: int | None = None
+    #: Wall-clock time the job reached its final status: its due time when it ran its course (the
+    #: completer notices that a tick later), the moment of the call when an admin set it.
+    finished_wall: float | None = None
 
     def view(self, base_url: str) -> dict[str, Any]:
         """The BulkJobStatusResponse body: ``url`` only when COMPLETED."""
@@ -81,6 +84,7 @@ class Job:
             "applied": self.applied,
             "completedOrder": self.completed_order,
             "submittedAt": self.submitted_wall,
+            "finishedAt": self.finished_wall,
             "recordErrors": {str(i): code for i, (code, _m) in self.record_errors.items()},
         }
 
@@ -158,13 +162,16 @@ class JobBoard:
             job = self.jobs.get(job_id)
             if job is None or job.pinned or job.status != "IN_PROGRESS":
                 continue
-            self.finish(job, "FAILED" if job.will_fail else "COMPLETED")
+            self.finish(job, "FAILED" if job.will_fail else "COMPLETED", due=job.due)
             done += 1
         return done
 
-    def finish(self, job: Job, status: str) -> None:
-        """Move a job to a final status; the first COMPLETED queues its records for the store."""
+    def finish(self, job: Job, status: str, due: float | None = None) -> None:
+        """Move a job to a final status (``due``: the sandbox-clock time it fell due, when it ran its
+        course); the first COMPLETED queues its records for the store."""
         job.status = status
+        now = time.time()
+        job.finished_wall = now if due is None else min(now, job.submitted_wall + (due - job.submitted_at))
         if status == "COMPLETED" and job.completed_order is None:
             self._completed += 1
             job.completed_order = self._completed

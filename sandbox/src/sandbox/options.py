@@ -8,7 +8,7 @@ from typing import Any
 
 COMPLETION_ORDERS = ("fifo", "random")
 VALIDATION_MODES = ("sync", "per_record")
-FRACTIONS = ("fault_429", "fault_5xx", "drop_connections", "fail_jobs", "drop_jobs")
+FRACTIONS = ("fault_429", "fault_5xx", "drop_connections", "drop_after_accept", "fail_jobs", "drop_jobs")
 
 
 @dataclass
@@ -27,6 +27,9 @@ class Options:
     fault_5xx: float = 0.0
     latency_ms: float = 0.0
     drop_connections: float = 0.0
+    #: Accepted bulk POSTs whose job is created (and later completes as usual) but whose 202 never
+    #: leaves: the connection is reset instead, as when a connection dies after Attentive accepted.
+    drop_after_accept: float = 0.0
     fail_jobs: float = 0.0
     drop_jobs: float = 0.0
     seed: int | None = None
