@@ -89,7 +89,7 @@ def test_two_users_sharing_an_identifier_go_to_different_batches(
     any_redis: redis.Redis, first: dict[str, Any], second: dict[str, Any]
 ) -> None:
     buf = JobBuffer(any_redis, "j1")
-    out = buf.ingest([change("u1", **first), change("other", **{"email": "o@x.io"}), change("u2", **second)])
+    out = buf.ingest([change("u1", **first), change("other", email="o@x.io"), change("u2", **second)])
     assert out.sealed == [1]
     assert out.sealed_for_shared_identifier == 1
     assert (out.accepted, out.queued) == (3, 0)
@@ -100,7 +100,7 @@ def test_two_users_sharing_an_identifier_go_to_different_batches(
 
 def test_users_sharing_nothing_and_one_user_with_itself_stay_in_one_batch(any_redis: redis.Redis) -> None:
     buf = JobBuffer(any_redis, "j1")
-    ids = {"email": "a@x.io", "phone": "+14155550142"}
+    ids: dict[str, Any] = {"email": "a@x.io", "phone": "+14155550142"}
     out = buf.ingest(
         [
             change("a", "vip", **ids),
@@ -159,6 +159,17 @@ def test_many_users_sharing_one_phone_each_get_their_own_request(any_redis: redi
     buf.seal_now()
     assert batches(buf) == [["x", "m0"], ["m1"], ["m2"], ["m3"]]
     assert shared_count(any_redis) == 3
+
+
+def test_a_change_past_the_prefetched_ones_still_sees_the_index(any_redis: redis.Redis) -> None:
+    """The script reads the index up front only for changes that can join before the batch fills;
+    one further on (after stale ones) looks it up on its own."""
+    buf = JobBuffer(any_redis, "j1", batch_size=4)
+    buf.ingest([change("a", at=5, email="a@x.io"), change("b", at=5, email="b@x.io")])
+    stale = [change("a", at=1, email="a@x.io") for _ in range(3)]
+    out = buf.ingest([*stale, change("c", at=5, email="b@x.io")])
+    assert (out.stale, out.accepted, out.sealed, out.sealed_for_shared_identifier) == (3, 1, [1], 1)
+    assert buf.open_users() == ["c"]
 
 
 # --- the drain path ------------------------------------------------------------------------------

@@ -37,7 +37,8 @@
 --
 -- Speed: Redis runs this for every transition, so per-user state is read in bulk (HMGET) at the start
 -- of an op into Lua tables that every later write goes through; a new user then costs two writes
--- (HSET entry, RPUSH order) and last-writer-wins times are written back in one HSET.
+-- (HSET entry, RPUSH order), and last-writer-wins times and the identifier index are written back in
+-- one HSET each. Identifiers come from Python as "type:value" strings: no record JSON is parsed here.
 
 local K_OPEN, K_ORDER, K_SINCE, K_LWW = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local K_OUTSTANDING, K_WAITING, K_SEALED, K_SEQ = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
