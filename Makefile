@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo bench sandbox clean
+.PHONY: install test lint demo bench sandbox chaos clean
 
 # The product (with its dev tools) and the local Attentive sandbox, its own distribution in sandbox/.
 $(STAMP): pyproject.toml sandbox/pyproject.toml
@@ -32,6 +32,10 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+## Seeded fault-injection run of the whole product, under ten minutes (tests/chaos/; CHAOS_ARGS="--seed 2").
+chaos: $(STAMP)
+	$(BIN)/python -m tests.chaos $(CHAOS_ARGS)
 
 ## Start the local Attentive sandbox on :8787 with token "demo-key".
 sandbox: $(STAMP)
