@@ -31,6 +31,7 @@ COUNTERS = (
     "batches_deadlettered",
     "sends_interrupted",
     "sends_uncertain",
+    "coalesced_while_held",
     "users_delivered",
     "record_failures",
     "deadlettered_users",

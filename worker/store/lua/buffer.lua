@@ -260,6 +260,27 @@ end
 
 local function append_waiting(user, aud, rec, t, i, j)
     local w = redis.call('HGET', K_WAITING, user) or ''
+    if w ~= '' then
+        -- Held changes coalesce (invariant 2): ingest accepts only changes newer than every earlier
+        -- one for the user and audience, so this one replaces a held change for the same audience.
+        -- A held user then keeps at most one change per audience, and reaches its final state in one
+        -- more Attentive round trip however often it flipped meanwhile. Other audiences keep theirs
+        -- (distinct attributes: their relative order cannot matter).
+        local kept, pos, prefix, dropped = {}, 1, aud .. '\t', 0
+        while pos <= #w do
+            local nl = string.find(w, '\n', pos, true)
+            if string.sub(w, pos, pos + #prefix - 1) == prefix then
+                dropped = dropped + 1
+            else
+                kept[#kept + 1] = string.sub(w, pos, nl)
+            end
+            pos = nl + 1
+        end
+        if dropped > 0 then
+            w = table.concat(kept)
+            redis.call('HINCRBY', K_STATUS, 'coalesced_while_held', dropped)
+        end
+    end
     redis.call('HSET', K_WAITING, user, w .. aud .. '\t' .. rec .. '\t' .. table.concat(t, '\t', i, j) .. '\n')
     wait_cache[user] = true
 end
