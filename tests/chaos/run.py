@@ -37,7 +37,7 @@ import redis
 from tests.chaos import procs
 from tests.chaos.config import ChaosConfig
 from tests.chaos.procs import AofRedis, Fleet, wait_until
-from tests.chaos.verdict import Evidence, Verdict, judge
+from tests.chaos.verdict import STARTUP_GIVE_UP, Evidence, Verdict, judge
 from tests.chaos.workload import JOB_A, Delivery, Workload, job_configs, make_workload
 from worker.cli.localredis import free_port
 from worker.observe.status import job_status
@@ -945,6 +945,7 @@ class Run:
             text = path.read_text(errors="replace")
             for pattern in (
                 "Unrecoverable error",
+                STARTUP_GIVE_UP,
                 "Traceback",
                 "lease lost during submit",
                 "no answer to a send",
