@@ -3,6 +3,7 @@ processes, and the Attentive sandbox over HTTP. Each test states one promise of 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -92,8 +93,10 @@ class Pipeline:
         return user["custom"] if user else {}
 
 
-@pytest.fixture
-def pipeline(real_redis: redis.Redis, sandbox: SandboxProcess) -> Iterator[Pipeline]:
+@contextlib.contextmanager
+def running_pipeline(real_redis: redis.Redis, sandbox: SandboxProcess, **settings: str) -> Iterator[Pipeline]:
+    """Real workers and beat on the test Redis against ``sandbox``, with test-speed settings;
+    ``settings`` adds or overrides environment variables (e.g. ``ATTENTIVE_UNCERTAIN_HOLD_SECONDS``)."""
     broker = redis.Redis.from_url(TEST_BROKER_URL)
     broker.flushdb()
     env = {
@@ -105,6 +108,7 @@ def pipeline(real_redis: redis.Redis, sandbox: SandboxProcess) -> Iterator[Pipel
         "ATTENTIVE_POLL_CAP_SECONDS": "2",
         "SWEEP_INTERVAL_SECONDS": "0.5",
         "FLUSH_LEASE_SECONDS": "3",
+        **settings,
     }
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the test process dispatches tasks to the same broker
@@ -119,6 +123,12 @@ def pipeline(real_redis: redis.Redis, sandbox: SandboxProcess) -> Iterator[Pipel
             else:
                 os.environ[k] = v
         broker.flushdb()
+
+
+@pytest.fixture
+def pipeline(real_redis: redis.Redis, sandbox: SandboxProcess) -> Iterator[Pipeline]:
+    with running_pipeline(real_redis, sandbox) as running:
+        yield running
 
 
 def requests_for(sandbox: SandboxProcess, email: str) -> list[dict[str, Any]]:

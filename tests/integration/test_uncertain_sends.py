@@ -18,7 +18,6 @@ running (40 to 100 users a run).
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -26,12 +25,10 @@ from typing import Any
 import pytest
 import redis
 
-from tests.celeryproc import CeleryProcesses, wait_for
-from tests.conftest import TEST_BROKER_URL, TEST_REDIS_URL
-from tests.integration.test_pipeline import Pipeline, line
+from tests.celeryproc import wait_for
+from tests.integration.test_pipeline import Pipeline, line, running_pipeline
 from tests.sandboxproc import start_sandbox
 from worker.pipeline import deadletters
-from worker.setup.crypto import generate_secret_key
 from worker.setup.jobs import ExportJob
 from worker.store import keys
 
@@ -55,38 +52,16 @@ JOBS_TIMEOUT = 15.0
 
 @pytest.fixture
 def pipeline(real_redis: redis.Redis) -> Iterator[Pipeline]:
-    broker = redis.Redis.from_url(TEST_BROKER_URL)
-    broker.flushdb()
-    with start_sandbox(
-        ["test-key"],
-        processing_delay=PROCESSING_DELAY,
-        completion_order="random",
-        drop_after_accept=DROP_AFTER_ACCEPT,
-    ) as sandbox:
-        env = {
-            "REDIS_URL": TEST_REDIS_URL,
-            "CELERY_BROKER_URL": TEST_BROKER_URL,
-            "ATTENTIVE_API_URL": sandbox.url,
-            "EXPORT_SECRET_KEY": generate_secret_key(),
-            "ATTENTIVE_FIRST_POLL_SECONDS": "0.3",
-            "ATTENTIVE_POLL_CAP_SECONDS": "2",
-            "SWEEP_INTERVAL_SECONDS": "0.5",
-            "FLUSH_LEASE_SECONDS": "3",
-            "ATTENTIVE_UNCERTAIN_HOLD_SECONDS": str(HOLD_SECONDS),
-        }
-        old = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)  # the test process dispatches tasks to the same broker
-        procs = CeleryProcesses(env)
-        try:
-            yield Pipeline(real_redis, sandbox, procs)
-        finally:
-            procs.stop()
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-            broker.flushdb()
+    with (
+        start_sandbox(
+            ["test-key"],
+            processing_delay=PROCESSING_DELAY,
+            completion_order="random",
+            drop_after_accept=DROP_AFTER_ACCEPT,
+        ) as sandbox,
+        running_pipeline(real_redis, sandbox, ATTENTIVE_UNCERTAIN_HOLD_SECONDS=str(HOLD_SECONDS)) as running,
+    ):
+        yield running
 
 
 def delivered_everything(pipeline: Pipeline, job: ExportJob, changes: int) -> bool:
