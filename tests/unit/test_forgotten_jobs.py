@@ -155,6 +155,55 @@ def test_a_send_whose_answer_never_came_holds_its_users_until_that_job_surely_en
     assert vip_posts(pipe, "a@x.io") == [False, False, True]
 
 
+class WorkerDied(BaseException):
+    """Stands for SIGKILL: nothing after it in the flush runs (no except clause catches it)."""
+
+
+def test_a_worker_killed_after_attentive_accepted_but_before_recording_it_holds_its_users(
+    pipe: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = pipe.create_job()
+    pipe.ingest(exit_("a@x.io"), exit_("b@x.io"))
+    buffer = pipe.buffer(job)
+    (bid,) = buffer.seal_now()
+
+    def accept_then_die(users: list[dict[str, Any]]) -> Any:
+        pipe.attentive.accept(users)  # Attentive runs job A, carrying the exits ...
+        raise WorkerDied  # ... and the worker dies before its answer is recorded
+
+    pipe.attentive.bulk = accept_then_die
+    with pytest.raises(WorkerDied):
+        flush_job(pipe.rt, job.id)
+    (pending,) = recorded(pipe, job, bid)
+    assert pending["id"].startswith("unknown:") and pending["until"] >= now_ms() + 599_000
+
+    # The lease expires: the batch is sent again at once, but stays held while job A may run.
+    requeued, _ = buffer.reap(120_000, now=now_ms() + 61_000)
+    assert requeued == 1 and buffer.batch(bid)["state"] == "sealed"
+    pipe.attentive.bulk = pipe.attentive.accept
+    assert flush_job(pipe.rt, job.id).submitted == [bid]
+    assert not poll(pipe, job, bid, 0)
+    pipe.ingest(enter_later("a@x.io"))
+    assert buffer.seal_now() == []  # a's enter waits: job A could still overwrite it
+
+    later = now_ms() + 601_000
+    monkeypatch.setattr(poll_module, "now_ms", lambda: later)
+    assert poll(pipe, job, bid, 1)
+    assert len(buffer.seal_now()) == 1
+    flush_job(pipe.rt, job.id)
+    assert vip_posts(pipe, "a@x.io") == [False, False, True]
+
+
+def test_an_answered_request_leaves_no_pending_entry(pipe: Pipeline) -> None:
+    job = pipe.create_job()
+    pipe.ingest(*(exit_(e) for e in ("a@x.io", "b@x.io", "poison@x.io")))
+    (bid,) = pipe.buffer(job).seal_now()
+    pipe.attentive.refuse_containing("poison@x.io")
+    flush_job(pipe.rt, job.id)
+    ids = [j["id"] for j in recorded(pipe, job, bid)]
+    assert ids and not any(i.startswith("unknown:") for i in ids)  # 400s and 202s replaced theirs
+
+
 def test_a_flush_killed_after_attentive_accepted_part_hands_the_batch_to_the_poll(pipe: Pipeline) -> None:
     job = pipe.create_job()
     pipe.ingest(exit_("a@x.io"), exit_("b@x.io"))

@@ -184,14 +184,21 @@ class JobBuffer:
         """Give a claimed batch back, unsent, to the front of the queue."""
         return bool(self._run("release", batch.batch_id, batch.token))
 
-    def record_accepted(self, batch_id: int, job: dict[str, Any]) -> bool:
+    def record_accepted(self, batch_id: int, job: dict[str, Any], replaces: str = "") -> bool:
         """Record one request Attentive accepted (``{"id", "idx"}``), or may have (an ``unknown:`` id
         with ``until``), the moment it happens: the batch completes only once it has finished.
 
-        Whoever owns the batch: a job Attentive runs must be polled however this send ends. False
-        only when the batch is gone (completed), which a live send cannot see.
+        ``replaces`` names a recorded job this one stands in for (the ``unknown:`` entry written just
+        before the request went out), removed in the same step. Whoever owns the batch: a job
+        Attentive runs must be polled however this send ends. False only when the batch is gone
+        (completed), which a live send cannot see.
         """
-        return bool(self._run("accepted", batch_id, json.dumps(job, separators=(",", ":"))))
+        return bool(self._run("accepted", batch_id, json.dumps(job, separators=(",", ":")), replaces))
+
+    def forget_job(self, batch_id: int, job_id: str) -> bool:
+        """Remove a recorded ``unknown:`` entry once the request it stood for got an answer that
+        says Attentive did not accept it (a 400, 429 or 5xx)."""
+        return bool(self._run("accepted", batch_id, "", job_id))
 
     def end_job(self, batch_id: int, job_id: str, reason: str, *, failed: bool = False) -> bool:
         """Mark one recorded job finished without delivering; ``failed`` counts it toward the batch's

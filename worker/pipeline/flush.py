@@ -182,7 +182,8 @@ def _flush_batch(
         encoded,
         to_send,
         post_seconds,
-        record=lambda sub: buffer.record_accepted(batch.batch_id, sub),
+        record=lambda sub, replaces: buffer.record_accepted(batch.batch_id, sub, replaces),
+        forget=lambda pending: buffer.forget_job(batch.batch_id, pending),
         uncertain_hold_ms=hold_ms,
     )
     if sent.refused:
@@ -286,16 +287,19 @@ def _submit_isolating(
     users: Mapping[int, bytes],
     indices: list[int],
     post_seconds: list[float],
-    record: Callable[[dict[str, Any]], bool],
+    record: Callable[[dict[str, Any], str], bool],
+    forget: Callable[[str], bool],
     uncertain_hold_ms: int,
 ) -> _Sent:
     """POST ``users[i] for i in indices`` (JSON records); on a 400 split in halves until refused users
     are isolated.
 
-    Each accepted request is recorded with ``record`` before the next one goes out, so nothing that
-    happens later (a 429 in the other half, a crash) can lose an Attentive job id. A request whose
-    answer never came although it may have reached Attentive is recorded as an ``unknown:`` job held
-    ``uncertain_hold_ms`` from the moment the answer failed. The first other error ends the send and is returned, not raised.
+    Before a request goes out it is recorded (``record(entry, replaces)``) as an ``unknown:`` job held
+    ``uncertain_hold_ms``; its answer replaces that entry: Attentive's job id when accepted, nothing
+    (``forget``) when refused or turned away. So a request whose answer never came, or whose worker
+    died before the answer was recorded, still holds its users until any job it created has surely
+    finished, and nothing that happens later (a 429 in the other half, a crash) can lose an
+    Attentive job id. The first other error ends the send and is returned, not raised.
     """
     sent = _Sent()
     pending: list[list[int]] = [indices]
@@ -304,11 +308,14 @@ def _submit_isolating(
             idx = pending.pop()
             if not limiter.acquire(TOKEN_WAIT_SECONDS):
                 raise NoToken(limiter.next_wait)
+            unknown = f"unknown:{secrets.token_hex(8)}"
+            record({"id": unknown, "idx": idx, "until": now_ms() + uncertain_hold_ms}, "")
             started = time.monotonic()
             try:
                 job_id = client.submit_bulk_json([users[i] for i in idx])
             except InvalidRequest as exc:
                 post_seconds.append(time.monotonic() - started)
+                forget(unknown)
                 if len(idx) == 1:
                     sent.refused[idx[0]] = exc.attentive_message or exc.message
                 else:
@@ -318,12 +325,17 @@ def _submit_isolating(
             except TransportError as exc:
                 post_seconds.append(time.monotonic() - started)
                 if exc.may_have_reached_server:
-                    unknown = f"unknown:{secrets.token_hex(8)}"
-                    record({"id": unknown, "idx": idx, "until": now_ms() + uncertain_hold_ms})
+                    # The hold runs from now, when the request can no longer be in the network.
+                    record({"id": unknown, "idx": idx, "until": now_ms() + uncertain_hold_ms}, unknown)
                     sent.uncertain += idx
+                else:
+                    forget(unknown)
+                raise
+            except Exception:
+                forget(unknown)  # Attentive answered (429, 5xx, 401/403): it created no job
                 raise
             post_seconds.append(time.monotonic() - started)
-            record({"id": job_id, "idx": idx})
+            record({"id": job_id, "idx": idx}, unknown)
             sent.accepted.append(idx)
             limiter.note_success()
     except Exception as exc:  # returned: the caller decides, knowing what was accepted before it

@@ -494,19 +494,34 @@ elseif op == 'release' then
 
 elseif op == 'accepted' then
     -- op args: bid, one job as JSON ({"id", "idx": [user indices]}, plus "until" (ms) for an
-    -- "unknown:" send). Recorded the moment Attentive accepts a request, before anything else can
-    -- fail, and whoever owns the batch: a job Attentive runs is polled however the send ended.
+    -- "unknown:" send) or '' for none, and the id of a recorded job it replaces ('' for none).
+    -- Recorded the moment Attentive accepts a request, before anything else can fail, and whoever
+    -- owns the batch: a job Attentive runs is polled however the send ended. Every request is
+    -- recorded as an "unknown:" entry before it goes out and replaced by its answer, so a worker
+    -- that dies in between leaves the users held, never an untracked Attentive job.
     local key = batch_prefix .. ARGV[5]
     if redis.call('HEXISTS', key, 'users') == 0 then
         return 0
     end
     local raw = redis.call('HGET', key, 'attentive_jobs')
-    if not raw or raw == '[]' then
-        raw = '[' .. ARGV[6] .. ']'
-    else
-        raw = string.sub(raw, 1, -2) .. ',' .. ARGV[6] .. ']'
+    local replaces = ARGV[7] or ''
+    if replaces ~= '' and raw and raw ~= '[]' then
+        local kept = {}
+        for _, j in ipairs(cjson.decode(raw)) do
+            if j.id ~= replaces then
+                kept[#kept + 1] = cjson.encode(j)
+            end
+        end
+        raw = '[' .. table.concat(kept, ',') .. ']'
     end
-    redis.call('HSET', key, 'attentive_jobs', raw)
+    if ARGV[6] ~= '' then
+        if not raw or raw == '[]' then
+            raw = '[' .. ARGV[6] .. ']'
+        else
+            raw = string.sub(raw, 1, -2) .. ',' .. ARGV[6] .. ']'
+        end
+    end
+    redis.call('HSET', key, 'attentive_jobs', raw or '[]')
     return 1
 
 elseif op == 'ended' then
@@ -604,12 +619,14 @@ elseif op == 'reap' then
         local key = batch_prefix .. bid
         redis.call('ZREM', K_LEASES, bid)
         if redis.call('HGET', key, 'state') == 'submitting' then
-            if #unfinished_jobs(key) > 0 then
+            if carried_json(key) ~= '[]' then
                 -- Its flush died after Attentive accepted part of it: poll what was accepted now (the
                 -- poll resends the rest once those jobs finish), never re-send it alongside them.
                 redis.call('HSET', key, 'state', 'submitted', 'owner', '')
                 redis.call('ZADD', K_POLLS, now, bid)
             else
+                -- Nothing certainly accepted. An "unknown:" entry (its flush died with a request
+                -- out) stays: the users go again now, and the batch completes only after its hold.
                 redis.call('HSET', key, 'state', 'sealed', 'owner', '')
                 redis.call('LPUSH', K_SEALED, bid)
                 requeued = requeued + 1
