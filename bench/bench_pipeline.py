@@ -280,7 +280,7 @@ def run() -> str:
             f"With 2 processes the sends ran at a median {two['sends']:.0f} requests/s against the limiter's 90/s:",
             f"{USERS // 256} full batches need {USERS // 256 / 90:.2f} s at 90/s, a ceiling of "
             f"{(USERS - USERS % 256) / (USERS // 256 / 90):,.0f} transitions/s for this run. One flush task",
-            "sends a job's batches while ingest fills them, and polls wait parked in Redis for spare budget",
+            "sends a job's batches while ingest fills them, and the key's poller checks batches within its share of the budget",
             "(README, How it works); the sandbox applies accepted records to its user store when read,",
             "since at Attentive that work happens on Attentive's servers.",
         ]

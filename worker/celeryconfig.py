@@ -27,8 +27,9 @@ task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
 
 # Redis transport: an unacknowledged message comes back after this long. Well above the longest
-# countdown (polls cap at about 72 s), so countdown tasks are not delivered twice. Crash recovery
-# does not wait for it: leases and the sweep re-drive batches within a minute (worker/pipeline/sweep.py).
+# countdown (a flush or poller waiting out a 429 hold: 30 s at most), so countdown tasks are not
+# delivered twice. Crash recovery does not wait for it: leases, the poller lock and the sweep re-drive
+# work within a minute (worker/pipeline/sweep.py).
 broker_transport_options = {"visibility_timeout": 3600}
 broker_connection_retry_on_startup = True
 
@@ -37,6 +38,7 @@ task_default_queue = "ingest"
 task_routes = {
     "export.ingest": {"queue": "ingest"},
     "export.flush": {"queue": "flush"},
+    "export.poll_key": {"queue": "poll"},
     "export.poll": {"queue": "poll"},
     "export.sweep": {"queue": "sweep"},
     "export.backfill": {"queue": "backfill"},

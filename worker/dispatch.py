@@ -11,7 +11,9 @@ from typing import Protocol
 # Task names, shared by tasks/ (which defines them) and the Celery dispatcher (which sends them).
 INGEST_TASK = "export.ingest"
 FLUSH_TASK = "export.flush"
-POLL_TASK = "export.poll"
+POLL_TASK = "export.poll_key"
+#: Per-batch polls of earlier versions; still accepted so messages queued before an upgrade do no harm.
+LEGACY_POLL_TASK = "export.poll"
 SWEEP_TASK = "export.sweep"
 BACKFILL_TASK = "export.backfill"
 
@@ -19,7 +21,7 @@ BACKFILL_TASK = "export.backfill"
 class Dispatcher(Protocol):
     def ingest(self, chunk_id: str) -> None: ...
     def flush(self, job_id: str, countdown: float = 0.0) -> None: ...
-    def poll(self, job_id: str, batch_id: int, attempt: int, countdown: float) -> None: ...
+    def poll_key(self, key_hash: str, countdown: float = 0.0) -> None: ...
     def backfill(self, job_id: str, part: str, countdown: float = 0.0) -> None: ...
 
 
@@ -37,8 +39,8 @@ class CeleryDispatcher:
     def flush(self, job_id: str, countdown: float = 0.0) -> None:
         self._app.send_task(FLUSH_TASK, args=[job_id], countdown=countdown or None)
 
-    def poll(self, job_id: str, batch_id: int, attempt: int, countdown: float) -> None:
-        self._app.send_task(POLL_TASK, args=[job_id, batch_id, attempt], countdown=countdown)
+    def poll_key(self, key_hash: str, countdown: float = 0.0) -> None:
+        self._app.send_task(POLL_TASK, args=[key_hash], countdown=countdown or None)
 
     def backfill(self, job_id: str, part: str, countdown: float = 0.0) -> None:
         self._app.send_task(BACKFILL_TASK, args=[job_id, part], countdown=countdown or None)

@@ -39,17 +39,20 @@ DEFAULT_LYTICS_API_URL = "https://api.lytics.io"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 #: Attentive allows 100 requests/s per key on the bulk and job-status endpoints; stay 10% under.
 DEFAULT_RATE_LIMIT_PER_SECOND = 90.0
-#: Longest allowed ``ATTENTIVE_POLL_CAP_SECONDS``: poll countdowns (cap + 20% jitter) must stay far
-#: below the broker's visibility timeout (one hour, worker/celeryconfig.py), or a countdown task is
-#: delivered twice; DESIGN.md §4 asks for countdowns of minutes at most.
-MAX_POLL_CAP_SECONDS = 600.0
-#: Longest allowed ``SWEEP_INTERVAL_SECONDS``: time-based flushes, crash recovery and parked polls
-#: all wait for the sweep, and a job's flush interval can be as short as 1 s.
+#: Longest allowed ``ATTENTIVE_POLL_CAP_SECONDS``: a batch at Attentive is checked at least every
+#: six hours (the schedule lives in Redis, so no broker countdown bounds it).
+MAX_POLL_CAP_SECONDS = 6 * 3600.0
+#: Longest allowed ``SWEEP_INTERVAL_SECONDS``: time-based flushes, crash recovery and starting
+#: pollers all wait for the sweep, and a job's flush interval can be as short as 1 s.
 MAX_SWEEP_INTERVAL_SECONDS = 60.0
 #: 5 MiB: a Lytics batch of 1,000 triggers with a few dozen profile fields fits comfortably.
 DEFAULT_WEBHOOK_MAX_BYTES = 5 * 1024 * 1024
 #: A webhook token shorter than this is too easy to guess for an endpoint on the internet.
 MIN_WEBHOOK_TOKEN_LENGTH = 16
+#: Dead letters kept per job (the oldest go beyond it; their counts by reason stay exact).
+DEFAULT_DEADLETTER_CAP = 100_000
+#: A cap above this would let one job's dead letters take gigabytes (DESIGN.md invariant 8).
+MAX_DEADLETTER_CAP = 10_000_000
 #: Methods Lytics can be configured to use (``POST`` is its default and always accepted).
 WEBHOOK_METHODS = ("POST", "GET", "PUT", "PATCH", "DELETE")
 
@@ -77,6 +80,7 @@ _RULES = {
     "SWEEP_INTERVAL_SECONDS": f"must be a number of seconds greater than 0 and at most {MAX_SWEEP_INTERVAL_SECONDS:g}",
     "WEBHOOK_MAX_BYTES": "must be a whole number of bytes, at least 1",
     "WEBHOOK_METHOD": f"must be one of {', '.join(WEBHOOK_METHODS)}",
+    "DEADLETTER_CAP": f"must be a whole number of entries, at least 1 and at most {MAX_DEADLETTER_CAP}",
 }
 #: Variables whose value never appears in an error message.
 _SECRETS = frozenset({"EXPORT_SECRET_KEY", "WEBHOOK_TOKEN"})
@@ -124,18 +128,23 @@ class Settings(BaseSettings):
     rate_limit_per_second: float = Field(
         DEFAULT_RATE_LIMIT_PER_SECOND, validation_alias="ATTENTIVE_RATE_LIMIT", gt=0, allow_inf_nan=False
     )
-    #: First status check of an Attentive batch job; later checks back off exponentially.
+    #: First status check of an Attentive batch job; later ones come after a quarter of the batch's
+    #: age, up to the cap, and further apart when many batches are out (worker.pipeline.poll).
     first_poll_seconds: float = Field(
         2.0, validation_alias="ATTENTIVE_FIRST_POLL_SECONDS", gt=0, allow_inf_nan=False
     )
-    #: Longest wait between two status checks of one batch job.
+    #: Longest wait between two status checks of one batch job, unless the number of batches at
+    #: Attentive needs longer to fit the poll share.
     poll_cap_seconds: float = Field(
-        60.0,
+        900.0,
         validation_alias="ATTENTIVE_POLL_CAP_SECONDS",
         gt=0,
         le=MAX_POLL_CAP_SECONDS,
         validate_default=True,  # checked against ATTENTIVE_FIRST_POLL_SECONDS when left at its default
     )
+    #: Share of the key's rate that status checks may take while batches wait to be sent (sends keep
+    #: the rest); with nothing waiting, checks use spare tokens only.
+    poll_share: float = Field(0.1, validation_alias="ATTENTIVE_POLL_SHARE", gt=0, le=1, allow_inf_nan=False)
     #: How long a flush owns a claimed batch before the sweep hands it to another worker.
     lease_seconds: float = Field(60.0, validation_alias="FLUSH_LEASE_SECONDS", ge=1, allow_inf_nan=False)
     #: After a send whose answer never came (the connection dropped after the request went out),
@@ -145,7 +154,7 @@ class Settings(BaseSettings):
     uncertain_send_hold_seconds: float = Field(
         600.0, validation_alias="ATTENTIVE_UNCERTAIN_HOLD_SECONDS", gt=0, allow_inf_nan=False
     )
-    #: How often beat runs the sweep; parked polls are released over one interval (worker.pipeline.parked).
+    #: How often beat runs the sweep (time-based seals, expired leases, starting pollers).
     sweep_interval_seconds: float = Field(
         1.0, validation_alias="SWEEP_INTERVAL_SECONDS", gt=0, le=MAX_SWEEP_INTERVAL_SECONDS
     )
@@ -156,6 +165,10 @@ class Settings(BaseSettings):
     webhook_max_bytes: int = Field(DEFAULT_WEBHOOK_MAX_BYTES, validation_alias="WEBHOOK_MAX_BYTES", ge=1)
     #: The method configured in Lytics, accepted besides POST.
     webhook_method: str = Field("POST", validation_alias="WEBHOOK_METHOD")
+    #: Dead letters kept per job; beyond it the oldest are dropped, counts by reason stay exact.
+    deadletter_cap: int = Field(
+        DEFAULT_DEADLETTER_CAP, validation_alias="DEADLETTER_CAP", ge=1, le=MAX_DEADLETTER_CAP
+    )
 
     def __init__(self, **values: Any) -> None:
         super().__init__(**{_ENV_NAMES.get(name, name): value for name, value in values.items()})

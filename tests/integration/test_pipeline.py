@@ -108,6 +108,8 @@ def running_pipeline(real_redis: redis.Redis, sandbox: SandboxProcess, **setting
         "ATTENTIVE_POLL_CAP_SECONDS": "2",
         "SWEEP_INTERVAL_SECONDS": "0.5",
         "FLUSH_LEASE_SECONDS": "3",
+        # A worker killed mid-send holds its users this long (the sandbox's jobs take about 1 s).
+        "ATTENTIVE_UNCERTAIN_HOLD_SECONDS": "5",
         **settings,
     }
     old = {k: os.environ.get(k) for k in env}

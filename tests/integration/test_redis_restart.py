@@ -31,7 +31,8 @@ import redis
 from celery import Celery, shared_task
 
 from tests.celeryproc import ALL_QUEUES, CeleryProcesses, wait_for
-from worker.dispatch import POLL_TASK, SWEEP_TASK
+from worker.dispatch import LEGACY_POLL_TASK as POLL_TASK
+from worker.dispatch import SWEEP_TASK
 from worker.setup.crypto import generate_secret_key
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]

@@ -20,6 +20,7 @@ import redis
 from worker.clients.attentive import AttentiveClient
 from worker.pipeline.buffer import JobBuffer
 from worker.pipeline.ingest import ingest_lines
+from worker.pipeline.poll import Check, check_batch
 from worker.runtime import Runtime
 from worker.settings import Settings
 from worker.setup.jobconfig import parse_job_config
@@ -33,6 +34,9 @@ KEY_HASH = "testkeyhash00000"
 RATE = 10_000.0
 AT = "2026-11-26T17:00:00Z"
 
+#: Default job labels, distinct (the job store refuses a label already in use).
+_JOB_LABELS = itertools.count(1)
+
 
 @dataclass
 class RecordingDispatcher:
@@ -40,7 +44,7 @@ class RecordingDispatcher:
 
     ingests: list[str] = field(default_factory=list)
     flushes: list[tuple[str, float]] = field(default_factory=list)
-    polls: list[tuple[str, int, int, float]] = field(default_factory=list)
+    pollers: list[tuple[str, float]] = field(default_factory=list)
 
     def ingest(self, chunk_id: str) -> None:
         self.ingests.append(chunk_id)
@@ -48,8 +52,8 @@ class RecordingDispatcher:
     def flush(self, job_id: str, countdown: float = 0.0) -> None:
         self.flushes.append((job_id, countdown))
 
-    def poll(self, job_id: str, batch_id: int, attempt: int, countdown: float) -> None:
-        self.polls.append((job_id, batch_id, attempt, countdown))
+    def poll_key(self, key_hash: str, countdown: float = 0.0) -> None:
+        self.pollers.append((key_hash, countdown))
 
 
 Reply = httpx.Response | Exception
@@ -182,7 +186,7 @@ class Pipeline:
 
     def create_job(self, audiences: tuple[str, ...] = ("vip", "lapsed"), **config: Any) -> ExportJob:
         data: dict[str, Any] = {
-            "label": "test job",
+            "label": f"test job {next(_JOB_LABELS)}",  # labels are unique among jobs
             "authorization": "auth-1",
             "audiences": list(audiences),
             "identifier_mappings": {"email": "email"},
@@ -203,19 +207,15 @@ class Pipeline:
         assert len(sealed) == 1
         return sealed[0]
 
-    def parked(self, job: ExportJob) -> list[tuple[int, int]]:
-        """Parked polls as (batch id, attempt), the earliest due first."""
+    def polled(self, job: ExportJob) -> list[int]:
+        """Batches in the job's check schedule (at Attentive, waiting for the poller), in batch order."""
         from worker.store import keys
 
-        members = self.rt.redis.zrange(keys.parked_polls(job.id), 0, -1)
-        pairs = [(m.decode() if isinstance(m, bytes) else m).split(":") for m in members]
-        return [(int(b), int(a)) for b, a in pairs]
+        return sorted(int(b) for b in self.rt.redis.zrange(keys.polls(job.id), 0, -1))
 
-    def polled(self, job: ExportJob) -> list[int]:
-        """Batches with a poll on its way: queued as a task or parked, in batch order."""
-        return sorted(
-            [p[1] for p in self.dispatch.polls if p[0] == job.id] + [b for b, _ in self.parked(job)]
-        )
+    def check(self, job: ExportJob, bid: int, sends_waiting: bool = False) -> Check:
+        """One check of a batch, as the key's poller makes it, with a token always at hand."""
+        return check_batch(self.rt, job, bid, lambda: 0.0, self.limiter(), 1, sends_waiting)
 
     def status(self, job: ExportJob) -> dict[str, str]:
         from worker.store import keys

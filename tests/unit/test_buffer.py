@@ -62,7 +62,7 @@ def test_second_change_same_audience_seals_first_and_waits_for_completion(any_re
     buf.ingest([change("c@x.io", "vip", 3)])
     assert buf.seal_now() == [2]
     assert buf.record_accepted(first.batch_id, {"id": "job-1", "idx": [0, 1]})
-    assert buf.mark_submitted(first, poll_deadline_ms=10**13)
+    assert buf.mark_submitted(first, first_check_ms=10**13)
     buf.complete(first.batch_id)
     assert buf.waiting_users() == 0
     assert buf.open_size() == 1
@@ -110,7 +110,7 @@ def test_expired_lease_is_requeued_and_completed_batch_deleted(any_redis: Any) -
     claimed = buf.claim(lease_ms=1_000, now=10_000)
     assert claimed is not None
     assert buf.claim(1_000, now=10_500) is None
-    requeued, _overdue = buf.reap(60_000, now=11_001)
+    requeued = buf.reap(now=11_001)
     assert requeued == 1
     again = buf.claim(1_000, now=11_002)
     assert again is not None and again.batch_id == claimed.batch_id

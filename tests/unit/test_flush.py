@@ -12,11 +12,8 @@ import pytest
 import redis
 
 from worker.pipeline import deadletters
-from worker.pipeline.attentive_calls import POLL_GRACE_MS
-from worker.pipeline.buffer import now_ms
+from worker.pipeline.attentive_calls import TOKEN_WAIT_SECONDS
 from worker.pipeline.flush import FLUSH_QUEUED_TTL_MS, flush_job, request_flush
-from worker.pipeline.parked import POLL_YIELDS_MS
-from worker.pipeline.poll import poll_batch
 from worker.setup.jobconfig import JobState
 from worker.store import keys
 from worker.store.ratelimit import RateLimiter
@@ -59,8 +56,10 @@ def test_sealed_batch_is_posted_once_with_merged_records_then_marked_submitted_a
     assert batch["state"] == "submitted"
     assert json.loads(batch["attentive_jobs"]) == [{"id": "aj-1", "idx": [0, 1]}]
     assert pipe.buffer(job).sealed_count() == 0
-    assert pipe.redis.zscore(keys.polls(job.id), bid) is not None
-    assert pipe.dispatch.polls == [(job.id, bid, 0, pipe.rt.settings.first_poll_seconds)]
+    due = pipe.redis.zscore(keys.polls(job.id), bid)  # first check due after the first-poll delay
+    assert due is not None and due >= int(batch["submitted_at"]) + int(
+        pipe.rt.settings.first_poll_seconds * 1000
+    )
     assert pipe.status(job)["batches_submitted"] == "1"
 
 
@@ -89,7 +88,7 @@ def test_a_request_never_carries_the_same_user_twice(pipe: Pipeline) -> None:
 
     # The exit waits for a's first Attentive job to finish, then goes in a later request.
     assert pipe.polled(job) == [1, 2]
-    assert poll_batch(pipe.rt, job.id, 1, 0).done
+    assert pipe.check(job, 1).done
     pipe.buffer(job).seal_now()
     flush_job(pipe.rt, job.id)
     last = pipe.attentive.bulk_bodies[-1]
@@ -109,7 +108,7 @@ def test_429_releases_batch_penalizes_shared_limiter_and_counts(pipe: Pipeline, 
     assert pipe.buffer(job).outstanding_users() == 3  # nothing was lost or freed
     assert pipe.redis.get(keys.ratelimit_backoff(KEY_HASH)) is None
     assert pipe.status(job)["responses_429"] == "1"
-    assert pipe.dispatch.polls == []
+    assert pipe.polled(job) == []
     # Its own retry is on the way: a seal meanwhile queues no second sender.
     assert pipe.redis.exists(keys.flush_running(job.id)) and not request_flush(pipe.rt, job.id)
 
@@ -191,7 +190,7 @@ def test_server_or_transport_error_releases_batch_with_backoff_and_records_last_
     assert status["last_error"].startswith(expected)
     assert status["consecutive_errors"] == "1"
     assert "responses_429" not in status
-    assert pipe.dispatch.polls == []
+    assert pipe.polled(job) == []
 
 
 @pytest.mark.parametrize("code", [401, 403])
@@ -240,7 +239,7 @@ def test_400_isolates_the_poisoned_user_by_bisection_and_delivers_the_rest(pipe:
     poisoned = json.loads(batch["users"]).index("u11@x.io")
     sub_jobs = json.loads(batch["attentive_jobs"])
     assert sorted(i for sub in sub_jobs for i in sub["idx"]) == [i for i in range(n) if i != poisoned]
-    assert pipe.dispatch.polls == [(job.id, bid, 0, pipe.rt.settings.first_poll_seconds)]
+    assert pipe.polled(job) == [bid]
 
 
 def test_batch_refused_entirely_completes_with_every_user_deadlettered(pipe: Pipeline) -> None:
@@ -258,7 +257,7 @@ def test_batch_refused_entirely_completes_with_every_user_deadlettered(pipe: Pip
     assert all(d["reason"].startswith("attentive_400: Invalid email address") for d in dead)
     assert pipe.buffer(job).batch(bid) == {}
     assert pipe.buffer(job).outstanding_users() == 0
-    assert pipe.dispatch.polls == []
+    assert pipe.polled(job) == []
     status = pipe.status(job)
     assert status["batches_completed"] == "1" and status["deadlettered_users"] == "4"
 
@@ -350,61 +349,28 @@ def test_a_batch_sealed_as_the_flush_stands_down_is_never_stranded(
     assert pipe.dispatch.flushes == ([] if sealed_before_standing_down else [(job.id, 0.0)])
 
 
-def test_with_batches_queued_behind_a_poll_is_parked_not_queued(pipe: Pipeline) -> None:
-    """Sends are using the whole budget: a poll task would only find no spare token."""
-    job = pipe.create_job(batch_size=2)
-    pipe.ingest(*(enter(e) for e in users(6)))  # three full batches sealed
-    before = now_ms()
-
-    assert flush_job(pipe.rt, job.id).submitted == [1, 2, 3]
-
-    assert pipe.parked(job) == [(1, 0), (2, 0)]  # attempt 0: parking spends no attempt
-    assert [p[1] for p in pipe.dispatch.polls] == [3]  # the last had nothing behind it
-    first_ms = int(pipe.rt.settings.first_poll_seconds * 1000)
-    due = pipe.redis.zscore(keys.parked_polls(job.id), "1:0")
-    assert due is not None and before + first_ms <= due <= now_ms() + first_ms
-    # The sweep's lost-poll deadline lies past the forced release, so it does not double up.
-    deadline = pipe.redis.zscore(keys.polls(job.id), 1)
-    assert deadline is not None and deadline >= due + POLL_YIELDS_MS + POLL_GRACE_MS
-    assert pipe.status(job)["polls_parked"] == "2"
-
-
-def test_a_send_that_waited_for_its_token_parks_its_poll(
+def test_a_flush_never_sleeps_long_for_a_token_it_gives_the_batch_back_with_a_countdown(
     pipe: Pipeline, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Bug caught: a flush that ignores ``limiter.last_wait`` queues the poll as a task, which would
-    only find no spare token while sends use the whole budget."""
+    """A prefork process that sleeps seconds on the limiter starves ingest and the sweep: a flush
+    waits at most TOKEN_WAIT_SECONDS, then runs again when its token is due."""
     from worker.store import ratelimit
 
     job = pipe.create_job()
     bid = pipe.sealed_batch(job, users(2))
-    interval = 4.0  # one token every 4 s: the wait can only run out on the test's clock below
+    interval = 4.0  # one token every 4 s
     busy = RateLimiter(pipe.redis, KEY_HASH, 1 / interval)
     monkeypatch.setattr(pipe.rt, "limiter_for", lambda job: busy)
-    while busy.try_acquire() == 0.0:  # other senders took the burst: the next token is 4 s away
+    while busy.try_acquire() == 0.0:  # other senders took the burst: the next token is ~4 s away
         pass
+    slept: list[float] = []
+    monkeypatch.setattr(ratelimit.time, "sleep", slept.append)
 
-    class LimiterClock:
-        """The limiter's ``time``: sleeping is instant and moves the shared schedule back instead,
-        which to the limiter is that much time passing (on a real Redis too, whose clock we cannot
-        move). Only the moments between the drain above and the flush's first request pass for real,
-        against a 4 s interval (the 5 ms interval used before was lost on a busy machine)."""
+    report = flush_job(pipe.rt, job.id)
 
-        now = 0.0
-
-        def monotonic(self) -> float:
-            return self.now
-
-        def sleep(self, seconds: float) -> None:
-            self.now += seconds
-            pipe.redis.decrby(keys.ratelimit(KEY_HASH), math.ceil(seconds * 1_000_000))
-
-    monkeypatch.setattr(ratelimit, "time", LimiterClock())
-
-    assert flush_job(pipe.rt, job.id).submitted == [bid]
-
-    assert 0 < busy.last_wait <= interval  # it did wait for its token
-    assert pipe.parked(job) == [(bid, 0)] and pipe.dispatch.polls == []
+    assert report.submitted == [] and report.retry_in is not None and report.retry_in > TOKEN_WAIT_SECONDS
+    assert sum(slept) <= TOKEN_WAIT_SECONDS
+    assert pipe.attentive.posts() == [] and pipe.buffer(job).batch(bid)["state"] == "sealed"
 
 
 @pytest.mark.parametrize("rate, more", [(1e9, True), (1e-3, False)])

@@ -10,16 +10,14 @@ import redis
 
 from worker.observe.status import job_status
 from worker.pipeline import deadletters
-from worker.pipeline.attentive_calls import POLL_GRACE_MS
 from worker.pipeline.buffer import now_ms
 from worker.pipeline.flush import flush_job
-from worker.pipeline.poll import MAX_SEND_ATTEMPTS, POLL_YIELDS_MS, poll_batch
+from worker.pipeline.poll import MAX_SEND_ATTEMPTS, NEEDS_REVIEW_CHECK_SECONDS, Check, next_check_in
 from worker.setup.jobconfig import JobState
 from worker.setup.jobs import ExportJob
 from worker.store import keys
-from worker.store.ratelimit import RateLimiter
 
-from .pipeline_kit import KEY_HASH, Pipeline, emails_of, enter, error, exit_, users
+from .pipeline_kit import Pipeline, emails_of, enter, error, exit_, users
 
 
 @pytest.fixture
@@ -35,33 +33,46 @@ def submitted(pipe: Pipeline, job: ExportJob, emails: list[str]) -> tuple[int, l
     return bid, [j["id"] for j in jobs]
 
 
-def test_in_progress_is_not_done_and_records_the_next_poll_deadline(pipe: Pipeline) -> None:
+def check(pipe: Pipeline, job: ExportJob, bid: int) -> Check:
+    """One check of the batch as the key's poller makes it (a token always at hand)."""
+    return pipe.check(pipe.rt.jobs.get(job.id), bid)
+
+
+def test_in_progress_is_not_done_and_schedules_the_next_check(pipe: Pipeline) -> None:
     job = pipe.create_job()
     bid, (aj,) = submitted(pipe, job, users(2))
     pipe.attentive.statuses[aj] = ["IN_PROGRESS"]
     before = now_ms()
 
-    report = poll_batch(pipe.rt, job.id, bid, 0)
+    report = check(pipe, job, bid)
 
-    assert not report.done and report.next_in is not None and report.next_in > 0
+    assert not report.done and report.stop_for is None
     assert report.statuses == ("IN_PROGRESS",)
-    deadline = pipe.redis.zscore(keys.polls(job.id), bid)
-    assert deadline is not None and deadline >= before + report.next_in * 1000
+    due = pipe.redis.zscore(keys.polls(job.id), bid)
+    first_ms = pipe.rt.settings.first_poll_seconds * 1000
+    assert due is not None and before + 0.8 * first_ms <= due <= now_ms() + 1.2 * first_ms
     assert pipe.buffer(job).batch(bid)["state"] == "submitted"
     assert pipe.buffer(job).outstanding_users() == 2
     assert pipe.status(job)["last_attentive_status"] == "IN_PROGRESS"
 
 
-def test_poll_backoff_grows_with_the_attempt_number(pipe: Pipeline) -> None:
-    job = pipe.create_job()
-    bid, (aj,) = submitted(pipe, job, users(1))
-    pipe.attentive.statuses[aj] = ["PENDING"]
-    first = pipe.rt.settings.first_poll_seconds
-    delays = [poll_batch(pipe.rt, job.id, bid, attempt).next_in for attempt in (0, 3, 40)]
-    assert first * 0.8 <= delays[0] <= first * 1.2  # type: ignore[operator]
-    assert first * 8 * 0.8 <= delays[1] <= first * 8 * 1.2  # type: ignore[operator]
-    cap = pipe.rt.settings.poll_cap_seconds
-    assert cap * 0.8 <= delays[2] <= cap * 1.2  # type: ignore[operator]
+def test_next_check_moves_out_with_age_and_with_the_batches_at_attentive(pipe: Pipeline) -> None:
+    settings = pipe.rt.settings.model_copy(
+        update={"first_poll_seconds": 2.0, "poll_cap_seconds": 900.0, "rate_limit_per_second": 90.0}
+    )
+    low, high = 0.8, 1.2  # jitter
+
+    def within(got: float, expected: float) -> bool:
+        return expected * low <= got <= expected * high
+
+    assert within(next_check_in(settings, 0.0, 1, False), 2.0)  # young: the first-check delay
+    assert within(next_check_in(settings, 240.0, 1, False), 60.0)  # a quarter of its age
+    assert within(next_check_in(settings, 4 * 3600.0, 1, False), 900.0)  # capped
+    # 39,000 batches out while sends wait: spread over 10% of 90/s, every check ~72 min apart.
+    assert within(next_check_in(settings, 60.0, 39_000, True), 39_000 / 9.0)
+    # With nothing to send, checks are spread over half the key instead.
+    assert within(next_check_in(settings, 60.0, 39_000, False), 39_000 / 45.0)
+    assert within(next_check_in(settings, 10.0, 1, False, "NEEDS_REVIEW"), NEEDS_REVIEW_CHECK_SECONDS)
 
 
 def test_completed_results_settle_batch_deadletter_failed_records_and_free_users(pipe: Pipeline) -> None:
@@ -76,7 +87,7 @@ def test_completed_results_settle_batch_deadletter_failed_records_and_free_users
     pipe.ingest(exit_("u1@x.io"), exit_("u2@x.io"))
     assert pipe.buffer(job).waiting_users() == 2 and pipe.buffer(job).open_size() == 0
 
-    report = poll_batch(pipe.rt, job.id, bid, 0)
+    report = check(pipe, job, bid)
 
     assert report.done and report.statuses == ("COMPLETED",)
     status = pipe.status(job)
@@ -100,7 +111,7 @@ def test_completed_results_settle_batch_deadletter_failed_records_and_free_users
 
     # A duplicate poll (a redelivered task) changes nothing and asks Attentive nothing.
     requests = len(pipe.attentive.requests)
-    again = poll_batch(pipe.rt, job.id, bid, 1)
+    again = check(pipe, job, bid)
     assert again.done
     assert len(pipe.attentive.requests) == requests
     assert len(deadletters.read(pipe.redis, job.id)) == 2
@@ -113,7 +124,7 @@ def test_failed_job_resends_the_batch_then_deadletters_after_max_attempts(pipe: 
     bid, (aj,) = submitted(pipe, job, emails)
     for attempt in range(1, MAX_SEND_ATTEMPTS):
         pipe.attentive.statuses[aj] = ["FAILED"]
-        report = poll_batch(pipe.rt, job.id, bid, 0)
+        report = check(pipe, job, bid)
 
         assert report.done
         batch = pipe.buffer(job).batch(bid)
@@ -130,7 +141,7 @@ def test_failed_job_resends_the_batch_then_deadletters_after_max_attempts(pipe: 
     assert [emails_of(b) for b in pipe.attentive.bulk_bodies] == [emails] * MAX_SEND_ATTEMPTS
     pipe.attentive.statuses[aj] = ["FAILED"]
     flushes = len(pipe.dispatch.flushes)
-    assert poll_batch(pipe.rt, job.id, bid, 0).done
+    assert check(pipe, job, bid).done
 
     dead = deadletters.read(pipe.redis, job.id)
     assert sorted(d["user"] for d in dead) == emails
@@ -151,7 +162,7 @@ def test_cancelled_or_lost_job_is_resent_like_failed(pipe: Pipeline, answer: str
     bid, (aj,) = submitted(pipe, job, users(2))
     pipe.attentive.statuses[aj] = [error(404, "not found") if answer == "404" else answer]
 
-    assert poll_batch(pipe.rt, job.id, bid, 0).done
+    assert check(pipe, job, bid).done
 
     batch = pipe.buffer(job).batch(bid)
     assert batch["state"] == "sealed" and batch["attempts"] == "1"
@@ -167,16 +178,19 @@ def test_needs_review_and_unknown_status_keep_polling_and_show_in_status(pipe: P
     bid, (aj,) = submitted(pipe, job, users(2))
     pipe.attentive.statuses[aj] = [answer, answer, "COMPLETED"]
 
-    for attempt in (0, 1):
-        report = poll_batch(pipe.rt, job.id, bid, attempt)
-        assert not report.done and report.next_in is not None
+    for _ in (0, 1):
+        report = check(pipe, job, bid)
+        assert not report.done
+        due = pipe.redis.zscore(keys.polls(job.id), bid)
+        expected_ms = (NEEDS_REVIEW_CHECK_SECONDS if answer == "NEEDS_REVIEW" else 0.01) * 1000
+        assert due is not None and due >= now_ms() + 0.8 * expected_ms - 1000
     shown = job_status(pipe.redis, job.id)
     assert shown["last_attentive_status"] == answer
     assert shown["counters"][f"polls_{answer.lower()}"] == 2
     assert shown["buffer"]["batches_at_attentive"] == 1
     assert pipe.buffer(job).batch(bid)["state"] == "submitted"
 
-    assert poll_batch(pipe.rt, job.id, bid, 2).done
+    assert check(pipe, job, bid).done
     assert pipe.status(job)["users_delivered"] == "2"
     assert job_status(pipe.redis, job.id)["last_attentive_status"] == "COMPLETED"  # not stuck on review
 
@@ -186,16 +200,13 @@ def test_401_during_poll_pauses_the_job_and_keeps_the_batch(pipe: Pipeline) -> N
     bid, (aj,) = submitted(pipe, job, users(2))
     pipe.attentive.statuses[aj] = [error(401, "bad key")]
 
-    report = poll_batch(pipe.rt, job.id, bid, 0)
+    report = check(pipe, job, bid)
 
-    assert report.done  # no self-rescheduling while paused; the sweep re-drives after resume
+    assert not report.done  # paused: the key's poller skips the job until it is resumed
     stored = pipe.rt.jobs.get(job.id)
     assert stored.state is JobState.PAUSED and "401" in stored.pause_reason
     assert pipe.buffer(job).batch(bid)["state"] == "submitted"
-    assert pipe.redis.zscore(keys.polls(job.id), bid) is not None
-    requests = len(pipe.attentive.requests)
-    assert poll_batch(pipe.rt, job.id, bid, 1).done
-    assert len(pipe.attentive.requests) == requests
+    assert pipe.redis.zscore(keys.polls(job.id), bid) is not None  # still in the schedule
 
 
 def test_429_during_poll_backs_off_for_everyone_and_polls_again(pipe: Pipeline) -> None:
@@ -203,9 +214,11 @@ def test_429_during_poll_backs_off_for_everyone_and_polls_again(pipe: Pipeline) 
     bid, (aj,) = submitted(pipe, job, users(1))
     pipe.attentive.statuses[aj] = [error(429, "slow", headers={"Retry-After": "3"})]
 
-    report = poll_batch(pipe.rt, job.id, bid, 0)
+    report = check(pipe, job, bid)
 
-    assert not report.done and report.next_in == 3.0
+    assert not report.done and report.stop_for == 3.0  # the poller stops for the hold
+    due = pipe.redis.zscore(keys.polls(job.id), bid)
+    assert due is not None and due >= now_ms() + 2_000
     assert 2.0 < pipe.limiter().try_acquire() <= 3.0
     assert pipe.status(job)["responses_429"] == "1"
     assert pipe.buffer(job).batch(bid)["state"] == "submitted"
@@ -225,14 +238,14 @@ def test_batch_split_into_several_jobs_completes_only_when_all_have_completed(pi
     pipe.attentive.record_failures = {emails_of(pipe.attentive.accepted[done_first])[0]: (413, "too big")}
     pipe.ingest(exit_("u0@x.io"))
 
-    first = poll_batch(pipe.rt, job.id, bid, 0)
+    first = check(pipe, job, bid)
 
     assert not first.done and first.statuses == ("COMPLETED", "IN_PROGRESS")
     assert pipe.buffer(job).batch(bid)["state"] == "submitted"
     assert pipe.buffer(job).outstanding_users() == 4 and pipe.buffer(job).waiting_users() == 1
     assert len(deadletters.read(pipe.redis, job.id)) == 2  # the 400 one, and the 413 one (once)
 
-    second = poll_batch(pipe.rt, job.id, bid, 1)
+    second = check(pipe, job, bid)
 
     assert second.done and second.statuses == ("COMPLETED",)  # the settled job is not asked again
     assert [r.url.path.rsplit("/", 1)[1] for r in pipe.attentive.status_gets()] == [done_first, later, later]
@@ -242,22 +255,19 @@ def test_batch_split_into_several_jobs_completes_only_when_all_have_completed(pi
     assert pipe.buffer(job).outstanding_users() == 0 and pipe.buffer(job).open_size() == 1
 
 
-def test_poll_of_a_paused_job_or_an_unknown_batch_does_nothing(pipe: Pipeline) -> None:
+def test_check_of_an_unknown_batch_does_nothing_and_drops_it_from_the_schedule(pipe: Pipeline) -> None:
     job = pipe.create_job()
-    bid, _ = submitted(pipe, job, users(1))
-    assert poll_batch(pipe.rt, job.id, 999, 0).done
-    pipe.rt.jobs.set_state(job.id, JobState.PAUSED, "operator")
-    assert poll_batch(pipe.rt, job.id, bid, 0).done
-    assert pipe.attentive.status_gets() == []
-    assert pipe.buffer(job).batch(bid)["state"] == "submitted"
+    pipe.redis.zadd(keys.polls(job.id), {"999": 0})
+    assert check(pipe, job, 999).done
+    assert pipe.attentive.status_gets() == [] and pipe.polled(job) == []
 
 
 def test_enter_then_exit_reach_attentive_in_order(pipe: Pipeline) -> None:
     job = pipe.create_job()
     pipe.ingest(enter("a@x.io"), exit_("a@x.io"))
     flush_job(pipe.rt, job.id)
-    ((_, bid, _, _),) = pipe.dispatch.polls
-    assert poll_batch(pipe.rt, job.id, bid, 0).done
+    (bid,) = pipe.polled(job)
+    assert check(pipe, job, bid).done
     pipe.buffer(job).seal_now()
     flush_job(pipe.rt, job.id)
     flags = [b[0]["attributes"]["custom"]["vip"] for b in pipe.attentive.bulk_bodies]
@@ -287,9 +297,9 @@ def test_results_settlement_interrupted_midway_loses_no_dead_letter(
 
     monkeypatch.setattr(deadletters, "json", DiesOnce())
     with pytest.raises(RuntimeError, match="worker killed"):
-        poll_batch(pipe.rt, job.id, bid, 0)
+        check(pipe, job, bid)
 
-    assert poll_batch(pipe.rt, job.id, bid, 0).done  # the task's retry
+    assert check(pipe, job, bid).done  # the task's retry
 
     dead = deadletters.read(pipe.redis, job.id)
     assert [d["user"] for d in dead] == ["u1@x.io"]
@@ -311,7 +321,7 @@ def test_resend_after_a_failed_sub_job_does_not_deadletter_the_refused_user_twic
     bid, a, b = _split_batch(pipe, job)
     pipe.attentive.statuses[a] = ["COMPLETED"]
     pipe.attentive.statuses[b] = ["FAILED"]
-    assert poll_batch(pipe.rt, job.id, bid, 0).done
+    assert check(pipe, job, bid).done
     assert flush_job(pipe.rt, job.id).submitted == [bid]
 
     assert [d["user"] for d in deadletters.read(pipe.redis, job.id)] == ["u2@x.io"]
@@ -324,7 +334,7 @@ def test_giving_up_on_a_split_batch_deadletters_only_undelivered_users(pipe: Pip
         for sub in json.loads(pipe.buffer(job).batch(bid)["attentive_jobs"]):
             carries = emails_of(pipe.attentive.accepted[sub["id"]])
             pipe.attentive.statuses[sub["id"]] = ["FAILED" if "u3@x.io" in carries else "COMPLETED"]
-        assert poll_batch(pipe.rt, job.id, bid, 0).done
+        assert check(pipe, job, bid).done
         flush_job(pipe.rt, job.id)
 
     gave_up = [d["user"] for d in deadletters.read(pipe.redis, job.id) if "gave up" in d["reason"]]
@@ -345,19 +355,19 @@ def test_twin_polls_settling_at_once_deadletter_once_and_leave_no_batch_behind(
         nonlocal twin_ran
         if not twin_ran:
             twin_ran = True
-            assert poll_batch(pipe.rt, job.id, bid, 0).done  # the twin settles the whole batch
+            assert check(pipe, job, bid).done  # the twin settles the whole batch
         return read_results(url)
 
     monkeypatch.setattr(pipe.http, "iter_results", results_with_a_twin)
 
-    poll_batch(pipe.rt, job.id, bid, 0)
+    check(pipe, job, bid)
 
     assert twin_ran
     assert [d["user"] for d in deadletters.read(pipe.redis, job.id)] == ["u2@x.io"]
     status = pipe.status(job)
     assert status["batches_completed"] == "1" and status["record_failures"] == "1"
     assert pipe.redis.exists(keys.batch(job.id, bid)) == 0  # no stray batch hash re-created
-    assert poll_batch(pipe.rt, job.id, bid, 1).done
+    assert check(pipe, job, bid).done
 
 
 def test_results_lines_without_index_are_matched_by_position(pipe: Pipeline) -> None:
@@ -367,49 +377,9 @@ def test_results_lines_without_index_are_matched_by_position(pipe: Pipeline) -> 
     pipe.attentive.results_without_index = True
     pipe.attentive.record_failures = {"u2@x.io": (400, "Invalid attribute value")}
 
-    assert poll_batch(pipe.rt, job.id, bid, 0).done
+    assert check(pipe, job, bid).done
 
     status = pipe.status(job)
     assert (status["users_delivered"], status["record_failures"]) == ("3", "1")
     [dead] = deadletters.read(pipe.redis, job.id)
     assert dead["user"] == "u2@x.io"
-
-
-def test_a_young_batchs_poll_parks_while_sends_queue_and_spends_nothing(
-    pipe: Pipeline, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    job = pipe.create_job()
-    bid, _ = submitted(pipe, job, users(2))
-    slow = RateLimiter(pipe.redis, KEY_HASH, 1.0)  # burst 5, one token a second
-    monkeypatch.setattr(pipe.rt, "limiter_for", lambda job: slow)
-    assert [slow.try_acquire() for _ in range(3)] == [0.0] * 3  # sends: the schedule runs 3 s ahead
-    gets = len(pipe.attentive.status_gets())
-
-    report = poll_batch(pipe.rt, job.id, bid, 3)
-
-    assert not report.done and report.parked and report.next_in is None  # no task: it is parked
-    assert pipe.parked(job) == [(bid, 3)]  # the same attempt comes back when released
-    # Due since its first poll came due, so it is forced out once the batch is no longer young.
-    submitted_at = int(pipe.buffer(job).batch(bid)["submitted_at"])
-    due = submitted_at + int(pipe.rt.settings.first_poll_seconds * 1000)
-    assert pipe.redis.zscore(keys.parked_polls(job.id), f"{bid}:3") == pytest.approx(due, abs=2)
-    assert pipe.redis.zscore(keys.polls(job.id), bid) == pytest.approx(
-        due + POLL_YIELDS_MS + POLL_GRACE_MS, abs=2
-    )
-    assert len(pipe.attentive.status_gets()) == gets  # no request spent on the poll
-    assert pipe.status(job)["polls_parked"] == "1"
-    assert slow.try_acquire() == 0.0  # the poll took no token: the next send still has one
-
-
-def test_a_poll_older_than_the_yield_period_queues_for_tokens_like_a_send(
-    pipe: Pipeline, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    job = pipe.create_job()
-    bid, _ = submitted(pipe, job, users(2))
-    pipe.redis.hset(keys.batch(job.id, bid), "submitted_at", now_ms() - POLL_YIELDS_MS - 1_000)
-    slow = RateLimiter(pipe.redis, KEY_HASH, 1.0)
-    monkeypatch.setattr(pipe.rt, "limiter_for", lambda job: slow)
-    assert [slow.try_acquire() for _ in range(3)] == [0.0] * 3
-
-    assert poll_batch(pipe.rt, job.id, bid, 0).done  # took the 4th burst token and settled the batch
-    assert "polls_parked" not in pipe.status(job) and pipe.parked(job) == []

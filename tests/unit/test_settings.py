@@ -47,12 +47,14 @@ VARIABLES = (
     "ATTENTIVE_RATE_LIMIT",
     "ATTENTIVE_FIRST_POLL_SECONDS",
     "ATTENTIVE_POLL_CAP_SECONDS",
+    "ATTENTIVE_POLL_SHARE",
     "FLUSH_LEASE_SECONDS",
     "ATTENTIVE_UNCERTAIN_HOLD_SECONDS",
     "SWEEP_INTERVAL_SECONDS",
     "WEBHOOK_TOKEN",
     "WEBHOOK_MAX_BYTES",
     "WEBHOOK_METHOD",
+    "DEADLETTER_CAP",
 )
 
 DEFAULTS: dict[str, Any] = {
@@ -63,13 +65,15 @@ DEFAULTS: dict[str, Any] = {
     "secret_key": None,
     "rate_limit_per_second": DEFAULT_RATE_LIMIT_PER_SECOND,
     "first_poll_seconds": 2.0,
-    "poll_cap_seconds": 60.0,
+    "poll_cap_seconds": 900.0,
+    "poll_share": 0.1,
     "lease_seconds": 60.0,
     "uncertain_send_hold_seconds": 600.0,
     "sweep_interval_seconds": 1.0,
     "webhook_token": None,
     "webhook_max_bytes": DEFAULT_WEBHOOK_MAX_BYTES,
     "webhook_method": "POST",
+    "deadletter_cap": 100_000,
 }
 
 
@@ -244,9 +248,9 @@ def test_the_one_line_for_a_rate_that_is_not_a_number() -> None:
         ("ATTENTIVE_RATE_LIMIT", "nan", "must be a number greater than 0 (got 'nan')"),
         ("ATTENTIVE_FIRST_POLL_SECONDS", "soon", "must be a number of seconds greater than 0"),
         ("ATTENTIVE_FIRST_POLL_SECONDS", "0", "must be a number of seconds greater than 0"),
-        ("ATTENTIVE_FIRST_POLL_SECONDS", "90", "must be at least ATTENTIVE_FIRST_POLL_SECONDS (90)"),
+        ("ATTENTIVE_FIRST_POLL_SECONDS", "1000", "must be at least ATTENTIVE_FIRST_POLL_SECONDS (1000)"),
         ("ATTENTIVE_POLL_CAP_SECONDS", "1", "must be at least ATTENTIVE_FIRST_POLL_SECONDS (2) (got '1')"),
-        ("ATTENTIVE_POLL_CAP_SECONDS", "3600", "at most 600 (got '3600')"),
+        ("ATTENTIVE_POLL_CAP_SECONDS", "30000", "at most 21600 (got '30000')"),
         ("FLUSH_LEASE_SECONDS", "0.5", "must be a number of seconds, at least 1 (got '0.5')"),
         ("FLUSH_LEASE_SECONDS", "1m", "must be a number of seconds, at least 1 (got '1m')"),
         ("SWEEP_INTERVAL_SECONDS", "0", "greater than 0 and at most 60 (got '0')"),
@@ -263,7 +267,7 @@ def test_a_bad_value_is_one_line_naming_the_variable(variable: str, raw: str, sa
         load_settings({variable: raw})
     message = str(info.value)
     # A first poll above the cap's default is reported on the cap, the variable that must change.
-    named = "ATTENTIVE_POLL_CAP_SECONDS" if raw == "90" else variable
+    named = "ATTENTIVE_POLL_CAP_SECONDS" if raw == "1000" else variable
     assert message.startswith(f"{named}: ") and says in message
     assert "\n" not in message
 

@@ -1,4 +1,4 @@
-"""Sweep (time-based seals, expired leases, overdue polls, orphaned chunks) and ingest routing/counting."""
+"""Sweep (time-based seals, expired leases, starting pollers, orphaned chunks) and ingest routing/counting."""
 
 from __future__ import annotations
 
@@ -9,16 +9,15 @@ import redis
 
 from worker.observe.status import ingest_status
 from worker.pipeline import inbox
-from worker.pipeline.attentive_calls import POLL_GRACE_MS
 from worker.pipeline.buffer import now_ms
 from worker.pipeline.flush import flush_job
 from worker.pipeline.ingest import USER_KEY_FALLBACK, ingest_chunk, ingest_lines
-from worker.pipeline.sweep import IDLE_FLUSH_MS, REDRIVEN_POLL_ATTEMPT, sweep
+from worker.pipeline.sweep import IDLE_FLUSH_MS, sweep
 from worker.setup.jobconfig import JobState
 from worker.store import keys
 from worker.store.replies import decode_hash
 
-from .pipeline_kit import Pipeline, emails_of, enter, exit_, users
+from .pipeline_kit import KEY_HASH, Pipeline, emails_of, enter, exit_, users
 
 
 class Clock:
@@ -100,25 +99,27 @@ def test_expired_lease_puts_the_batch_back_and_dispatches_a_flush(pipe: Pipeline
     assert emails_of(pipe.attentive.bulk_bodies[0]) == users(2)
 
 
-def test_overdue_poll_is_redriven_once_per_grace_period(pipe: Pipeline, clock: Clock) -> None:
+def test_sweep_queues_one_poller_per_key_once_a_check_is_due(pipe: Pipeline, clock: Clock) -> None:
     job = pipe.create_job()
+    other = pipe.create_job(label="second job, same key")
     bid = pipe.sealed_batch(job, users(1))
+    pipe.sealed_batch(other, users(1, prefix="o"))
     assert flush_job(pipe.rt, job.id).submitted == [bid]
-    pipe.dispatch.polls.clear()  # the poll task dispatched by flush is "lost"
-    due = clock.ms + int(pipe.rt.settings.first_poll_seconds * 1000) + POLL_GRACE_MS
+    flush_job(pipe.rt, other.id)
+    due = clock.ms + int(pipe.rt.settings.first_poll_seconds * 1000)
 
     clock.ms = due - 1
-    assert sweep(pipe.rt).polls_redriven == 0
+    assert sweep(pipe.rt).pollers == 0 and pipe.dispatch.pollers == []
 
     clock.ms = due + 1
-    report = sweep(pipe.rt)
-    assert report.polls_redriven == 1
-    assert pipe.dispatch.polls == [(job.id, bid, REDRIVEN_POLL_ATTEMPT, 0.0)]
-    # Pushed forward: the next sweep does not re-drive it again straight away.
-    clock.advance(1_000)
-    assert sweep(pipe.rt).polls_redriven == 0
-    clock.advance(POLL_GRACE_MS)
-    assert sweep(pipe.rt).polls_redriven == 1
+    assert sweep(pipe.rt).pollers == 1  # two jobs, one key: one poller
+    assert pipe.dispatch.pollers == [(KEY_HASH, 0.0)]
+    assert sweep(pipe.rt).pollers == 0  # queued already: not again
+    pipe.redis.delete(keys.poller_queued(KEY_HASH))  # its message was lost (the mark expires)
+    assert sweep(pipe.rt).pollers == 1
+    pipe.redis.delete(keys.poller_queued(KEY_HASH))
+    pipe.redis.set(keys.poller_lock(KEY_HASH), "someone")  # a poller is running
+    assert sweep(pipe.rt).pollers == 0
 
 
 def test_sweep_dispatches_a_flush_for_sealed_batches_nobody_claims(pipe: Pipeline, clock: Clock) -> None:
@@ -140,7 +141,7 @@ def test_sweep_of_a_paused_job_seals_but_dispatches_nothing(pipe: Pipeline, cloc
     clock.advance(10_000)
     report = sweep(pipe.rt)
     assert report.sealed == {job.id: [1]}
-    assert pipe.dispatch.flushes == [] and pipe.dispatch.polls == []
+    assert pipe.dispatch.flushes == [] and pipe.dispatch.pollers == []
 
 
 def test_orphaned_inbox_chunks_are_redispatched(pipe: Pipeline, clock: Clock) -> None:

@@ -1,16 +1,17 @@
 """Job status: what happened to every transition, readable from Python, Redis and the CLI.
 
 Counters are written by the buffer script and the flush/poll steps; live figures (users buffered,
-batches waiting or in flight) are read from the buffer's own keys, so they cannot drift.
+batches waiting or in flight, dead letters kept) are read from their own keys, so they cannot drift.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import redis
 
 from worker.backfill import steps as backfill
+from worker.pipeline import deadletters
 from worker.pipeline.buffer import JobBuffer
 from worker.setup.jobs import JobStore
 from worker.store import keys
@@ -70,7 +71,7 @@ def job_status(client: redis.Redis, job_id: str) -> dict[str, Any]:
             "users_in_open_batch": buffer.open_size(),
             "batches_waiting_to_send": buffer.sealed_count(),
             "batches_at_attentive": int(client.zcard(keys.polls(job_id))),
-            "polls_parked_now": int(client.zcard(keys.parked_polls(job_id))),
+            **_at_attentive(client, job_id),
             "users_in_unfinished_batches": buffer.outstanding_users(),
             "users_waiting_for_earlier_change": buffer.waiting_users(),
         },
@@ -78,7 +79,11 @@ def job_status(client: redis.Redis, job_id: str) -> dict[str, Any]:
         "field_drops": {
             k: int(v) for k, v in decode_hash(client.hgetall(keys.job_field_drops(job_id))).items()
         },
+        # By reason class (exact, beyond the cap too), entries kept, dropped by DEADLETTER_CAP, purged.
+        "deadletters": deadletters.summary(client, job_id).as_dict(),
         "last_error": raw.get("last_error") or None,
+        # Written beside last_error by newer pipeline code; None where only the text was kept.
+        "last_error_at_ms": int(raw["last_error_at_ms"]) if raw.get("last_error_at_ms") else None,
         "last_attentive_status": raw.get("last_attentive_status") or None,
         "last_record_failures": raw.get("last_record_failures") or None,
         "last_flush_at_ms": int(raw["last_flush_at"]) if "last_flush_at" in raw else None,
@@ -90,3 +95,21 @@ def job_status(client: redis.Redis, job_id: str) -> dict[str, Any]:
 def ingest_status(client: redis.Redis) -> dict[str, int]:
     """Counters before routing: received, rejected by reason, unroutable."""
     return {k: int(v) for k, v in decode_hash(client.hgetall(keys.ingest_status())).items()}
+
+
+#: A batch at Attentive longer than this is shown as overdue; longer than the second, as an alert.
+OVERDUE_MS = 12 * 3600 * 1000
+ALERT_MS = 24 * 3600 * 1000
+
+
+def _at_attentive(client: redis.Redis, job_id: str) -> dict[str, Any]:
+    """How long the oldest batch has been at Attentive, and how many are overdue (> 12 h) or
+    alerting (> 24 h): Attentive documents hours per job, not days."""
+    seconds, micros = client.time()
+    oldest = cast("list[tuple[bytes, float]]", client.zrange(keys.in_flight(job_id), 0, 0, withscores=True))
+    now = int(seconds) * 1000 + int(micros) // 1000
+    return {
+        "oldest_at_attentive_seconds": round((now - oldest[0][1]) / 1000, 1) if oldest else None,
+        "batches_overdue_12h": int(client.zcount(keys.in_flight(job_id), "-inf", now - OVERDUE_MS)),
+        "batches_alert_24h": int(client.zcount(keys.in_flight(job_id), "-inf", now - ALERT_MS)),
+    }

@@ -1,6 +1,5 @@
-"""What flush and poll share when they call Attentive: how long a call may wait for a rate-limit
-token, how late a poll may be before the sweep re-drives it, holding every worker off after a 429,
-and pausing a job whose key Attentive refuses. One module, so neither stage reaches into the
+"""What flush and poll share when they call Attentive: how long a send may wait for a rate-limit
+token, holding every worker off after a 429, and pausing a job whose key Attentive refuses. One module, so neither stage reaches into the
 other's internals.
 """
 
@@ -18,10 +17,9 @@ from worker.store.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
 
-#: Longest a flush or poll waits for a rate-limit token before giving its work back.
-TOKEN_WAIT_SECONDS = 5.0
-#: Grace after a poll's due time before the sweep re-drives it (its task was lost).
-POLL_GRACE_MS = 120_000
+#: Longest a flush sleeps for a rate-limit token before giving its batch back and running again
+#: when the token is due: a worker process never sits on a prefork slot waiting for the limit.
+TOKEN_WAIT_SECONDS = 0.5
 #: After a 429 without Retry-After, by the key's 429s in a row across all workers (reset by any
 #: success): the first is taken as noise (Attentive or a proxy shedding one request; no hold, the
 #: request just goes again with its own token), the second holds every worker off up to 0.1 s

@@ -12,7 +12,7 @@ import secrets
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import redis
@@ -122,6 +122,7 @@ class JobBuffer:
             keys.leases(job_id),
             keys.polls(job_id),
             keys.open_identifiers(job_id),
+            keys.in_flight(job_id),
         ]
         self._batch_prefix = keys.batch(job_id, "")
 
@@ -208,24 +209,26 @@ class JobBuffer:
     def mark_submitted(
         self,
         batch: ClaimedBatch,
-        poll_deadline_ms: int,
+        first_check_ms: int,
         settled: Iterable[int] = (),
     ) -> bool:
-        """Hand the batch to the poll (its jobs were recorded by :meth:`record_accepted`) with the users
-        now settled for good (refused and dead-lettered); False if the lease was lost meanwhile."""
+        """Hand the batch to the poller, its first status check due at ``first_check_ms`` (its jobs
+        were recorded by :meth:`record_accepted`), with the users now settled for good (refused and
+        dead-lettered); False if the lease was lost meanwhile."""
         return bool(
             self._run(
                 "submitted",
                 batch.batch_id,
                 batch.token,
-                poll_deadline_ms,
+                first_check_ms,
                 json.dumps(sorted(batch.settled.union(settled))),
             )
         )
 
-    def expect_poll_by(self, batch_id: int, deadline_ms: int) -> None:
-        """Tell the sweep when this batch's next poll must have happened by."""
-        self._run("poll_due", batch_id, deadline_ms)
+    def schedule_check(self, batch_id: int, due_ms: int) -> bool:
+        """Set when the batch's next status check is due; False (and off the schedule) if it is no
+        longer at Attentive (sent again or completed meanwhile)."""
+        return bool(self._run("poll_due", batch_id, due_ms))
 
     def resend(self, batch_id: int, reason: str) -> bool:
         """Put a submitted batch whose jobs have all finished, with users still open, back at the front
@@ -243,10 +246,30 @@ class JobBuffer:
         _done, sealed = self._run("complete", *args)
         return [int(b) for b in sealed]
 
-    def reap(self, poll_grace_ms: int, now: int | None = None) -> tuple[int, list[int]]:
-        """Re-queue batches whose flush lease expired; return (count, ids of batches overdue a poll)."""
-        requeued, overdue = self._run("reap", poll_grace_ms, now=now)
-        return int(requeued), [int(b) for b in overdue]
+    def reap(self, now: int | None = None) -> int:
+        """Re-queue batches whose flush lease expired; returns how many went back to the queue."""
+        return int(self._run("reap", now=now))
+
+    def due_checks(self, now_ms: int, limit: int) -> list[tuple[int, int]]:
+        """Up to ``limit`` batches whose status check is due, as (due ms, batch id), soonest first."""
+        got = cast(
+            "list[tuple[bytes, float]]",
+            self._redis.zrangebyscore(
+                keys.polls(self.job_id), "-inf", now_ms, start=0, num=limit, withscores=True
+            ),
+        )
+        return [(int(at), int(bid)) for bid, at in got]
+
+    def next_check_at(self) -> int | None:
+        """When the job's earliest status check is due (ms), or None when nothing is at Attentive."""
+        got = cast(
+            "list[tuple[bytes, float]]", self._redis.zrange(keys.polls(self.job_id), 0, 0, withscores=True)
+        )
+        return int(got[0][1]) if got else None
+
+    def at_attentive(self) -> int:
+        """How many batches are at Attentive (submitted, not yet completed)."""
+        return int(self._redis.zcard(keys.polls(self.job_id)))
 
     # --- reads ----------------------------------------------------------------------------------
     def batch(self, batch_id: int) -> dict[str, str]:

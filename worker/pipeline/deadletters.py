@@ -2,42 +2,267 @@
 
 Invariant 1 says a transition either reaches Attentive or ends here. Entries hold the record we
 would have sent (personal data stays in Redis, never in broker messages or logs).
+
+Invariant 8 says Redis memory must not grow with the number of changes: a job keeps at most
+``DEADLETTER_CAP`` entries, the oldest dropped first, while a count per reason class stays exact.
+Both are written in the caller's one MULTI round trip, so the counts never disagree with the list:
+
+- ``keys.job_deadletters``: LIST of JSON entries, trimmed to the cap in the same MULTI as the push;
+- ``keys.job_deadletter_counts``: HASH reason class -> entries recorded (kept or dropped);
+- ``deadlettered_users`` in the job's status hash: every entry ever recorded (purges do not undo it).
+
+How many the cap dropped is not written anywhere: it is the counted total minus the entries kept,
+read in one MULTI (:func:`summary`), so nothing on the write path has to read first. A purge
+removes a class's entries and its count together, which keeps that difference exact.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
+from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 import redis
 
+from worker.settings import DEFAULT_DEADLETTER_CAP, SettingsError, load_settings
 from worker.store import keys
+from worker.store.replies import decode_hash, text
+
+#: A reason's head (the text before its first ':') that names its class as it is, e.g.
+#: ``attentive_400`` or ``attentive_record_413``: a short token, no spaces, so no free text.
+_CLASS_TOKEN = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
+#: Reasons written as prose (their head carries ids or messages) and the class each gets.
+GAVE_UP = "gave_up_after_failed_sends"
+DATA_MISSING = "batch_data_missing"
+#: Any other reason: counted, never a class of its own (classes must stay few, invariant 8).
+OTHER = "other"
+_GAVE_UP = re.compile(r"; gave up after \d+ failed sends$")
+_DATA_MISSING_PREFIX = "batch records missing in Redis"
+#: Field of the job's status hash: counted dead letters an operator purged.
+PURGED = "deadletters_purged"
+#: Entries read per LRANGE when a read or a purge walks the list.
+_PAGE = 2_000
+#: Attempts of a purge against dead letters being written meanwhile (WATCH).
+_PURGE_ATTEMPTS = 20
 
 
-def record(client: redis.Redis, job_id: str, batch_id: int, entries: Iterable[tuple[str, str, Any]]) -> int:
+def reason_class(reason: str) -> str:
+    """The stable class a reason is counted under: ``attentive_400: Invalid email address: x@y``
+    gives ``attentive_400``; prose reasons map to a fixed few; anything else is ``other``."""
+    if _GAVE_UP.search(reason):
+        return GAVE_UP
+    if reason.startswith(_DATA_MISSING_PREFIX):
+        return DATA_MISSING
+    head = reason.partition(":")[0].strip()
+    return head if _CLASS_TOKEN.fullmatch(head) else OTHER
+
+
+@cache
+def default_cap() -> int:
+    """``DEADLETTER_CAP`` of this process, read once (callers without the settings at hand).
+
+    Falls back to the default when the environment is invalid: a process that validated its
+    settings at start never gets here, and a dead letter must not fail over an unrelated variable.
+    """
+    try:
+        return load_settings().deadletter_cap
+    except SettingsError:
+        return DEFAULT_DEADLETTER_CAP
+
+
+def record(
+    client: redis.Redis,
+    job_id: str,
+    batch_id: int,
+    entries: Iterable[tuple[str, str, Any]],
+    *,
+    cap: int | None = None,
+) -> int:
     """Append ``(user key, reason, record)`` entries; returns how many were written."""
     pipe = client.pipeline(transaction=True)
-    written = queue(pipe, job_id, batch_id, entries)
+    written = queue(pipe, job_id, batch_id, entries, cap=cap)
     if written:
         pipe.execute()
     return written
 
 
-def queue(pipe: Any, job_id: str, batch_id: int, entries: Iterable[tuple[str, str, Any]]) -> int:
-    """Add the writes of :func:`record` to a caller's MULTI pipeline (to commit them with other writes)."""
+def queue(
+    pipe: Any,
+    job_id: str,
+    batch_id: int,
+    entries: Iterable[tuple[str, str, Any]],
+    *,
+    cap: int | None = None,
+) -> int:
+    """Add the writes of :func:`record` to a caller's MULTI pipeline (to commit them with other writes).
+
+    ``cap``: entries kept for the job (default ``DEADLETTER_CAP``); older ones are trimmed in the
+    same MULTI, their counts by class stay.
+    """
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    rows = [
-        json.dumps({"at": now, "batch": batch_id, "user": user, "reason": reason, "record": rec})
-        for user, reason, rec in entries
-    ]
+    rows: list[str] = []
+    classes: Counter[str] = Counter()
+    for user, reason, rec in entries:
+        cls = reason_class(reason)
+        classes[cls] += 1
+        rows.append(
+            json.dumps(
+                {
+                    "at": now,
+                    "batch": batch_id,
+                    "user": user,
+                    "reason": reason,
+                    "reason_class": cls,
+                    "record": rec,
+                }
+            )
+        )
     if rows:
-        pipe.rpush(keys.job_deadletters(job_id), *rows)
+        key = keys.job_deadletters(job_id)
+        pipe.rpush(key, *rows)
+        pipe.ltrim(key, -(cap if cap is not None else default_cap()), -1)
+        counts = keys.job_deadletter_counts(job_id)
+        for cls, n in classes.items():
+            pipe.hincrby(counts, cls, n)
         pipe.hincrby(keys.job_status(job_id), "deadlettered_users", len(rows))
     return len(rows)
 
 
-def read(client: redis.Redis, job_id: str, limit: int = 100) -> list[dict[str, Any]]:
-    """The newest ``limit`` dead letters, oldest first."""
-    return [json.loads(r) for r in client.lrange(keys.job_deadletters(job_id), -limit, -1)]
+def entry_class(entry: dict[str, Any]) -> str:
+    """An entry's class (entries written before classes were stored get theirs from the reason)."""
+    return str(entry.get("reason_class") or reason_class(str(entry.get("reason", ""))))
+
+
+def read(
+    client: redis.Redis, job_id: str, limit: int = 100, reason: str | None = None
+) -> list[dict[str, Any]]:
+    """The newest ``limit`` dead letters (all kept with ``limit`` 0), oldest first; only those of
+    class ``reason`` when given.
+
+    A filtered read walks the list from its newest end a page at a time and stops once it has
+    ``limit``; entries written meanwhile shift the pages, so it may then show one twice.
+    """
+    key = keys.job_deadletters(job_id)
+    if reason is None:
+        return [json.loads(r) for r in client.lrange(key, -limit if limit > 0 else 0, -1)]
+    found: list[dict[str, Any]] = []
+    end = -1
+    while limit <= 0 or len(found) < limit:
+        page = client.lrange(key, end - _PAGE + 1, end)
+        for raw in reversed(page):
+            entry = json.loads(raw)
+            if entry_class(entry) == reason:
+                found.append(entry)
+                if len(found) == limit:
+                    break
+        if len(page) < _PAGE:
+            break
+        end -= _PAGE
+    found.reverse()
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """What an operator needs to judge a job's dead letters without reading them."""
+
+    #: Reason class -> dead letters recorded (kept or dropped by the cap), since the last purge.
+    by_reason: dict[str, int]
+    #: Entries in the list now (at most the cap).
+    kept: int
+    #: Counted entries no longer in the list because the cap dropped them.
+    dropped_by_cap: int
+    #: Counted entries removed by operators' purges (``attentive-export deadletters purge``).
+    purged: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "by_reason": dict(sorted(self.by_reason.items())),
+            "kept": self.kept,
+            "dropped_by_cap": self.dropped_by_cap,
+            "purged": self.purged,
+        }
+
+
+def summary(client: redis.Redis, job_id: str) -> Summary:
+    """Counts by reason class, entries kept and dropped by the cap, read together (one MULTI)."""
+    pipe = client.pipeline(transaction=True)
+    pipe.hgetall(keys.job_deadletter_counts(job_id))
+    pipe.llen(keys.job_deadletters(job_id))
+    pipe.hget(keys.job_status(job_id), PURGED)
+    raw_counts, kept, purged = pipe.execute()
+    by_reason = {k: int(v) for k, v in decode_hash(raw_counts).items()}
+    # Entries recorded before counts existed are kept without a count: never a negative drop.
+    dropped = max(0, sum(by_reason.values()) - int(kept))
+    return Summary(by_reason, int(kept), dropped, int(text(purged)) if purged is not None else 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Purged:
+    """What a purge removed."""
+
+    #: Entries removed from the list.
+    entries: int
+    #: Dead letters removed from the counts (those entries plus any the cap had dropped).
+    counted: int
+
+
+def purge(client: redis.Redis, job_id: str, reason: str | None = None) -> Purged:
+    """Remove a job's dead letters, all or those of class ``reason``, with their counts.
+
+    Atomic against dead letters written meanwhile (WATCH on the list and the counts, retried), so a
+    new entry is never removed unseen nor its count lost.
+
+    Raises:
+        redis.WatchError: dead letters kept being written through every attempt.
+    """
+    key, counts = keys.job_deadletters(job_id), keys.job_deadletter_counts(job_id)
+    for _ in range(_PURGE_ATTEMPTS):
+        with client.pipeline(transaction=True) as pipe:
+            try:
+                pipe.watch(key, counts)  # type: ignore[no-untyped-call]
+                if reason is None:
+                    removed = int(pipe.llen(key))
+                    counted = sum(int(v) for v in pipe.hvals(counts))
+                    kept: list[bytes] = []
+                else:
+                    removed, kept = _split_out(pipe, key, reason)
+                    counted = int(pipe.hget(counts, reason) or 0)
+                if not removed and not counted:
+                    pipe.unwatch()
+                    return Purged(0, 0)
+                pipe.multi()
+                pipe.delete(key)
+                for start in range(0, len(kept), _PAGE):
+                    pipe.rpush(key, *kept[start : start + _PAGE])
+                if reason is None:
+                    pipe.delete(counts)
+                else:
+                    pipe.hdel(counts, reason)
+                if counted:
+                    pipe.hincrby(keys.job_status(job_id), PURGED, counted)
+                pipe.execute()
+                return Purged(removed, counted)
+            except redis.WatchError:
+                continue
+    raise redis.WatchError(f"dead letters of job {job_id} kept changing during {_PURGE_ATTEMPTS} attempts")
+
+
+def _split_out(pipe: Any, key: str, reason: str) -> tuple[int, list[bytes]]:
+    """(entries of class ``reason``, every other entry as stored, in order), read under WATCH."""
+    removed, kept, start = 0, [], 0
+    while True:
+        page = pipe.lrange(key, start, start + _PAGE - 1)
+        for raw in page:
+            if entry_class(json.loads(raw)) == reason:
+                removed += 1
+            else:
+                kept.append(raw)
+        if len(page) < _PAGE:
+            return removed, kept
+        start += _PAGE

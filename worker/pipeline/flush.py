@@ -23,15 +23,9 @@ from worker.clients.attentive import (
     TransportError,
     Unauthorized,
 )
-from worker.pipeline import deadletters, parked
-from worker.pipeline.attentive_calls import (
-    POLL_GRACE_MS,
-    TOKEN_WAIT_SECONDS,
-    hold_off_after_429,
-    pause_for_auth_error,
-)
+from worker.pipeline import deadletters
+from worker.pipeline.attentive_calls import TOKEN_WAIT_SECONDS, hold_off_after_429, pause_for_auth_error
 from worker.pipeline.buffer import BatchDataMissing, ClaimedBatch, JobBuffer, entry_json, entry_record, now_ms
-from worker.pipeline.parked import POLL_YIELDS_MS
 from worker.runtime import Runtime
 from worker.setup.jobs import ExportJob
 from worker.store import keys
@@ -165,7 +159,7 @@ def _flush_batch(
     to_send = [i for i in range(len(batch.users)) if i not in batch.settled and i not in batch.carried]
     if not to_send:
         if batch.carried:  # an earlier send's jobs still carry the rest: follow them
-            return _hand_to_poll(rt, job, buffer, batch, {}, saturated=False)
+            return _hand_to_poll(rt, job, buffer, batch, {})
         buffer.complete(batch.batch_id, {"batches_completed": 1})  # all finished in earlier sends
         return False
     try:
@@ -202,11 +196,10 @@ def _flush_batch(
             rt.redis.hset(status_key, mapping={"consecutive_429": 0, "consecutive_errors": 0})
             buffer.complete(batch.batch_id, {"batches_completed": 1})
             return False
-        saturated = bool(batch.queued_behind) or limiter.last_wait > 0
-        return _hand_to_poll(rt, job, buffer, batch, sent.refused, saturated)
+        return _hand_to_poll(rt, job, buffer, batch, sent.refused)
     if sent.accepted or sent.refused:
         # A split stopped half way: what Attentive accepted is polled; the rest goes again after.
-        _hand_to_poll(rt, job, buffer, batch, sent.refused, saturated=True)
+        _hand_to_poll(rt, job, buffer, batch, sent.refused)
         rt.redis.hincrby(status_key, "sends_interrupted", 1)
     else:
         buffer.release(batch)  # an "unknown:" send stays recorded: its users are held until it ends
@@ -235,29 +228,16 @@ def _flush_batch(
 
 
 def _hand_to_poll(
-    rt: Runtime,
-    job: ExportJob,
-    buffer: JobBuffer,
-    batch: ClaimedBatch,
-    refused: Mapping[int, str],
-    saturated: bool,
+    rt: Runtime, job: ExportJob, buffer: JobBuffer, batch: ClaimedBatch, refused: Mapping[int, str]
 ) -> bool:
-    """Mark the batch submitted and schedule (or park) its first poll; False if the lease was lost."""
-    # Polls share the request budget with sends. With batches queued behind this one, or a token
-    # we had to wait for, sends are using all of it: the poll is parked in Redis until the sweep
-    # sees spare budget (worker.pipeline.parked), instead of a broker task that would find none.
-    first_poll = rt.settings.first_poll_seconds
-    due = now_ms() + int(first_poll * 1000)
-    deadline = due + (POLL_YIELDS_MS if saturated else 0) + POLL_GRACE_MS
-    if not buffer.mark_submitted(batch, deadline, settled=refused):
-        # Our lease ran out: the sweep re-queued the batch, or handed it to the poll if Attentive had
-        # accepted part of it. Either way its recorded jobs are followed by whoever has it now.
+    """Mark the batch submitted, its first status check due after ``ATTENTIVE_FIRST_POLL_SECONDS``
+    (the key's poller takes it from there); False if the lease was lost."""
+    due = now_ms() + int(rt.settings.first_poll_seconds * 1000)
+    if not buffer.mark_submitted(batch, due, settled=refused):
+        # Our lease ran out: the sweep re-queued the batch, or handed it to the poller if Attentive
+        # had accepted part of it. Either way its recorded jobs are followed by whoever has it now.
         log.warning("job %s batch %s: lease lost during submit", job.id, batch.batch_id)
         return False
-    if saturated:
-        parked.park(rt, job.id, batch.batch_id, 0, due)
-    else:
-        rt.dispatch.poll(job.id, batch.batch_id, 0, first_poll)
     return True
 
 

@@ -1,35 +1,33 @@
-"""Poll: follow a batch's Attentive jobs until they finish, then settle the batch.
+"""Check one batch's Attentive jobs once, and settle the batch once all have finished.
 
 COMPLETED: read the results file, dead-letter records Attentive refused, complete the batch (its
 data leaves Redis and its users' next changes move on). FAILED/CANCELLED/lost (404): send the batch
 again, a bounded number of times, then dead-letter it. Anything else (IN_PROGRESS, PENDING,
-NEEDS_REVIEW, unknown): poll again later with a jittered exponential countdown.
+NEEDS_REVIEW, unknown): set when the next check is due (:func:`next_check_in`). Which batch is
+checked when, and with which request budget, is the key's poller's business (worker/pipeline/poller.py).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 import redis
 
-from worker.backoff import backoff
 from worker.clients.attentive import AttentiveError, Forbidden, NotFound, RateLimited, Unauthorized
 from worker.pipeline import deadletters
-from worker.pipeline.attentive_calls import (
-    POLL_GRACE_MS,
-    TOKEN_WAIT_SECONDS,
-    hold_off_after_429,
-    pause_for_auth_error,
-)
+from worker.pipeline.attentive_calls import hold_off_after_429, pause_for_auth_error
 from worker.pipeline.buffer import JobBuffer, now_ms
-from worker.pipeline.parked import POLL_YIELDS_MS, park
 from worker.runtime import Runtime
+from worker.settings import Settings
 from worker.setup.jobs import ExportJob
 from worker.store import keys
+from worker.store.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -37,58 +35,91 @@ log = logging.getLogger(__name__)
 MAX_SEND_ATTEMPTS = 3
 #: How many refused records per batch are logged to status as a sample.
 FAILURE_SAMPLE = 5
-#: Spread of the wait between two checks of a batch: ±20 %, so polls scheduled together do not
-#: come due together.
+#: Spread of the wait between two checks of a batch: ±20 %, so batches sent together do not come
+#: due together.
 POLL_JITTER = (0.8, 1.2)
+#: A batch is checked again after a quarter of its age (between the first-check delay and the cap):
+#: about 25 checks over a 4-hour Attentive job before the cap takes over.
+AGE_FACTOR = 0.25
+#: Attentive parks some jobs for a person to review (NEEDS_REVIEW): check those at most this often.
+NEEDS_REVIEW_CHECK_SECONDS = 900.0
+#: With nothing waiting to be sent, status checks are spread as if they had this share of the key.
+SPARE_SHARE = 0.5
 
 
 @dataclass
-class PollReport:
+class Check:
+    """What one check of a batch came to."""
+
+    #: The batch is settled (completed, sent again, dead-lettered) or no longer ours to check.
     done: bool
-    next_in: float | None = None  # seconds until the next poll, when not done
+    #: Statuses Attentive reported for the batch's jobs.
     statuses: tuple[str, ...] = ()
-    parked: bool = False  # waiting for spare budget, no request made: the sweep releases it
+    #: Set when the poller must stop for this long (no token soon, a 429 hold, a paused job's key).
+    stop_for: float | None = None
 
 
-def poll_batch(rt: Runtime, job_id: str, batch_id: int, attempt: int) -> PollReport:
-    """Check the batch's unfinished Attentive jobs once; settle the batch once all have finished."""
-    job = rt.jobs.cached(job_id)
-    if job is None or not job.sending:
-        return PollReport(done=True)  # paused/stopped: the sweep re-drives the poll after resume
-    buffer = JobBuffer(rt.redis, job_id, job.config.batch_size)
+#: Takes a rate-limit token for one status request: 0.0 when taken, else seconds until one is due.
+TakeToken = Callable[[], float]
+
+
+def next_check_in(
+    settings: Settings, age_s: float, at_attentive: int, sends_waiting: bool, status: str = ""
+) -> float:
+    """Seconds until a batch at Attentive for ``age_s`` is checked again.
+
+    A quarter of its age, between ``ATTENTIVE_FIRST_POLL_SECONDS`` and ``ATTENTIVE_POLL_CAP_SECONDS``,
+    but never sooner than spreading all ``at_attentive`` batches of the key over its poll share
+    allows: total status traffic stays inside the share however many batches are outstanding (at
+    the default 9 checks/s, 39,000 batches are each checked about every 72 minutes).
+    """
+    share = settings.poll_share if sends_waiting else SPARE_SHARE
+    spread = at_attentive / (settings.rate_limit_per_second * share)
+    wait = max(min(max(age_s * AGE_FACTOR, settings.first_poll_seconds), settings.poll_cap_seconds), spread)
+    if status == "NEEDS_REVIEW":
+        wait = max(wait, NEEDS_REVIEW_CHECK_SECONDS)
+    return wait * random.uniform(*POLL_JITTER)
+
+
+def check_batch(
+    rt: Runtime,
+    job: ExportJob,
+    batch_id: int,
+    take_token: TakeToken,
+    limiter: RateLimiter,
+    at_attentive: int,
+    sends_waiting: bool,
+) -> Check:
+    """Check the batch's unfinished Attentive jobs once (one token each); settle the batch once all
+    have finished, else set when it is checked next."""
+    buffer = JobBuffer(rt.redis, job.id, job.config.batch_size)
     batch = buffer.batch(batch_id)
     if batch.get("state") != "submitted":
-        return PollReport(done=True)  # settled by a twin poll, or re-queued for sending
-    status_key = keys.job_status(job_id)
-    first, cap = rt.settings.first_poll_seconds, rt.settings.poll_cap_seconds
+        buffer.schedule_check(batch_id, now_ms())  # drops it from the schedule (it is not at Attentive)
+        return Check(done=True)
+    status_key = keys.job_status(job.id)
     statuses: list[str] = []
+    next_due: list[int] = []  # holds of "unknown:" sends still running
     try:
         client = rt.client_for(job)
-        limiter = rt.limiter_for(job)
         for sub in _unfinished(batch):
             if sub["id"].startswith(UNKNOWN_PREFIX):
                 # A send whose answer never came: nothing to ask Attentive, only a hold to sit out.
-                if now_ms() >= int(sub.get("until") or 0):
+                until = int(sub.get("until") or 0)
+                if now_ms() >= until:
                     buffer.end_job(batch_id, sub["id"], "no answer to the send; its hold has passed")
+                else:
+                    next_due.append(until)
                 continue
-            age_ms = now_ms() - int(batch.get("submitted_at") or 0)
-            if age_ms < POLL_YIELDS_MS:
-                # Young: spare budget only, sends go first; otherwise wait parked (worker.pipeline.parked),
-                # the same attempt again.
-                if limiter.try_acquire(spare_only=True) > 0:
-                    # Due since its first poll: released oldest first, and forced once it is no
-                    # longer young, not a whole POLL_YIELDS_MS after this attempt.
-                    due = int(batch.get("submitted_at") or 0) + int(first * 1000)
-                    park(rt, job_id, batch_id, attempt, due)
-                    buffer.expect_poll_by(batch_id, due + POLL_YIELDS_MS + POLL_GRACE_MS)
-                    return PollReport(done=False, parked=True)
-            elif not limiter.acquire(TOKEN_WAIT_SECONDS):
-                return _again(buffer, batch_id, max(limiter.next_wait, 0.5))
+            wait = take_token()
+            if wait > 0:
+                buffer.schedule_check(batch_id, now_ms() + int(wait * 1000))
+                return Check(done=False, statuses=tuple(statuses), stop_for=wait)
             try:
                 st = client.job_status(sub["id"])
             except NotFound:
                 _job_failed(
-                    rt, buffer, batch_id, job_id, sub["id"], f"Attentive has no job {sub['id']} (404): lost"
+                    rt, buffer, batch_id, job.id, sub["id"], f"Attentive has no job {sub['id']} (404): lost"
                 )
                 continue
             limiter.note_success()
@@ -99,30 +130,37 @@ def poll_batch(rt: Runtime, job_id: str, batch_id: int, attempt: int) -> PollRep
             rt.redis.hset(status_key, "last_attentive_status", state)
             if state == "COMPLETED":
                 _settle_results(rt, job, buffer, batch_id, batch, sub, client, st.url)
-                _note_job_time(rt, job_id, batch)
+                _note_job_time(rt, job.id, batch)
             elif state in ("FAILED", "CANCELLED"):
                 _job_failed(
-                    rt, buffer, batch_id, job_id, sub["id"], f"Attentive job {sub['id']} ended {state}"
+                    rt, buffer, batch_id, job.id, sub["id"], f"Attentive job {sub['id']} ended {state}"
                 )
             elif not st.is_known_status or state == "NEEDS_REVIEW":
                 rt.redis.hincrby(status_key, f"polls_{state.lower()[:32]}", 1)
-                log.warning("job %s batch %s: Attentive job status %s", job_id, batch_id, state)
+                log.warning("job %s batch %s: Attentive job status %s", job.id, batch_id, state)
     except (Unauthorized, Forbidden) as exc:
         pause_for_auth_error(rt, job, exc)
-        return PollReport(done=True)
+        return Check(done=False, statuses=tuple(statuses))  # paused: the poller skips the job
     except RateLimited as exc:
-        return _again(buffer, batch_id, hold_off_after_429(rt, rt.limiter_for(job), job_id, exc))
+        delay = hold_off_after_429(rt, limiter, job.id, exc)
+        buffer.schedule_check(batch_id, now_ms() + int(delay * 1000))
+        return Check(done=False, statuses=tuple(statuses), stop_for=delay)
     except AttentiveError as exc:
         rt.redis.hset(status_key, "last_error", f"poll: {type(exc).__name__}: {exc.message}")
-        return _again(buffer, batch_id, backoff(attempt, first=first, cap=cap, jitter=POLL_JITTER))
+        statuses.append("ERROR")
 
     # Read again: a send that outlived its lease may have recorded one more job meanwhile.
     fresh = buffer.batch(batch_id)
     if fresh.get("state") != "submitted":
-        return PollReport(done=True, statuses=tuple(statuses))  # a twin poll settled it
-    if _unfinished(fresh):
-        delay = backoff(attempt, first=first, cap=cap, jitter=POLL_JITTER)
-        return _again(buffer, batch_id, delay, tuple(statuses))
+        return Check(done=True, statuses=tuple(statuses))  # settled meanwhile
+    if _unfinished(fresh) or "ERROR" in statuses:
+        age_s = (now_ms() - int(fresh.get("submitted_at") or now_ms())) / 1000
+        review = "NEEDS_REVIEW" if "NEEDS_REVIEW" in statuses else ""
+        due = now_ms() + int(1000 * next_check_in(rt.settings, age_s, at_attentive, sends_waiting, review))
+        if next_due and len(next_due) == len(_unfinished(fresh)):
+            due = max(next_due)  # only holds left: nothing to ask Attentive until the last one ends
+        buffer.schedule_check(batch_id, due)
+        return Check(done=False, statuses=tuple(statuses))
     return _finish(rt, job, buffer, batch_id, fresh, tuple(statuses))
 
 
@@ -143,7 +181,7 @@ def _finish(
     batch_id: int,
     batch: dict[str, str],
     statuses: tuple[str, ...],
-) -> PollReport:
+) -> Check:
     """Every recorded job has finished: complete the batch, or send its open users again (a job
     failed or was lost, a send's answer never came, a split stopped half way), or give them up
     after :data:`MAX_SEND_ATTEMPTS` failed jobs."""
@@ -157,23 +195,23 @@ def _finish(
         buffer.complete(
             batch_id, {"batches_completed": 1, "users_delivered": delivered, "record_failures": refused}
         )
-        return PollReport(done=True, statuses=statuses)
+        return Check(done=True, statuses=statuses)
     attempts = int(batch.get("attempts") or 0)
     reason = batch.get("last_error") or "users left open by an earlier send"
     if attempts < MAX_SEND_ATTEMPTS:
         if buffer.resend(batch_id, reason):
             rt.dispatch.flush(job.id)
-        return PollReport(done=True, statuses=statuses)
+        return Check(done=True, statuses=statuses)
     try:
         records = buffer.records_for(batch_id, open_users)
     except LookupError:
-        return PollReport(done=True)  # completed meanwhile by a twin poll: nothing left to give up on
+        return Check(done=True)  # completed meanwhile by a twin poll: nothing left to give up on
     why = f"{reason}; gave up after {attempts} failed sends"
     deadletters.record(
         rt.redis, job.id, batch_id, ((u, why, rec) for u, rec in zip(open_users, records, strict=True))
     )
     buffer.complete(batch_id, {"batches_deadlettered": 1})
-    return PollReport(done=True, statuses=statuses)
+    return Check(done=True, statuses=statuses)
 
 
 def _job_failed(rt: Runtime, buffer: JobBuffer, batch_id: int, job_id: str, sub_id: str, reason: str) -> None:
@@ -189,11 +227,6 @@ def _note_job_time(rt: Runtime, job_id: str, batch: dict[str, str]) -> None:
     key = keys.job_status(job_id)
     if took > int(rt.redis.hget(key, "longest_attentive_job_ms") or 0):
         rt.redis.hset(key, "longest_attentive_job_ms", took)
-
-
-def _again(buffer: JobBuffer, batch_id: int, delay: float, statuses: tuple[str, ...] = ()) -> PollReport:
-    buffer.expect_poll_by(batch_id, now_ms() + int(delay * 1000) + POLL_GRACE_MS)
-    return PollReport(done=False, next_in=delay, statuses=statuses)
 
 
 def _settle_results(

@@ -1,9 +1,9 @@
 """Sweep: the periodic safety net that makes time-based flushing and crash recovery happen.
 
 Run by Celery beat every second or so (one beat per deployment). For every active job it seals
-buffers older than the job's flush interval, gives expired flush leases back to the queue,
-re-drives polls that should have happened, releases parked polls (worker/pipeline/parked.py), and
-dispatches flushes for batches nobody is sending.
+buffers older than the job's flush interval, gives expired flush leases back to the queue, and
+dispatches flushes for batches nobody is sending; for every API key with a status check due and no
+poller running it queues one (worker/pipeline/poller.py).
 It also re-drives inbox chunks whose ingest task was lost and backfill parts that stopped making
 progress (:func:`worker.backfill.steps.redrive_stalled`). Every step is idempotent; one sweep runs at a
 time (a short redis-py lock), and a job whose step fails is logged and shown in its status without
@@ -21,9 +21,9 @@ import redis
 from kombu.exceptions import OperationalError
 from redis.exceptions import LockError
 
-from worker.pipeline import inbox, parked
-from worker.pipeline.attentive_calls import POLL_GRACE_MS
+from worker.pipeline import inbox
 from worker.pipeline.buffer import JobBuffer, now_ms
+from worker.pipeline.poller import request_pollers
 from worker.runtime import REDIS_DOWN, Runtime
 from worker.setup.jobs import ExportJob
 from worker.store import keys
@@ -34,16 +34,13 @@ log = logging.getLogger(__name__)
 IDLE_FLUSH_MS = 5_000
 #: Longest a sweep holds the lock that keeps two from running at once (one normally takes milliseconds).
 SWEEP_LOCK_SECONDS = 10.0
-#: Poll attempt number used for a re-driven poll (its backoff starts mid-way, not from scratch).
-REDRIVEN_POLL_ATTEMPT = 3
 
 
 @dataclass
 class SweepReport:
     sealed: dict[str, list[int]] = field(default_factory=dict)
     requeued: int = 0
-    polls_redriven: int = 0
-    polls_released: int = 0
+    pollers: int = 0
     flushes: int = 0
     chunks_redriven: int = 0
     backfills_redriven: int = 0
@@ -77,7 +74,8 @@ def sweep(rt: Runtime, redrive_backfills: Callable[[int], int] = lambda _now: 0)
 
 
 def _sweep_all(rt: Runtime, now: int, report: SweepReport, redrive_backfills: Callable[[int], int]) -> None:
-    for job in rt.jobs.active():
+    active = rt.jobs.active()
+    for job in active:
         try:
             _sweep_job(rt, job, now, report)
         except (*REDIS_DOWN, OperationalError):
@@ -87,6 +85,7 @@ def _sweep_all(rt: Runtime, now: int, report: SweepReport, redrive_backfills: Ca
             report.failed.append(job.id)
             with contextlib.suppress(redis.exceptions.RedisError):
                 rt.redis.hset(keys.job_status(job.id), "last_error", f"sweep: {type(exc).__name__}: {exc}")
+    report.pollers = request_pollers(rt, active, now)
     for chunk_id in inbox.orphaned_chunks(rt.redis, now):
         rt.dispatch.ingest(chunk_id)
         report.chunks_redriven += 1
@@ -99,13 +98,7 @@ def _sweep_job(rt: Runtime, job: ExportJob, now: int, report: SweepReport) -> No
     if sealed:
         report.sealed[job.id] = sealed
     waiting = buffer.sealed_count() if job.sending else 0
-    if job.sending:
-        # Before the reap: a released poll is a task again and gets a fresh lost-poll deadline, so
-        # a reap after beat was down does not re-drive it a second time.
-        deadline = now + int(rt.settings.sweep_interval_seconds * 1000) + POLL_GRACE_MS
-        released = parked.release(rt, job, buffer, now, deadline, sends_waiting=waiting > 0)
-        report.polls_released += len(released)
-    requeued, overdue = buffer.reap(POLL_GRACE_MS, now=now)
+    requeued = buffer.reap(now=now)
     report.requeued += requeued
     if not job.sending:
         return
@@ -114,8 +107,3 @@ def _sweep_job(rt: Runtime, job: ExportJob, now: int, report: SweepReport) -> No
     if sealed or requeued or (waiting and now - last_claim > IDLE_FLUSH_MS):
         rt.dispatch.flush(job.id)
         report.flushes += 1
-    if overdue:
-        parked.forget(rt, job.id, overdue)  # the re-driven poll replaces a parked one (beat was down)
-    for batch_id in overdue:
-        rt.dispatch.poll(job.id, batch_id, REDRIVEN_POLL_ATTEMPT, 0.0)
-        report.polls_redriven += 1

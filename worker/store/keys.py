@@ -14,6 +14,20 @@ def _job(job_id: str, suffix: str) -> str:
     return f"{PREFIX}:{{job:{job_id}}}:{suffix}"
 
 
+def _glob_escape(value: str) -> str:
+    """``value`` matched literally in a SCAN/ZSCAN ``MATCH`` pattern (Redis globs: ``* ? [ ] \\``)."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in value)
+
+
+def job_keys_match(job_id: str) -> str:
+    """SCAN ``MATCH`` pattern of every per-job key of one job (they all carry its hash tag).
+
+    Deleting a job scans for it rather than listing key names, so a per-job key added later
+    can never be left behind.
+    """
+    return _job(_glob_escape(job_id), "*")
+
+
 # --- registries -------------------------------------------------------------------------------------
 def authorizations() -> str:
     """Hash: authorization id -> encrypted JSON record."""
@@ -43,6 +57,22 @@ def ratelimit_streak(key_hash: str) -> str:
     return f"{PREFIX}:{{rl:{key_hash}}}:streak429"
 
 
+def poller_lock(key_hash: str) -> str:
+    """String (redis-py Lock): held by the one poller checking this API key's batches."""
+    return f"{PREFIX}:{{rl:{key_hash}}}:poller"
+
+
+def poller_queued(key_hash: str) -> str:
+    """String with a TTL: a poller task for this API key is queued and has not started yet."""
+    return f"{PREFIX}:{{rl:{key_hash}}}:poller:queued"
+
+
+def poll_share(key_hash: str) -> str:
+    """Name (passed as a limiter key hash) of the GCRA schedule that caps this key's status checks
+    at their share of its rate while sends wait."""
+    return f"{key_hash}.polls"
+
+
 def ratelimit_backoff(key_hash: str) -> str:
     """String: epoch microseconds (Redis clock) until which every worker holds off this API key after a 429."""
     return f"{PREFIX}:{{rl:{key_hash}}}:backoff"
@@ -60,8 +90,14 @@ def job_skips(job_id: str) -> str:
 
 
 def job_deadletters(job_id: str) -> str:
-    """List of JSON dead-letter records (user key, reason, record) an operator can read."""
+    """LIST of JSON dead-letter records (user key, reason, record) an operator can read; the newest
+    ``DEADLETTER_CAP`` are kept (worker.pipeline.deadletters)."""
     return _job(job_id, "deadletters")
+
+
+def job_deadletter_counts(job_id: str) -> str:
+    """HASH: dead-letter reason class -> entries recorded, exact even for entries the cap dropped."""
+    return _job(job_id, "deadletters:counts")
 
 
 def open_entries(job_id: str) -> str:
@@ -130,9 +166,9 @@ def flush_running(job_id: str) -> str:
     return _job(job_id, "flush:running")
 
 
-def parked_polls(job_id: str) -> str:
-    """ZSET: "batch id:attempt" -> time (ms) a poll waiting for spare request budget is due."""
-    return _job(job_id, "polls:parked")
+def in_flight(job_id: str) -> str:
+    """ZSET: batch id -> when it was first sent to Attentive (ms), until it completes."""
+    return _job(job_id, "inflight")
 
 
 def sweep_lock() -> str:
@@ -146,7 +182,7 @@ def leases(job_id: str) -> str:
 
 
 def polls(job_id: str) -> str:
-    """ZSET: batch id -> time (ms) by which its next poll must have run; the sweep re-drives late ones."""
+    """ZSET: batch id -> when its next status check is due (ms), while it is at Attentive."""
     return _job(job_id, "polls")
 
 
@@ -200,3 +236,24 @@ def backfill_file_chunk(job_id: str, chunk_id: str) -> str:
 def backfill_due() -> str:
     """ZSET: ``<job id>|<part>`` -> time (ms) after which the sweep re-drives the part if it made no progress."""
     return f"{PREFIX}:backfill:due"
+
+
+def backfill_due_match(job_id: str) -> str:
+    """ZSCAN ``MATCH`` pattern of one job's members of :func:`backfill_due`."""
+    return f"{_glob_escape(job_id)}|*"
+
+
+# --- liveness (worker/observe/heartbeat.py) ---------------------------------------------------------
+def heartbeat(component: str) -> str:
+    """STRING: when ``component`` (``beat``: it published a sweep; ``sweep``: one ran) last beat (ms)."""
+    return f"{PREFIX}:heartbeat:{component}"
+
+
+def worker_heartbeat(node: str) -> str:
+    """STRING with a TTL: when the Celery worker ``node`` (``name@host``) last beat (ms)."""
+    return f"{PREFIX}:heartbeat:worker:{node}"
+
+
+def worker_heartbeats() -> str:
+    """ZSET: worker node -> last beat (ms), so readers list workers without SCAN; pruned on write."""
+    return f"{PREFIX}:heartbeat:workers"

@@ -17,9 +17,11 @@
 --   8 seq          STR   batch id counter
 --   9 status       HASH  counters
 --  10 leases       ZSET  batch id -> lease expiry (ms) while a flush owns it
---  11 polls        ZSET  batch id -> time (ms) after which a missing poll is re-driven
+--  11 polls        ZSET  batch id -> when its next status check is due (ms), while it is at Attentive
+--                        (the key's poller, worker/pipeline/poller.py, checks due ones oldest first)
 --  12 open_ids     HASH  "type:value" identifier -> the user of the open batch carrying it (cleared
 --                        with every seal), so two users sharing an identifier never share a request
+--  13 in_flight    ZSET  batch id -> when it was first sent (ms), until it completes (overdue alerts)
 -- ARGV[1] op, ARGV[2] now (ms), ARGV[3] batch key prefix ("...:batch:"), ARGV[4] batch size, op args follow.
 -- A batch is two keys under that prefix: <bid> HASH (users as a JSON list, state, owner, attempts,
 -- Attentive jobs, per-job done/failed counts) and <bid>:entries HASH (the open entries, renamed).
@@ -43,7 +45,7 @@
 local K_OPEN, K_ORDER, K_SINCE, K_LWW = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local K_OUTSTANDING, K_WAITING, K_SEALED, K_SEQ = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local K_STATUS, K_LEASES, K_POLLS = KEYS[9], KEYS[10], KEYS[11]
-local K_IDS = KEYS[12]
+local K_IDS, K_INFLIGHT = KEYS[12], KEYS[13]
 
 local op = ARGV[1]
 local now = tonumber(ARGV[2])
@@ -539,8 +541,9 @@ elseif op == 'ended' then
     return 1
 
 elseif op == 'submitted' then
-    -- op args: bid, owner token, poll deadline (ms), settled users (JSON list of indices that are
-    -- finished for good: refused by a 400 and dead-lettered). The jobs were recorded by 'accepted'.
+    -- op args: bid, owner token, first status check due (ms), settled users (JSON list of indices
+    -- that are finished for good: refused by a 400 and dead-lettered). The jobs were recorded by
+    -- 'accepted'.
     local bid = ARGV[5]
     local key = batch_prefix .. bid
     if not owns(key, ARGV[6]) then
@@ -549,17 +552,20 @@ elseif op == 'submitted' then
     redis.call('HSET', key, 'state', 'submitted', 'owner', '', 'submitted_at', now, 'settled', ARGV[8])
     redis.call('ZREM', K_LEASES, bid)
     redis.call('ZADD', K_POLLS, tonumber(ARGV[7]), bid)
+    redis.call('ZADD', K_INFLIGHT, 'NX', now, bid)
     redis.call('HINCRBY', K_STATUS, 'batches_submitted', 1)
     redis.call('HSET', K_STATUS, 'last_flush_at', now, 'consecutive_429', 0, 'consecutive_errors', 0)
     return 1
 
 elseif op == 'poll_due' then
-    -- op args: bid, next deadline (ms). Records when the next poll must have happened by; only
-    -- while the batch is at Attentive (one sent again or completed meanwhile needs no poll).
+    -- op args: bid, when its next status check is due (ms). Only while the batch is at Attentive:
+    -- one sent again or completed meanwhile is dropped from the schedule instead.
     if redis.call('HGET', batch_prefix .. ARGV[5], 'state') == 'submitted' then
         redis.call('ZADD', K_POLLS, tonumber(ARGV[6]), ARGV[5])
+        return 1
     end
-    return 1
+    redis.call('ZREM', K_POLLS, ARGV[5])
+    return 0
 
 elseif op == 'resend' then
     -- op args: bid, reason. Users are still open after every recorded job finished (a job failed or
@@ -606,14 +612,16 @@ elseif op == 'complete' then
     redis.call('DEL', key, key .. ':entries')
     redis.call('ZREM', K_POLLS, bid)
     redis.call('ZREM', K_LEASES, bid)
+    redis.call('ZREM', K_INFLIGHT, bid)
     for i = 6, #ARGV, 2 do
         redis.call('HINCRBY', K_STATUS, ARGV[i], tonumber(ARGV[i + 1]))
     end
     return {1, sealed_now}
 
 elseif op == 'reap' then
-    -- Re-drive work whose owner vanished: expired flush leases go back to the FIFO; batches whose
-    -- poll is overdue are returned so the caller dispatches a poll again. op args: poll grace (ms).
+    -- Re-drive work whose owner vanished: expired flush leases go back to the FIFO (or to the
+    -- poller, due at once, when Attentive accepted part of the batch). Returns how many were
+    -- re-queued. Polls need no re-drive: their schedule lives here, not in broker messages.
     local requeued = 0
     for _, bid in ipairs(redis.call('ZRANGEBYSCORE', K_LEASES, '-inf', now)) do
         local key = batch_prefix .. bid
@@ -633,12 +641,8 @@ elseif op == 'reap' then
             end
         end
     end
-    local overdue = redis.call('ZRANGEBYSCORE', K_POLLS, '-inf', now)
-    for _, bid in ipairs(overdue) do
-        redis.call('ZADD', K_POLLS, now + tonumber(ARGV[5]), bid)
-    end
     if requeued > 0 then redis.call('HINCRBY', K_STATUS, 'leases_expired', requeued) end
-    return {requeued, overdue}
+    return requeued
 end
 
 return redis.error_reply('unknown buffer op: ' .. tostring(op))

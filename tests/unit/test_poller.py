@@ -1,0 +1,123 @@
+"""The per-key poller: due checks soonest first across the key's jobs, one poller per key, status
+checks inside their share of the key's rate while sends wait, no long sleeps for tokens."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis
+
+from worker.pipeline import poller
+from worker.pipeline.flush import flush_job
+from worker.pipeline.poller import run_poller
+from worker.setup.jobconfig import JobState
+from worker.store import keys
+
+from .pipeline_kit import KEY_HASH, Pipeline, users
+
+
+@pytest.fixture
+def pipe(any_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> Pipeline:
+    return Pipeline(any_redis, monkeypatch)
+
+
+def at_attentive(pipe: Pipeline, job: object, n: int, prefix: str, due_ms: int = 0) -> list[int]:
+    """``n`` one-user batches flushed to Attentive, their checks due at ``due_ms``."""
+    bids = [pipe.sealed_batch(job, users(1, prefix=f"{prefix}{i}-")) for i in range(n)]  # type: ignore[arg-type]
+    assert flush_job(pipe.rt, job.id).submitted == bids  # type: ignore[attr-defined]
+    pipe.redis.zadd(keys.polls(job.id), {str(b): due_ms for b in bids})  # type: ignore[attr-defined]
+    return bids
+
+
+def test_the_poller_checks_every_due_batch_of_the_keys_jobs_soonest_first(pipe: Pipeline) -> None:
+    one, two = pipe.create_job(), pipe.create_job(label="same key")
+    at_attentive(pipe, one, 2, "a", due_ms=3)
+    at_attentive(pipe, two, 1, "b", due_ms=1)
+    later = at_attentive(pipe, two, 1, "c", due_ms=10**15)  # not due
+
+    report = run_poller(pipe.rt, KEY_HASH, budget_seconds=5.0)
+
+    assert (report.checked, report.settled) == (3, 3)
+    gets = [r.url.path.rsplit("/", 1)[1] for r in pipe.attentive.status_gets()]
+    assert gets == ["aj-3", "aj-1", "aj-2"]  # two's batch was due first
+    assert pipe.polled(one) == [] and pipe.polled(two) == later
+    assert not pipe.redis.exists(keys.poller_lock(KEY_HASH))  # released for the next one
+
+
+def test_only_one_poller_per_key_at_a_time(pipe: Pipeline) -> None:
+    job = pipe.create_job()
+    at_attentive(pipe, job, 1, "a")
+    pipe.redis.set(keys.poller_lock(KEY_HASH), "another poller")
+
+    report = run_poller(pipe.rt, KEY_HASH, budget_seconds=5.0)
+
+    assert report.skipped and report.checked == 0 and pipe.attentive.status_gets() == []
+
+
+def test_a_poller_whose_lock_was_taken_over_stops_before_its_next_check(
+    pipe: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = pipe.create_job()
+    at_attentive(pipe, job, 3, "a")
+    original = pipe.http.job_status
+
+    def status_then_lose_the_lock(job_id: str) -> object:
+        # The lock expired (a stalled process) and another poller took it.
+        pipe.redis.set(keys.poller_lock(KEY_HASH), "the new poller")
+        return original(job_id)
+
+    monkeypatch.setattr(pipe.http, "job_status", status_then_lose_the_lock)
+    report = run_poller(pipe.rt, KEY_HASH, budget_seconds=5.0)
+
+    assert report.checked == 1 and len(pipe.attentive.status_gets()) == 1
+    assert pipe.redis.get(keys.poller_lock(KEY_HASH)) == b"the new poller"  # not released by the old one
+
+
+def test_while_sends_wait_checks_stay_within_their_share(
+    pipe: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rate, share = 200.0, 0.1  # 20 checks/s while sends wait
+    pipe = Pipeline(pipe.redis, monkeypatch, rate_limit_per_second=rate, poll_share=share)
+    monkeypatch.setattr(pipe, "limiter", lambda: poller.RateLimiter(pipe.redis, KEY_HASH, rate))
+    job = pipe.create_job()
+    at_attentive(pipe, job, 60, "a")
+    pipe.sealed_batch(job, ["waiting@x.io"])  # a batch waits to be sent
+
+    started = time.monotonic()
+    report = run_poller(pipe.rt, KEY_HASH, budget_seconds=1.0)
+    elapsed = time.monotonic() - started
+
+    assert report.checked >= 1
+    assert report.checked <= 1 + rate * share * elapsed  # burst 1, then one per 50 ms at most
+    assert report.again_in == 0.0  # budget spent with checks left: a successor carries on
+
+
+def test_no_long_sleep_for_a_token_the_poller_hands_over_with_a_countdown(
+    pipe: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = pipe.create_job()
+    (bid,) = at_attentive(pipe, job, 1, "a")
+    pipe.limiter().penalize(5.0)  # a 429 holds the key off for 5 s
+    slept: list[float] = []
+    monkeypatch.setattr(poller.time, "sleep", slept.append)
+
+    report = run_poller(pipe.rt, KEY_HASH, budget_seconds=5.0)
+
+    assert report.checked == 1 and report.settled == 0 and pipe.attentive.status_gets() == []
+    assert report.again_in is not None and 4.0 < report.again_in <= 5.0
+    assert sum(slept) <= poller.MAX_TOKEN_SLEEP_SECONDS
+    due = pipe.redis.zscore(keys.polls(job.id), bid)
+    assert due is not None and due > time.time() * 1000 + 4_000  # checked again after the hold
+
+
+def test_a_paused_jobs_checks_wait_in_the_schedule(pipe: Pipeline) -> None:
+    job = pipe.create_job()
+    bids = at_attentive(pipe, job, 2, "a")
+    pipe.rt.jobs.set_state(job.id, JobState.PAUSED, "operator")
+
+    report = run_poller(pipe.rt, KEY_HASH, budget_seconds=1.0)
+
+    assert report.checked == 0 and pipe.attentive.status_gets() == [] and pipe.polled(job) == bids
+    pipe.rt.jobs.set_state(job.id, JobState.RUNNING)
+    assert run_poller(pipe.rt, KEY_HASH, budget_seconds=5.0).settled == 2

@@ -1,0 +1,178 @@
+"""The poller: one per Attentive API key at a time, checking the key's batches as they come due.
+
+Batches at Attentive wait in each job's check schedule (``keys.polls``: batch id -> when its next
+check is due), not in broker messages. A poller task for a key holds a redis-py Lock, collects the
+due checks of every job sending with that key, soonest first, and checks them
+(:func:`worker.pipeline.poll.check_batch`) until its time budget is spent, then hands over to a fresh
+task. So:
+
+* two pollers never check the same batch at once (the lock is per key and renewed before every
+  check; a poller whose lock was taken over stops), and a worker killed mid-check leaves nothing to
+  re-drive: its lock expires and the sweep starts another poller;
+* status checks share the key's request budget with sends (DESIGN.md invariant 4): while batches
+  wait to be sent, checks take at most ``ATTENTIVE_POLL_SHARE`` of the key's rate (a second GCRA
+  schedule caps them); with nothing waiting they take spare tokens only, so a send arriving first
+  still goes first. Each batch's next check moves out as it ages and as more batches are at
+  Attentive (:func:`worker.pipeline.poll.next_check_in`), so the schedule fits inside that share;
+* no process sleeps more than :data:`MAX_TOKEN_SLEEP_SECONDS` for a token: a poller that would
+  have to wait longer stops and its successor is queued with that countdown.
+
+The sweep (:func:`request_pollers`) queues a poller for every key with a check due and none
+running; a poller also queues its own successor when it stops with work left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from redis.exceptions import LockError
+from redis.lock import Lock
+
+from worker.pipeline.buffer import JobBuffer, now_ms
+from worker.pipeline.poll import TakeToken, check_batch
+from worker.runtime import REDIS_DOWN, Runtime
+from worker.setup.jobs import ExportJob
+from worker.store import keys
+from worker.store.ratelimit import RateLimiter
+
+log = logging.getLogger(__name__)
+
+#: One poller task checks batches this long, then hands over to a fresh task.
+POLLER_BUDGET_SECONDS = 10.0
+#: A poller's lock outlives one check (a status request's timeouts, a results file) with margin;
+#: it is renewed before every check. A poller killed with SIGKILL holds its key this long at most.
+POLLER_LOCK_SECONDS = 60.0
+#: Longest a poller sleeps for a token, or for the next check to come due, before handing over.
+MAX_TOKEN_SLEEP_SECONDS = 0.25
+#: A queued poller task counts as on its way this long (a lost message is replaced after it).
+POLLER_QUEUED_TTL_MS = 30_000
+#: Due checks read per job and round.
+DUE_PAGE = 64
+
+
+@dataclass
+class PollerReport:
+    checked: int = 0
+    settled: int = 0
+    statuses: list[str] = field(default_factory=list)
+    #: Another poller holds the key: this one did nothing.
+    skipped: bool = False
+    #: Set when work is left: queue a successor after this many seconds.
+    again_in: float | None = None
+
+
+def key_hash_of(rt: Runtime, job: ExportJob) -> str | None:
+    """The API key hash a job sends with, or None if it cannot be read (a deleted authorization)."""
+    try:
+        return rt.limiter_for(job).key_hash
+    except REDIS_DOWN:
+        raise
+    except Exception as exc:
+        log.warning("job %s: no API key to poll with: %s: %s", job.id, type(exc).__name__, exc)
+        return None
+
+
+def request_poller(rt: Runtime, key_hash: str, countdown: float = 0.0) -> bool:
+    """Queue a poller task for the key unless one is running or queued already."""
+    if rt.redis.exists(keys.poller_lock(key_hash)):
+        return False
+    if rt.redis.set(
+        keys.poller_queued(key_hash), 1, nx=True, px=POLLER_QUEUED_TTL_MS + int(countdown * 1000)
+    ):
+        rt.dispatch.poll_key(key_hash, countdown)
+        return True
+    return False
+
+
+def request_pollers(rt: Runtime, jobs: Iterable[ExportJob], now: int) -> int:
+    """Queue a poller for every key with a check due (the sweep calls this); returns how many."""
+    due_keys: set[str] = set()
+    for job in jobs:
+        if not job.sending:
+            continue
+        if JobBuffer(rt.redis, job.id, job.config.batch_size).due_checks(now, 1):
+            key_hash = key_hash_of(rt, job)
+            if key_hash is not None:
+                due_keys.add(key_hash)
+    return sum(request_poller(rt, key_hash) for key_hash in sorted(due_keys))
+
+
+def run_poller(rt: Runtime, key_hash: str, budget_seconds: float = POLLER_BUDGET_SECONDS) -> PollerReport:
+    """Check the key's due batches, soonest first, until the budget is spent or none is due."""
+    report = PollerReport()
+    rt.redis.delete(keys.poller_queued(key_hash))
+    lock = rt.redis.lock(keys.poller_lock(key_hash), timeout=POLLER_LOCK_SECONDS, blocking=False)
+    if not lock.acquire():
+        report.skipped = True
+        return report
+    try:
+        _run(rt, key_hash, lock, time.monotonic() + budget_seconds, report)
+    except LockError:
+        log.warning("poller for key %s lost its lock; stopping", key_hash)
+        report.again_in = None  # whoever holds the lock now carries on
+    finally:
+        with contextlib.suppress(LockError):
+            lock.release()
+    return report
+
+
+class _Tokens:
+    """Tokens for status checks: the key's shared limiter, capped at the poll share while sends wait."""
+
+    def __init__(self, rt: Runtime, key_hash: str) -> None:
+        rate = rt.settings.rate_limit_per_second
+        self.main = RateLimiter(rt.redis, key_hash, rate)
+        self.share = RateLimiter(rt.redis, keys.poll_share(key_hash), rate * rt.settings.poll_share, burst=1)
+
+    def taker(self, sends_waiting: bool, lock: Lock) -> TakeToken:
+        def take() -> float:
+            lock.reacquire()  # raises LockError (LockNotOwnedError) once another poller took over
+            if sends_waiting and not self.share.acquire(MAX_TOKEN_SLEEP_SECONDS):
+                return max(self.share.next_wait, MAX_TOKEN_SLEEP_SECONDS)
+            if not self.main.acquire(MAX_TOKEN_SLEEP_SECONDS, spare_only=not sends_waiting):
+                return max(self.main.next_wait, MAX_TOKEN_SLEEP_SECONDS)
+            return 0.0
+
+        return take
+
+
+def _run(rt: Runtime, key_hash: str, lock: Lock, deadline: float, report: PollerReport) -> None:
+    tokens = _Tokens(rt, key_hash)
+    while time.monotonic() < deadline:
+        jobs = [j for j in rt.jobs.active() if j.sending and key_hash_of(rt, j) == key_hash]
+        buffers = {j.id: JobBuffer(rt.redis, j.id, j.config.batch_size) for j in jobs}
+        now = now_ms()
+        due = sorted(
+            (at, job.id, bid) for job in jobs for at, bid in buffers[job.id].due_checks(now, DUE_PAGE)
+        )[:DUE_PAGE]
+        if not due:
+            soon = [t for b in buffers.values() if (t := b.next_check_at()) is not None]
+            if not soon:
+                return  # nothing at Attentive
+            wait = (min(soon) - now) / 1000
+            if wait > MAX_TOKEN_SLEEP_SECONDS:
+                return  # the sweep queues a poller when the next check comes due
+            time.sleep(max(wait, 0.0))
+            continue
+        sends_waiting = any(b.sealed_count() > 0 for b in buffers.values())
+        at_attentive = sum(b.at_attentive() for b in buffers.values())
+        take = tokens.taker(sends_waiting, lock)
+        by_id = {j.id: j for j in jobs}
+        for _, job_id, bid in due:
+            if time.monotonic() >= deadline:
+                break
+            job = rt.jobs.cached(job_id)
+            if job is None or not job.sending:
+                continue  # paused or stopped meanwhile: its checks wait in the schedule
+            check = check_batch(rt, by_id[job_id], bid, take, tokens.main, at_attentive, sends_waiting)
+            report.checked += 1
+            report.settled += int(check.done)
+            report.statuses.extend(check.statuses)
+            if check.stop_for is not None:
+                report.again_in = check.stop_for
+                return
+    report.again_in = 0.0  # budget spent: a fresh task carries on
