@@ -14,7 +14,7 @@ from worker.runtime import runtime
 @shared_task(name=BACKFILL_TASK, autoretry_for=REDIS_DOWN, retry_backoff=True, max_retries=None)
 def backfill(job_id: str, part: str) -> None:
     rt = runtime()
-    report = run_step(rt.redis, job_id, part)
+    report = run_step(rt.redis, job_id, part, max_queued_users=rt.settings.backfill_max_queued_users)
     if report.sealed:
         request_flush(rt, job_id)
     if report.next_in is not None:

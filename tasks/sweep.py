@@ -6,6 +6,7 @@ from celery import shared_task
 
 from worker.backfill.steps import redrive_stalled
 from worker.dispatch import SWEEP_TASK
+from worker.observe import heartbeat
 from worker.pipeline.sweep import sweep as run_sweep
 from worker.runtime import runtime
 
@@ -14,3 +15,4 @@ from worker.runtime import runtime
 def sweep() -> None:
     rt = runtime()
     run_sweep(rt, redrive_backfills=lambda now: redrive_stalled(rt.redis, rt.dispatch, now))
+    heartbeat.note_sweep(rt.redis)

@@ -11,7 +11,17 @@ from worker import redis_broker
 from worker.settings import SettingsError, load_settings
 
 app = Celery(
-    "attentive_export", include=["tasks.ingest", "tasks.flush", "tasks.poll", "tasks.sweep", "tasks.backfill"]
+    "attentive_export",
+    # worker.observe.liveness: heartbeats for `attentive-export health`, written from Celery signals.
+    # Loaded by name like the task modules, so this module still imports nothing of the domain.
+    include=[
+        "tasks.ingest",
+        "tasks.flush",
+        "tasks.poll",
+        "tasks.sweep",
+        "tasks.backfill",
+        "worker.observe.liveness",
+    ],
 )
 # Importing worker.celeryconfig validates every setting (a bad one ends the process with one line).
 app.config_from_object("worker.celeryconfig")

@@ -145,6 +145,9 @@ class Settings(BaseSettings):
     #: Share of the key's rate that status checks may take while batches wait to be sent (sends keep
     #: the rest); with nothing waiting, checks use spare tokens only.
     poll_share: float = Field(0.1, validation_alias="ATTENTIVE_POLL_SHARE", gt=0, le=1, allow_inf_nan=False)
+    #: A backfill step waits while a job's sealed batches carry more users than this: a live change
+    #: then waits behind at most this many (about 2 s of sending at full rate with the default).
+    backfill_max_queued_users: int = Field(50_000, validation_alias="BACKFILL_MAX_QUEUED_USERS", ge=1)
     #: How long a flush owns a claimed batch before the sweep hands it to another worker.
     lease_seconds: float = Field(60.0, validation_alias="FLUSH_LEASE_SECONDS", ge=1, allow_inf_nan=False)
     #: After a send whose answer never came (the connection dropped after the request went out),

@@ -118,7 +118,7 @@ def test_existing_users_are_backfilled_from_a_lytics_segment_then_the_job_runs(
     assert all(u["custom"] == {"vip": True} for u in stored.values())
     assert stored["b7@x.io"]["attributes"]["firstName"] == "B7"
 
-    assert main(["status", job_id]) == 0
+    assert main(["status", "--json", job_id]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["state"] == "running" and shown["backfill"]["audiences"]["vip"]["members"] == 1000
     assert LYTICS_TOKEN not in json.dumps(shown)

@@ -187,7 +187,7 @@ def test_installed_cli_reports_status_from_outside_the_checkout(
     installed: Path, real_redis: redis.Redis, tmp_path: Path
 ) -> None:
     url = _redis_url(real_redis)
-    done = _run(installed, ["attentive-export", "status"], tmp_path, _clean_env(REDIS_URL=url))
+    done = _run(installed, ["attentive-export", "status", "--json"], tmp_path, _clean_env(REDIS_URL=url))
     assert done.returncode == 0, done.stdout + done.stderr
     status = json.loads(done.stdout)
     assert status["jobs"] == []  # the test database is empty

@@ -614,7 +614,7 @@ def test_no_secret_or_personal_data_leaks_anywhere(
         wait_for(lambda: job_status(real_redis, job_id)["state"] == "paused", 30, "the job to pause")
 
         everything, dead, _auths, _job = procs.cli_parallel(
-            ["status"], ["deadletters", job_id], ["auth", "list"], ["jobs", "show", job_id]
+            ["status", "--json"], ["deadletters", job_id], ["auth", "list"], ["jobs", "show", job_id]
         )
         status = next(j for j in json.loads(everything)["jobs"] if j["job"] == job_id)
         assert status["pause_reason"] and status["last_error"], status
@@ -630,7 +630,7 @@ def test_no_secret_or_personal_data_leaks_anywhere(
         assert {t["name"] for t in flower_task_list.values()} >= {  # type: ignore[attr-defined]
             "export.ingest",
             "export.flush",
-            "export.poll",
+            "export.poll_key",
             "export.sweep",
         }
 
@@ -655,7 +655,7 @@ def test_no_secret_or_personal_data_leaks_anywhere(
     broker_values = [arg for command in commands for arg in command[1:]]
     broker_values += redis_contents(broker_db)  # and whatever is left in the broker at the end
     calls = task_calls(broker_values)
-    assert {c.name for c in calls} >= {"export.ingest", "export.flush", "export.poll", "export.sweep"}
+    assert {c.name for c in calls} >= {"export.ingest", "export.flush", "export.poll_key", "export.sweep"}
     ingest_args = {a for c in calls if c.name == "export.ingest" for a in c.args}
     assert set(chunks) <= ingest_args, "the tap missed ingest tasks"
     not_ids = [

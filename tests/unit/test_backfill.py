@@ -18,7 +18,7 @@ from worker.backfill import steps as backfill
 from worker.backfill.steps import FILE_PART, FileBackfillError, FileReport, run_step
 from worker.clients.lytics import LyticsClient
 from worker.observe.status import job_status
-from worker.pipeline.buffer import entry_records
+from worker.pipeline.buffer import JobBuffer, entry_records
 from worker.pipeline.ingest import ingest_lines
 from worker.setup.jobconfig import JobConfigError, JobState, parse_job_config
 from worker.setup.jobs import ExportJob, JobStore
@@ -122,6 +122,7 @@ class World:
         )
 
     def job(self, **overrides: Any) -> ExportJob:
+        overrides.setdefault("label", f"backfill test {len(self.jobs.list()) + 1}")  # labels are unique
         job = self.jobs.create(parse_job_config(config(**overrides)), state=JobState.CREATED)
         backfill.start(self.redis, self.jobs, job.id, self.dispatch, now=T0)
         return self.jobs.get(job.id)
@@ -142,8 +143,7 @@ class World:
         return decode_hash(self.redis.hgetall(keys.backfill_part(job.id, part)))
 
     def lww(self, job: ExportJob, user: str, audience: str = "vip") -> int | None:
-        raw = self.redis.hget(keys.last_writer(job.id), f"{audience}|{user}")
-        return int(raw) if raw is not None else None
+        return JobBuffer(self.redis, job.id).last_accepted([(user, audience)])[0]
 
     def pending(self, job: ExportJob, user: str) -> list[dict[str, Any]]:
         """The user's records not yet sent, oldest first: the open batch, then changes waiting for it."""
@@ -470,3 +470,19 @@ def test_status_shows_progress_per_audience(world: World) -> None:
     )
     assert vip["members_at_ms"] == T0 and vip["last_error"] is None
     assert block["finished"] is False and block["file"] is None
+
+
+def test_a_step_waits_while_the_jobs_queued_backlog_is_over_its_cap(world: World) -> None:
+    """Real-time changes queue behind sealed batches: a backfill that kept sealing would make them
+    wait minutes, and Redis would hold the whole segment."""
+    job = world.job(batch_size=100)
+    first = run_step(world.redis, job.id, "vip", world.factory(), max_queued_users=150)
+    assert first.members == 100  # one full batch sealed: 100 users queued, under the cap
+    second = run_step(world.redis, job.id, "vip", world.factory(), max_queued_users=150)
+    assert second.members == 100  # now 200 queued
+    held = run_step(world.redis, job.id, "vip", world.factory(), max_queued_users=150)
+    assert (held.members, held.next_in) == (0, backfill.BACKLOG_WAIT_SECONDS)
+    assert world.part(job)["pages"] == "2" and len(world.lytics.requests) == 2  # no page read
+    assert world.counters(job)["backfill_waits_for_backlog"] == 1
+    world.redis.delete(keys.sealed(job.id))  # sent: the backlog drained
+    assert run_step(world.redis, job.id, "vip", world.factory(), max_queued_users=150).finished

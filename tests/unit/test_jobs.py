@@ -22,7 +22,7 @@ def test_conditional_change_never_overwrites_a_state_written_meanwhile(fake_redi
     store.set_state(job.id, JobState.STOPPED)
     assert not store.set_state_if(job.id, JobState.PAUSED, SENDING_STATES, "403")
     assert store.get(job.id).state is JobState.STOPPED
-    store.set_state(job.id, JobState.BACKFILLING)
+    job = store.create(parse_job_config({**CONFIG, "label": "j2"}), state=JobState.BACKFILLING)
     assert store.set_state_if(job.id, JobState.RUNNING, {JobState.BACKFILLING})
     assert store.get(job.id).state is JobState.RUNNING
 

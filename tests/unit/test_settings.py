@@ -55,6 +55,7 @@ VARIABLES = (
     "WEBHOOK_MAX_BYTES",
     "WEBHOOK_METHOD",
     "DEADLETTER_CAP",
+    "BACKFILL_MAX_QUEUED_USERS",
 )
 
 DEFAULTS: dict[str, Any] = {
@@ -74,6 +75,7 @@ DEFAULTS: dict[str, Any] = {
     "webhook_max_bytes": DEFAULT_WEBHOOK_MAX_BYTES,
     "webhook_method": "POST",
     "deadletter_cap": 100_000,
+    "backfill_max_queued_users": 50_000,
 }
 
 

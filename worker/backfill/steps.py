@@ -23,7 +23,8 @@ describe the job's start, not a change at the source.
 
 When every part is finished, a job still in ``backfilling`` becomes ``running``. A job paused
 meanwhile (for example by a refused Attentive key) keeps buffering its backfill like any other
-change and stays paused until an operator resumes it.
+change and stays paused until an operator resumes it (:func:`resume`): back to ``backfilling``
+while a part is unfinished, else ``running``.
 """
 
 from __future__ import annotations
@@ -171,14 +172,62 @@ def start(
     return parts
 
 
+def unfinished_parts(client: redis.Redis, job_id: str) -> list[str]:
+    """The job's backfill parts not finished yet (sorted)."""
+    parts = sorted(text(p) for p in client.smembers(keys.backfill_parts(job_id)))
+    pipe = client.pipeline(transaction=False)
+    for part in parts:
+        pipe.hget(keys.backfill_part(job_id, part), "finished")
+    return [p for p, f in zip(parts, pipe.execute(), strict=True) if text(f or b"0") != "1"]
+
+
+def resume(
+    client: redis.Redis, jobs: JobStore, job_id: str, dispatcher: Dispatcher, now: int | None = None
+) -> list[str]:
+    """Resume a job: start it if created; else back to ``backfilling`` while its backfill is
+    unfinished (its parts re-driven now, not when the sweep next finds them due), else ``running``.
+
+    Returns the parts started or re-driven. A paused job kept buffering its backfill, but a part
+    may be waiting out an error (a refused token, a missing variable) that the operator has just
+    fixed, so every unfinished part gets a step at once. A stopped job raises
+    :class:`~worker.setup.jobs.JobStateError` before anything is dispatched.
+    """
+    if jobs.get(job_id).state is JobState.CREATED:
+        return start(client, jobs, job_id, dispatcher, now)
+    parts = unfinished_parts(client, job_id)
+    jobs.set_state(job_id, JobState.BACKFILLING if parts else JobState.RUNNING)
+    if not parts:
+        return []
+    at = now if now is not None else now_ms()
+    client.zadd(keys.backfill_due(), {_due_member(job_id, part): at + STALL_MS for part in parts})
+    for part in parts:
+        # A part that finished since it was read: its step finds it finished and moves the job on.
+        dispatcher.backfill(job_id, part)
+    return parts
+
+
 # --- one step -------------------------------------------------------------------------------------------
+#: While a job has more users than these queued to send (sealed batches) or held behind unfinished
+#: Attentive jobs, backfill steps wait this long and look again: real-time changes keep flowing
+#: (they queue behind at most the sealed cap, a few seconds of sending) and Redis holds a bounded
+#: backlog however large the segment.
+BACKLOG_WAIT_SECONDS = 1.0
+#: Users held behind unfinished Attentive jobs above which backfill steps wait (memory bound).
+MAX_HELD_USERS = 1_000_000
+
+
 def run_step(
     client: redis.Redis,
     job_id: str,
     part: str,
     lytics: LyticsFactory | None = None,
+    max_queued_users: int | None = None,
 ) -> StepReport:
-    """Advance one backfill part by a few pages (or file chunks); safe to run twice at once or again."""
+    """Advance one backfill part by a few pages (or file chunks); safe to run twice at once or again.
+
+    ``max_queued_users`` (``BACKFILL_MAX_QUEUED_USERS``): the step waits (``report.next_in``) while
+    the job's sealed batches carry more users than this, or more than :data:`MAX_HELD_USERS` are
+    held; None: no limit."""
     report = StepReport()
     due_member = _due_member(job_id, part)
     jobs = JobStore(client)
@@ -206,6 +255,11 @@ def run_step(
     if job.state not in ROUTED_STATES:
         # Not started yet: its transitions would be unroutable. The sweep tries again later.
         report.skipped = f"job is {job.state}"
+        return report
+    if max_queued_users is not None and _backlog_full(client, job, max_queued_users):
+        client.hincrby(keys.job_status(job_id), "backfill_waits_for_backlog", 1)
+        report.skipped = "waiting for the job's backlog to drain"
+        report.next_in = BACKLOG_WAIT_SECONDS
         return report
     lock = client.lock(keys.backfill_lock(job_id, part), timeout=LOCK_SECONDS, blocking=False)
     if not lock.acquire():
@@ -372,16 +426,21 @@ def _halt(client: redis.Redis, job_id: str, part: str, report: StepReport, messa
 
 def _maybe_running(client: redis.Redis, jobs: JobStore, job_id: str) -> bool:
     """Move the job from ``backfilling`` to ``running`` once every part is finished."""
-    parts = [text(p) for p in client.smembers(keys.backfill_parts(job_id))]
-    pipe = client.pipeline(transaction=False)
-    for part in parts:
-        pipe.hget(keys.backfill_part(job_id, part), "finished")
-    if not all(text(f or b"0") == "1" for f in pipe.execute()):
+    if unfinished_parts(client, job_id):
         return False
     return jobs.set_state_if(job_id, JobState.RUNNING, only_from={JobState.BACKFILLING})
 
 
 # --- the sweep's part -------------------------------------------------------------------------------------
+def _backlog_full(client: redis.Redis, job: ExportJob, max_queued_users: int) -> bool:
+    """Whether the job's queued (sealed) or held users are above their caps."""
+    pipe = client.pipeline(transaction=False)
+    pipe.llen(keys.sealed(job.id))
+    pipe.hlen(keys.waiting(job.id))
+    sealed, held = pipe.execute()
+    return int(sealed) * job.config.batch_size > max_queued_users or int(held) > MAX_HELD_USERS
+
+
 def redrive_stalled(
     client: redis.Redis, dispatcher: Dispatcher, now: int | None = None, limit: int = 100
 ) -> int:

@@ -20,14 +20,15 @@ from typing import Any
 import redis
 
 from worker.backfill import steps as backfill
+from worker.cli import deadletters as deadletters_cli
+from worker.cli import monitor
 from worker.mapping.transitions import Rejected, parse_line, read_time_ms
-from worker.observe.status import ingest_status, job_status
-from worker.pipeline import deadletters, inbox
+from worker.pipeline import inbox
 from worker.settings import Settings, SettingsError, load_settings
 from worker.setup.authorizations import AuthorizationError, AuthorizationStore
 from worker.setup.crypto import SecretKeyError, generate_secret_key
 from worker.setup.jobconfig import JobConfigError, JobState, load_job_config
-from worker.setup.jobs import ROUTED_STATES, ExportJob, JobNotFound, JobStore
+from worker.setup.jobs import ROUTED_STATES, ExportJob, JobError, JobStore
 
 #: Transitions per inbox chunk (one ingest task each) when ingesting a file.
 INGEST_CHUNK = 1000
@@ -159,36 +160,45 @@ def cmd_jobs_pause(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def cmd_jobs_resume(args: argparse.Namespace, settings: Settings) -> None:
+    """Start a created job, or resume one: backfilling while its backfill is unfinished, else running."""
+    from worker.dispatch import CeleryDispatcher
+
     client = _redis(settings)
     store = JobStore(client)
-    if store.get(args.job).state is JobState.CREATED:  # first start: backfill before running
-        _start_job(client, store, args.job)
-        job = store.get(args.job)
-        print(f"job {job.id} is now {job.state}")
+    dispatcher = CeleryDispatcher()
+    first_start = store.get(args.job).state is JobState.CREATED
+    parts = backfill.resume(client, store, args.job, dispatcher)  # a stopped job: JobStateError
+    job = store.get(args.job)
+    print(f"job {job.id} is now {job.state}")
+    if first_start:
         _backfill_notes(job)
         return
-    _set_state(args, settings, JobState.RUNNING)
+    if parts:
+        print(f"the backfill of {', '.join(parts)} goes on where it was; follow it with `status {job.id}`")
+    if job.sending:
+        dispatcher.flush(job.id)
+
+
+def cmd_jobs_delete(args: argparse.Namespace, settings: Settings) -> None:
+    from worker.cli import jobs as jobs_cli
+
+    jobs_cli.delete(_redis(settings), args.job)
 
 
 def cmd_jobs_stop(args: argparse.Namespace, settings: Settings) -> None:
     _set_state(args, settings, JobState.STOPPED)
 
 
-def cmd_status(args: argparse.Namespace, settings: Settings) -> None:
-    client = _redis(settings)
-    if args.job:
-        _print_json(job_status(client, args.job))
-    else:
-        _print_json(
-            {
-                "ingest": ingest_status(client),
-                "jobs": [job_status(client, j.id) for j in JobStore(client).list()],
-            }
-        )
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    """Readable by default, ``--json`` for scripts, ``--watch`` to refresh (worker/cli/monitor.py)."""
+    return monitor.cmd_status(args, settings)
 
 
 def cmd_deadletters(args: argparse.Namespace, settings: Settings) -> None:
-    _print_json(deadletters.read(_redis(settings), args.job, args.limit))
+    try:
+        deadletters_cli.run(args, _redis(settings))
+    except deadletters_cli.CommandError as exc:
+        raise UserError(str(exc)) from None
 
 
 def cmd_preview(args: argparse.Namespace, _settings: Settings) -> None:
@@ -373,8 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, text in (
         ("show", cmd_jobs_show, "show a job's configuration and state"),
         ("pause", cmd_jobs_pause, "stop sending (transitions keep being buffered)"),
-        ("resume", cmd_jobs_resume, "start or resume sending"),
-        ("stop", cmd_jobs_stop, "stop the job for good (transitions are no longer routed to it)"),
+        ("resume", cmd_jobs_resume, "start a created job, or resume one (backfill first if unfinished)"),
+        ("stop", cmd_jobs_stop, "stop the job for good: transitions no longer reach it, no resume"),
+        ("delete", cmd_jobs_delete, "remove a stopped job and all its data from Redis (frees its label)"),
     ):
         sp = jobs.add_parser(name, help=text)
         sp.add_argument("job")
@@ -382,11 +393,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("status", help="counters, buffers and last errors (all jobs, or one)")
     st.add_argument("job", nargs="?")
+    monitor.add_status_arguments(st)
     st.set_defaults(func=cmd_status)
 
-    dl = sub.add_parser("deadletters", help="changes that will not reach Attentive, with reasons")
-    dl.add_argument("job")
-    dl.add_argument("--limit", type=int, default=100)
+    dl = sub.add_parser("deadletters", help="changes that will not reach Attentive: list, counts, purge")
+    deadletters_cli.add_arguments(dl)
     dl.set_defaults(func=cmd_deadletters)
 
     pv = sub.add_parser(
@@ -435,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sv.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
     sv.set_defaults(func=cmd_serve)
+    monitor.add_commands(sub)  # health, metrics
     return p
 
 
@@ -443,12 +455,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         # Every command validates the whole environment first: a bad setting is one line, exit 2.
         settings = load_settings()
-        args.func(args, settings)
+        code = args.func(args, settings)  # None, or an exit status (health: 1 when unhealthy)
     except (
         SettingsError,
         UserError,
         JobConfigError,
-        JobNotFound,
+        JobError,
         AuthorizationError,
         SecretKeyError,
     ) as exc:
@@ -459,7 +471,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ COUNTERS = (
     "sends_interrupted",
     "sends_uncertain",
     "coalesced_while_held",
+    "users_sent",
     "users_delivered",
     "record_failures",
     "deadlettered_users",
@@ -40,6 +41,7 @@ COUNTERS = (
     "leases_expired",
     "results_unavailable",
     "results_unreadable_lines",
+    "backfill_waits_for_backlog",
 )
 
 

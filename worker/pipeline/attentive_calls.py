@@ -13,6 +13,7 @@ from worker.runtime import Runtime
 from worker.setup.jobconfig import JobState
 from worker.setup.jobs import SENDING_STATES, ExportJob
 from worker.store import keys
+from worker.store.joberrors import note_error
 from worker.store.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
@@ -56,9 +57,10 @@ def hold_off_after_429(rt: Runtime, limiter: RateLimiter, job_id: str, exc: Rate
 def pause_for_auth_error(rt: Runtime, job: ExportJob, exc: AttentiveError) -> str:
     """Pause the job after a 401/403 (retrying would only storm Attentive); returns the reason."""
     reason = _pause_reason(exc)
-    rt.jobs.set_state_if(job.id, JobState.PAUSED, SENDING_STATES, reason)
+    paused = rt.jobs.set_state_if(job.id, JobState.PAUSED, SENDING_STATES, reason)
     rt.forget_client(job)
-    rt.redis.hset(keys.job_status(job.id), "last_error", reason)
+    if paused or rt.redis.hexists(keys.jobs(), job.id):  # a deleted job gets no keys back
+        note_error(rt.redis, job.id, reason)
     log.warning("job %s paused: %s", job.id, reason)
     return reason
 

@@ -29,6 +29,7 @@ from worker.pipeline.buffer import BatchDataMissing, ClaimedBatch, JobBuffer, en
 from worker.runtime import Runtime
 from worker.setup.jobs import ExportJob
 from worker.store import keys
+from worker.store.joberrors import note_error
 from worker.store.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
@@ -85,15 +86,15 @@ def flush_job(rt: Runtime, job_id: str, budget_seconds: float = FLUSH_BUDGET_SEC
     """Submit sealed batches of one job until none is left, the budget is spent, or sending must stop."""
     report = FlushReport()
     running = keys.flush_running(job_id)
+    job = rt.jobs.cached(job_id)
+    if job is None or not job.sending:
+        rt.redis.delete(keys.flush_queued(job_id))  # (a deleted job's keys are gone already)
+        return report
     # Started: a batch sealed from now on is ours to claim, not a reason to queue another task.
     pipe = rt.redis.pipeline(transaction=False)
     pipe.delete(keys.flush_queued(job_id))
     pipe.set(running, 1, px=FLUSH_QUEUED_TTL_MS)
     pipe.execute()
-    job = rt.jobs.cached(job_id)
-    if job is None or not job.sending:
-        rt.redis.delete(running)
-        return report
     buffer = JobBuffer(rt.redis, job_id, job.config.batch_size)
     deadline = time.monotonic() + budget_seconds
     slow_send = 1.0 / rt.settings.rate_limit_per_second
@@ -180,6 +181,8 @@ def _flush_batch(
         forget=lambda pending: buffer.forget_job(batch.batch_id, pending),
         uncertain_hold_ms=hold_ms,
     )
+    if sent.accepted:
+        rt.redis.hincrby(status_key, "users_sent", sum(map(len, sent.accepted)))
     if sent.refused:
         deadletters.record(
             rt.redis,
@@ -222,7 +225,7 @@ def _flush_batch(
         return hold_off_after_429(rt, limiter, job.id, exc)
     if isinstance(exc, AttentiveError):  # 5xx, timeouts, dropped connections, odd responses
         streak = int(rt.redis.hincrby(status_key, "consecutive_errors", 1))
-        rt.redis.hset(status_key, "last_error", f"{type(exc).__name__}: {exc.message}")
+        note_error(rt.redis, job.id, f"{type(exc).__name__}: {exc.message}")
         return backoff(streak - 1, first=ERROR_RETRY_FIRST_SECONDS, cap=ERROR_RETRY_CAP_SECONDS)
     raise exc
 

@@ -75,7 +75,9 @@ def ingest_lines(client: redis.Redis, jobs: JobStore, lines: Iterable[str | byte
     _write_counters(client, report, skips, drops)
     for job_id, changes in per_job.items():
         job = jobs.cached(job_id)
-        buffer = JobBuffer(client, job_id, job.config.batch_size if job else 256)
+        if job is None:
+            continue  # deleted while this chunk was routed: nothing may recreate its keys
+        buffer = JobBuffer(client, job_id, job.config.batch_size)
         client.hincrby(keys.job_status(job_id), "received", len(changes))
         sealed: list[int] = []
         for start in range(0, len(changes), SCRIPT_CHUNK):

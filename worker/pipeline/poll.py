@@ -27,6 +27,7 @@ from worker.runtime import Runtime
 from worker.settings import Settings
 from worker.setup.jobs import ExportJob
 from worker.store import keys
+from worker.store.joberrors import note_error
 from worker.store.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
@@ -146,7 +147,7 @@ def check_batch(
         buffer.schedule_check(batch_id, now_ms() + int(delay * 1000))
         return Check(done=False, statuses=tuple(statuses), stop_for=delay)
     except AttentiveError as exc:
-        rt.redis.hset(status_key, "last_error", f"poll: {type(exc).__name__}: {exc.message}")
+        note_error(rt.redis, job.id, f"poll: {type(exc).__name__}: {exc.message}")
         statuses.append("ERROR")
 
     # Read again: a send that outlived its lease may have recorded one more job meanwhile.
@@ -217,7 +218,7 @@ def _finish(
 def _job_failed(rt: Runtime, buffer: JobBuffer, batch_id: int, job_id: str, sub_id: str, reason: str) -> None:
     """An Attentive job ended without delivering (FAILED, CANCELLED, 404): counts as a failed send once."""
     if buffer.end_job(batch_id, sub_id, reason, failed=True):
-        rt.redis.hset(keys.job_status(job_id), "last_error", reason)
+        note_error(rt.redis, job_id, reason)
 
 
 def _note_job_time(rt: Runtime, job_id: str, batch: dict[str, str]) -> None:

@@ -27,6 +27,7 @@ from worker.pipeline.poller import request_pollers
 from worker.runtime import REDIS_DOWN, Runtime
 from worker.setup.jobs import ExportJob
 from worker.store import keys
+from worker.store.joberrors import note_error
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def _sweep_all(rt: Runtime, now: int, report: SweepReport, redrive_backfills: Ca
             log.exception("sweep: job %s failed", job.id)
             report.failed.append(job.id)
             with contextlib.suppress(redis.exceptions.RedisError):
-                rt.redis.hset(keys.job_status(job.id), "last_error", f"sweep: {type(exc).__name__}: {exc}")
+                note_error(rt.redis, job.id, f"sweep: {type(exc).__name__}: {exc}")
     report.pollers = request_pollers(rt, active, now)
     for chunk_id in inbox.orphaned_chunks(rt.redis, now):
         rt.dispatch.ingest(chunk_id)

@@ -110,7 +110,7 @@ class JobState(StrEnum):
     BACKFILLING = "backfilling"
     RUNNING = "running"
     PAUSED = "paused"  # buffers but does not send; the job records why (shown by status)
-    STOPPED = "stopped"
+    STOPPED = "stopped"  # final: never resumed; `jobs delete` then removes the job and its data
 
 
 # --------------------------------------------------------------------------------------------------

@@ -4,6 +4,18 @@ A job's configuration is validated by :mod:`worker.setup.jobconfig` before it ge
 keeps a copy of the job table for routing (which jobs export an audience) and reloads it when a
 version counter in Redis moves, so workers stay stateless (invariant 7), a job created a moment
 ago receives the very next transition, and ingest pays one small read per chunk, not per event.
+
+The lifecycle rules live here, not in the CLI, so no code path can break them:
+
+* ``stopped`` is final. A stopped job's buffers and schedules are abandoned as they were; resuming
+  would send a half-finished state long after the fact. A new job starts clean.
+* A ``created`` job has not started, so it cannot be paused: a pause would later resume it as
+  ``running`` and skip its backfill.
+* Labels are unique (case-insensitively) among the jobs that exist, so an operator can tell jobs
+  apart; a deleted job frees its label. Checked under WATCH on the job table, so two concurrent
+  creates cannot both take one label.
+* Only a stopped job can be deleted, and only once tasks that saw it before its stop are done
+  (:data:`DELETE_GRACE_SECONDS`); deleting removes every key of the job (:mod:`worker.setup.purge`).
 """
 
 from __future__ import annotations
@@ -12,25 +24,76 @@ import builtins
 import datetime as dt
 import json
 import secrets
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 
 from worker.setup.jobconfig import ExportJobConfig, JobState, parse_job_config
+from worker.setup.purge import Purged, purge_job_data
 from worker.store import keys
+from worker.store.replies import text
 
 #: States whose jobs receive transitions. A paused job still buffers, so nothing is lost while an
 #: operator fixes its key; it just does not send.
 ROUTED_STATES = frozenset({JobState.BACKFILLING, JobState.RUNNING, JobState.PAUSED})
 #: States whose jobs send batches to Attentive.
 SENDING_STATES = frozenset({JobState.BACKFILLING, JobState.RUNNING})
+#: How long after its stop a job can be deleted. A task that read the job before the stop may
+#: still write for a while: a flush keeps its 10 s budget and then waits out one POST (connect
+#: retries and 30 s read/write timeouts), a backfill step finishes its page. Deleting earlier could
+#: let such a task recreate a key after the purge.
+DELETE_GRACE_SECONDS = 120.0
+#: Optimistic-transaction retries before giving up (writers are operators and rare state changes).
+_MAX_TRANSACTION_ATTEMPTS = 50
+_T = TypeVar("_T")
 
 
-class JobNotFound(LookupError):
+class JobError(Exception):
+    """Base of the errors the job store raises; ``str(exc)`` is one line for an operator."""
+
+
+class JobNotFound(JobError, LookupError):
     def __init__(self, job_id: str) -> None:
         super().__init__(f"no export job {job_id!r}; `attentive-export jobs list` shows the jobs")
+
+
+class JobStateError(JobError, ValueError):
+    """A state change or an action the job's current state does not allow."""
+
+
+class LabelTaken(JobError, ValueError):
+    """Another existing job already has this label."""
+
+
+class JobBusy(JobStateError):
+    """A stopped job that tasks may still be writing to; ``wait_seconds`` until it can be deleted."""
+
+    def __init__(self, message: str, wait_seconds: float) -> None:
+        super().__init__(message)
+        self.wait_seconds = wait_seconds
+
+
+def transition_problem(job_id: str, current: JobState, target: JobState) -> str | None:
+    """Why ``current`` may not become ``target``, or None when it may (the lifecycle rules above)."""
+    if current is JobState.STOPPED and target is not JobState.STOPPED:
+        verb = "paused" if target is JobState.PAUSED else "resumed"
+        return (
+            f"job {job_id} is stopped, and a stop is final: it cannot be {verb}; create a new job "
+            f"instead (`jobs show {job_id}` prints this one's configuration, `jobs delete {job_id}` "
+            "frees its label)"
+        )
+    if current is JobState.CREATED and target is JobState.PAUSED:
+        return (
+            f"job {job_id} has not started, so there is nothing to pause: start it with "
+            f"`jobs resume {job_id}`, or `jobs stop {job_id}` it"
+        )
+    return None
+
+
+def _label_key(label: str) -> str:
+    return label.strip().casefold()
 
 
 @dataclass
@@ -75,6 +138,25 @@ def _now_iso() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
+def _seconds_since(iso: str) -> float:
+    """Seconds since an ISO time written by :func:`_now_iso` (a missing or unreadable one: long ago)."""
+    try:
+        then = dt.datetime.fromisoformat(iso)
+    except ValueError:
+        return float("inf")
+    if then.tzinfo is None:
+        then = then.replace(tzinfo=dt.UTC)
+    return (dt.datetime.now(dt.UTC) - then).total_seconds()
+
+
+@dataclass
+class DeletedJob:
+    """A job ``jobs delete`` removed, and what went with it."""
+
+    job: ExportJob
+    purged: Purged
+
+
 class JobStore:
     """CRUD and state changes for export jobs, plus audience routing."""
 
@@ -84,17 +166,25 @@ class JobStore:
         self._version: bytes | str | None = None
 
     def create(self, config: ExportJobConfig, state: JobState = JobState.RUNNING) -> ExportJob:
-        job_id = secrets.token_hex(4)
+        """Store a new job; :class:`LabelTaken` if an existing job has the label (case-insensitive)."""
         now = _now_iso()
-        job = ExportJob(id=job_id, config=config, state=state, created_at=now, updated_at=now)
-        self._save(job)
-        return job
+        job = ExportJob(id=secrets.token_hex(4), config=config, state=state, created_at=now, updated_at=now)
+        wanted = _label_key(config.label)
 
-    def _save(self, job: ExportJob) -> None:
-        pipe = self._redis.pipeline(transaction=True)
-        pipe.hset(keys.jobs(), job.id, job.to_json())
-        pipe.incr(keys.jobs_version())
-        pipe.execute()
+        def insert(pipe: redis.client.Pipeline) -> None:
+            for raw in pipe.hvals(keys.jobs()):
+                other = ExportJob.from_json(raw)
+                if _label_key(other.config.label) == wanted:
+                    raise LabelTaken(
+                        f"export job {other.id} ({other.state}) is already labelled "
+                        f"{other.config.label!r}: choose another label, or stop and delete that job first"
+                    )
+            pipe.multi()
+            pipe.hset(keys.jobs(), job.id, job.to_json())
+            pipe.incr(keys.jobs_version())
+
+        self._transaction(insert)
+        return job
 
     def get(self, job_id: str) -> ExportJob:
         raw = self._redis.hget(keys.jobs(), job_id)
@@ -102,12 +192,15 @@ class JobStore:
             raise JobNotFound(job_id)
         return ExportJob.from_json(raw)
 
-    def list(self) -> list[ExportJob]:
+    def list(self) -> builtins.list[ExportJob]:
         jobs = [ExportJob.from_json(v) for v in self._redis.hvals(keys.jobs())]
         return sorted(jobs, key=lambda j: (j.created_at, j.id))
 
     def set_state(self, job_id: str, state: JobState | str, reason: str = "") -> ExportJob:
-        """Change a job's state; ``reason`` is shown to operators (kept only while paused)."""
+        """Change a job's state; ``reason`` is shown to operators (kept only while paused).
+
+        Raises :class:`JobStateError` for a change the lifecycle forbids (leaving ``stopped``).
+        """
         job = self._change_state(job_id, JobState(state), reason, None)
         assert job is not None  # no precondition, so the change always happens
         return job
@@ -118,34 +211,105 @@ class JobStore:
         """Change the state only if the job is in one of ``only_from``; True if it changed.
 
         So a backfill finishing never overwrites a pause that a flush wrote a moment earlier, and
-        a flush pausing never overwrites an operator's stop.
+        a flush pausing never overwrites an operator's stop. A job deleted meanwhile, or a change
+        the lifecycle forbids, is no change (False): workers racing an operator just carry on.
         """
-        return self._change_state(job_id, state, reason, frozenset(only_from)) is not None
+        try:
+            return self._change_state(job_id, state, reason, frozenset(only_from)) is not None
+        except JobNotFound:
+            return False
 
     def _change_state(
         self, job_id: str, state: JobState, reason: str, only_from: frozenset[JobState] | None
     ) -> ExportJob | None:
         """Read-modify-write of one job under WATCH, so concurrent state changes never get lost."""
-        while True:
-            with self._redis.pipeline(transaction=True) as pipe:
+
+        def change(pipe: redis.client.Pipeline) -> ExportJob | None:
+            raw = pipe.hget(keys.jobs(), job_id)
+            if raw is None:
+                raise JobNotFound(job_id)
+            job = ExportJob.from_json(raw)
+            if only_from is not None and job.state not in only_from:
+                return None
+            problem = transition_problem(job.id, job.state, state)
+            if problem is not None:
+                if only_from is not None:
+                    return None
+                raise JobStateError(problem)
+            if job.state is JobState.STOPPED:
+                return job  # stopping twice: keep the first stop's time (the delete grace counts from it)
+            job.state = state
+            job.pause_reason = reason if state is JobState.PAUSED else ""
+            job.updated_at = _now_iso()
+            pipe.multi()
+            pipe.hset(keys.jobs(), job.id, job.to_json())
+            pipe.incr(keys.jobs_version())
+            return job
+
+        return self._transaction(change)
+
+    def delete(self, job_id: str) -> DeletedJob:
+        """Remove a stopped job and every Redis key it has; workers drop it at their next read.
+
+        Raises :class:`JobStateError` unless the job is stopped, :class:`JobBusy` while tasks that
+        saw it before its stop may still write (they would recreate keys after the purge).
+        The keys go first and the record last, so a delete cut short is finished by running it
+        again; a last purge after the record is gone catches anything written meanwhile.
+        """
+        job = self.get(job_id)
+        if job.state is not JobState.STOPPED:
+            raise JobStateError(
+                f"job {job.id} is {job.state}: only a stopped job can be deleted; stop it first with "
+                f"`attentive-export jobs stop {job.id}` (a stop is final)"
+            )
+        busy = self._busy(job)
+        if busy is not None:
+            raise busy
+        purged = purge_job_data(self._redis, job.id)
+
+        def remove(pipe: redis.client.Pipeline) -> None:
+            if pipe.hexists(keys.jobs(), job.id):
+                pipe.multi()
+                pipe.hdel(keys.jobs(), job.id)
+                pipe.incr(keys.jobs_version())
+
+        self._transaction(remove)
+        purged += purge_job_data(self._redis, job.id)
+        return DeletedJob(job, purged)
+
+    def _busy(self, job: ExportJob) -> JobBusy | None:
+        """Why a stopped job cannot be deleted yet (tasks may still write to it), or None."""
+        stopped_for = _seconds_since(job.updated_at)
+        if stopped_for < DELETE_GRACE_SECONDS:
+            wait = DELETE_GRACE_SECONDS - stopped_for
+            return JobBusy(
+                f"job {job.id} was stopped {stopped_for:.0f} s ago; tasks that started before the stop "
+                f"may still write to it for {wait:.0f} s more",
+                wait,
+            )
+        parts = [text(p) for p in self._redis.smembers(keys.backfill_parts(job.id))]
+        held = [p for p in parts if self._redis.exists(keys.backfill_lock(job.id, p))]
+        if held:
+            return JobBusy(f"job {job.id}: a backfill step is still running ({', '.join(sorted(held))})", 5.0)
+        if self._redis.exists(keys.flush_running(job.id)):
+            return JobBusy(f"job {job.id}: a flush task is still running", 5.0)
+        return None
+
+    def _transaction(self, body: Callable[[redis.client.Pipeline], _T]) -> _T:
+        """Run ``body`` under WATCH on the job table and EXEC what it queued; retry if another writer won."""
+        with self._redis.pipeline(transaction=True) as pipe:
+            for _ in range(_MAX_TRANSACTION_ATTEMPTS):
                 try:
                     pipe.watch(keys.jobs())  # type: ignore[no-untyped-call]
-                    raw = pipe.hget(keys.jobs(), job_id)
-                    if raw is None:
-                        raise JobNotFound(job_id)
-                    job = ExportJob.from_json(raw)
-                    if only_from is not None and job.state not in only_from:
-                        return None
-                    job.state = state
-                    job.pause_reason = reason if state is JobState.PAUSED else ""
-                    job.updated_at = _now_iso()
-                    pipe.multi()
-                    pipe.hset(keys.jobs(), job.id, job.to_json())
-                    pipe.incr(keys.jobs_version())
-                    pipe.execute()
-                    return job
+                    result = body(pipe)
+                    if pipe.explicit_transaction:
+                        pipe.execute()
+                    return result
                 except redis.WatchError:
                     continue
+                finally:
+                    pipe.reset()
+        raise JobError("export jobs are being changed concurrently; try again")
 
     # --- routing (hot path) ---------------------------------------------------------------------
     def cached(self, job_id: str) -> ExportJob | None:

@@ -61,8 +61,10 @@ from starlette.routing import Route
 
 from worker import jsonio
 from worker.mapping.transitions import Rejected, parse_payload
+from worker.observe import metrics
 from worker.pipeline import inbox
 from worker.settings import (
+    DEFAULT_RATE_LIMIT_PER_SECOND,
     DEFAULT_REDIS_URL,
     DEFAULT_WEBHOOK_MAX_BYTES,
     MIN_WEBHOOK_TOKEN_LENGTH,
@@ -76,6 +78,8 @@ log = logging.getLogger("worker.webhook.receiver")
 #: Where Lytics (or any producer) sends transitions.
 TRANSITIONS_PATH = "/v1/transitions"
 HEALTH_PATH = "/healthz"
+#: Prometheus metrics of the whole service, read from Redis at each scrape (worker/observe/metrics.py).
+METRICS_PATH = "/metrics"
 #: 5 MiB: a Lytics batch of 1,000 triggers with a few dozen profile fields fits comfortably.
 DEFAULT_MAX_BYTES = DEFAULT_WEBHOOK_MAX_BYTES
 #: A token shorter than this is too easy to guess for an endpoint on the internet.
@@ -114,6 +118,9 @@ class WebhookSettings:
     require_auth: bool = True
     max_bytes: int = DEFAULT_MAX_BYTES
     methods: tuple[str, ...] = ("POST",)
+    #: For ``/metrics``: Celery queue depths (when the broker is Redis) and the limiter's wait.
+    broker_url: str = ""
+    rate_limit_per_second: float = DEFAULT_RATE_LIMIT_PER_SECOND
 
     def __post_init__(self) -> None:
         if self.require_auth and not self.tokens:
@@ -159,6 +166,8 @@ class WebhookSettings:
             require_auth=bool(tokens) or not insecure_no_auth,
             max_bytes=settings.webhook_max_bytes,
             methods=tuple(dict.fromkeys(("POST", settings.webhook_method))),
+            broker_url=settings.broker_url,
+            rate_limit_per_second=settings.rate_limit_per_second,
         )
 
 
@@ -259,6 +268,11 @@ class Receiver:
         self.redis = client
         self._dispatcher = dispatcher
         self._tokens = tuple(t.encode() for t in settings.tokens)
+        self.metrics = metrics.registry(
+            client,
+            broker=metrics.broker_client(settings.broker_url) if settings.broker_url else None,
+            rate_per_second=settings.rate_limit_per_second,
+        )
 
     @property
     def dispatcher(self) -> IngestDispatcher:
@@ -387,6 +401,15 @@ class Receiver:
             return JSONResponse({"status": "unavailable", "redis": "unreachable"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
+    async def metrics_page(self, request: Request) -> Response:
+        """The service's metrics, computed from Redis now (no token: like ``/healthz``, for the
+        scraper; the numbers hold no personal data or secret). Redis down still answers 200 with
+        ``attentive_export_redis_up 0``, so the scrape shows why."""
+        body, content_type = await run_in_threadpool(
+            metrics.render, self.metrics, request.headers.get("accept")
+        )
+        return Response(body, headers={"Content-Type": content_type})
+
 
 def _content_kind(header: str) -> bool | None:
     """``True`` for NDJSON, ``False`` for JSON (also when absent), ``None`` when unsupported."""
@@ -512,6 +535,7 @@ def create_app(
         routes=[
             Route(TRANSITIONS_PATH, receiver.transitions, methods=list(LYTICS_METHODS)),
             Route(HEALTH_PATH, receiver.health, methods=["GET"]),
+            Route(METRICS_PATH, receiver.metrics_page, methods=["GET"]),
         ],
         lifespan=lifespan,
     )
