@@ -256,10 +256,17 @@ def run_step(
         # Not started yet: its transitions would be unroutable. The sweep tries again later.
         report.skipped = f"job is {job.state}"
         return report
-    if max_queued_users is not None and _backlog_full(client, job, max_queued_users):
+
+    def backlog_full() -> bool:
+        """Checked before every page, so a step never queues more than one page past the cap."""
+        if max_queued_users is None or not _backlog_full(client, job, max_queued_users):
+            return False
         client.hincrby(keys.job_status(job_id), "backfill_waits_for_backlog", 1)
         report.skipped = "waiting for the job's backlog to drain"
         report.next_in = BACKLOG_WAIT_SECONDS
+        return True
+
+    if backlog_full():
         return report
     lock = client.lock(keys.backfill_lock(job_id, part), timeout=LOCK_SECONDS, blocking=False)
     if not lock.acquire():
@@ -267,9 +274,9 @@ def run_step(
         return report
     try:
         if state.get("kind") == FILE:
-            _file_step(client, job_id, part, report)
+            _file_step(client, job_id, part, report, backlog_full)
         else:
-            _scan_step(client, job, part, state, report, lytics or LyticsClient)
+            _scan_step(client, job, part, state, report, lytics or LyticsClient, backlog_full)
     finally:
         # LockError: it expired (a very slow step); whoever holds it now carries on.
         with contextlib.suppress(LockError):
@@ -286,6 +293,7 @@ def _scan_step(
     state: dict[str, str],
     report: StepReport,
     lytics: LyticsFactory,
+    backlog_full: Callable[[], bool],
 ) -> None:
     cfg = job.config.backfill
     if cfg is None or part not in cfg.lytics_segments:
@@ -307,6 +315,8 @@ def _scan_step(
     router = _OnlyThisJob(client, job.id)
     with lytics(token) as scanner:
         for _ in range(PAGES_PER_STEP):
+            if report.pages and backlog_full():
+                return
             try:
                 page = scanner.scan_page(cfg.lytics_segments[part], next_token, cfg.page_size)
             except LyticsRetryable as exc:
@@ -357,11 +367,15 @@ def _save_page(
     pipe.execute()
 
 
-def _file_step(client: redis.Redis, job_id: str, part: str, report: StepReport) -> None:
+def _file_step(
+    client: redis.Redis, job_id: str, part: str, report: StepReport, backlog_full: Callable[[], bool]
+) -> None:
     queue = keys.backfill_file_queue(job_id)
     router = _OnlyThisJob(client, job_id)
     deadline = time.monotonic() + STEP_SECONDS
     for _ in range(PAGES_PER_STEP):
+        if report.pages and backlog_full():
+            return
         head = client.lindex(queue, 0)
         if head is None:
             if _finish_file_part(client, job_id, part):
