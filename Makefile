@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo bench sandbox chaos clean
+.PHONY: install test lint demo bench bench-scale sandbox chaos clean
 
 # The product (with its dev tools) and the local Attentive sandbox, its own distribution in sandbox/.
 $(STAMP): pyproject.toml sandbox/pyproject.toml
@@ -32,6 +32,11 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+## 1,000,000 users backfilled at Attentive's pace with real-time changes throughout (bench/bench_scale.py;
+## SCALE_ARGS="--quick" for 100,000 users, "--users N", "--help"); its section of bench/RESULTS.md.
+bench-scale: $(STAMP)
+	$(BIN)/python -m bench scale $(SCALE_ARGS)
 
 ## Seeded fault-injection run of the whole product, under ten minutes (tests/chaos/; CHAOS_ARGS="--seed 2").
 chaos: $(STAMP)

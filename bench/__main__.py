@@ -5,7 +5,8 @@ measured side by side in one run: medians and ratios, since these machines are s
 section replaces the one between ``<!-- bench:<name> -->`` markers, so running one benchmark keeps the
 others' last figures. Every section is stamped with the machine and the date it was measured on.
 
-Usage: ``python -m bench`` (all) or ``python -m bench mapping sandbox``.
+Usage: ``python -m bench`` (all but the long ones in ON_DEMAND) or ``python -m bench mapping sandbox``.
+Options after the name go to that one benchmark's ``run(argv)``: ``python -m bench scale --quick``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.system()} {platform.release()}"
 
 
+#: Benchmarks that run only when named (``make bench-scale``): they take from minutes to hours.
+ON_DEMAND = frozenset({"scale"})
+
+
 def available() -> list[str]:
     return sorted(p.stem.removeprefix("bench_") for p in HERE.glob("bench_*.py"))
 
@@ -51,15 +56,19 @@ def record(name: str, body: str) -> None:
 
 
 def main(argv: list[str]) -> int:
-    names = argv or available()
+    cut = next((i for i, arg in enumerate(argv) if arg.startswith("-")), len(argv))
+    names, options = argv[:cut] or [n for n in available() if n not in ON_DEMAND], argv[cut:]
     unknown = sorted(set(names) - set(available()))
     if unknown:
         print(f"unknown benchmark(s): {', '.join(unknown)}; available: {', '.join(available())}")
         return 2
+    if options and len(names) != 1:
+        print(f"options ({' '.join(options)}) need exactly one benchmark named before them")
+        return 2
     for name in names:
         print(f"== bench {name}", flush=True)
         module = importlib.import_module(f"bench.bench_{name}")
-        body = module.run()
+        body = module.run(options) if options else module.run()
         print(body, flush=True)
         record(name, body)
     print(f"results written to {RESULTS}")

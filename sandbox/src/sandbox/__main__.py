@@ -25,6 +25,13 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0.0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a number of at least 0")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sandbox", description="Local Attentive API sandbox.")
     p.add_argument("--host", default="127.0.0.1")
@@ -43,7 +50,22 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TOKEN",
         help="a Lytics API token the segment scan endpoint accepts (repeatable)",
     )
-    p.add_argument("--processing-delay", type=float, default=1.0, metavar="SECONDS")
+    p.add_argument(
+        "--processing-delay",
+        type=_non_negative,
+        default=1.0,
+        metavar="SECONDS",
+        help="seconds from acceptance until a bulk job completes (the median with --processing-spread)",
+    )
+    p.add_argument(
+        "--processing-spread",
+        type=_non_negative,
+        default=0.0,
+        metavar="SIGMA",
+        help="vary each job's delay: lognormal with this sigma around --processing-delay, the same per "
+        "job number in every run with the same --seed (0.5: a tenth of jobs take under 0.53x the "
+        "median, a tenth over 1.9x)",
+    )
     p.add_argument("--completion-order", choices=COMPLETION_ORDERS, default="fifo")
     p.add_argument("--validation", choices=VALIDATION_MODES, default="sync")
     p.add_argument(
@@ -76,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 def options_from(args: argparse.Namespace) -> Options:
     return Options(
         processing_delay=args.processing_delay,
+        processing_spread=args.processing_spread,
         completion_order=args.completion_order,
         validation=args.validation,
         rate_limit=args.rate_limit,

@@ -171,6 +171,7 @@ class Sandbox:
         self.limiter.clear()
         self.recorder.clear()
         self.lytics.clear()
+        self._seq = itertools.count(1)  # job numbers restart: the processing model's delays with them
 
     def _error(self, status: int, message: str, headers: dict[str, str] | None = None) -> Response:
         return _json(status, {"error": {"id": next(self._error_ids), "message": message}}, headers)
@@ -259,15 +260,16 @@ class Sandbox:
             request.scope[UNANSWERED] = entry  # the job is created below; the answer is dropped (__call__)
         if not dropped:
             now = self.clock.now()
+            seq = next(self._seq)
             self.board.add(
                 Job(
                     id=job_id,
                     token=token.key,
-                    seq=next(self._seq),
+                    seq=seq,
                     submitted_at=now,
                     submitted_wall=time.time(),
                     total=len(users),
-                    due=now + self.dice.completion_delay(options),
+                    due=now + self.dice.completion_delay(options, seq),
                     raw=raw,
                     record_errors=record_errors,
                     will_fail=self.dice.roll(options.fail_jobs),
@@ -295,6 +297,9 @@ class Sandbox:
         job = self.board.get(request.path_params["job_id"])
         if job is None or job.status != "COMPLETED":
             return self._error(404, "The specified resource was not found")
+        if job.results_fetched_wall is None:
+            job.results_fetched_wall = time.time()
+            self.recorder.results_downloaded(job.id, job.results_fetched_wall)
         return Response(b"".join(job.result_lines()), 200, media_type="application/x-ndjson")
 
     async def single_user(self, request: Request) -> Response:
@@ -392,6 +397,52 @@ class Sandbox:
             },
         )
 
+    async def admin_timeline(self, request: Request) -> Response:
+        """``?token=KEY&since=EPOCH_SECOND``: that token's answered requests per wall-clock second,
+        ``{"now": t, "seconds": {"<second>": {endpoint: {status: n}}}}`` (the current second is
+        still filling)."""
+        counters = self.recorder.tokens.get(request.query_params.get("token", ""))
+        try:
+            since = int(request.query_params.get("since", "0"))
+        except ValueError:
+            return self._error(400, "since must be a whole number of epoch seconds")
+        seconds = counters.timeline_json(since) if counters is not None else {}
+        return _json(200, {"now": time.time(), "seconds": seconds})
+
+    async def admin_receipts(self, request: Request) -> Response:
+        """What arrived and what was confirmed, read incrementally (long runs: bench/bench_scale.py).
+
+        ``?after=SEQ&email_domain=D&count_domain=D&limit=N``: accepted bulk requests numbered above
+        ``after`` (at most ``limit``, default 5000), each ``{"seq", "time", "batchJobId", "users",
+        "droppedJob"}``, plus the emails it carried of each ``email_domain`` (``"emails": {domain:
+        [...]}``) and, per ``count_domain``, ``"counts": {domain: {"users", "customAttributes"}}``: how
+        many users of that domain it carried and how many custom attribute values they had (both
+        parameters repeatable). ``results_after=N``: the first results download of each job from the
+        N+1-th on, ``[jobId, time]``, in order (a client confirming the job complete).
+        """
+        params = request.query_params
+        try:
+            after = int(params.get("after", "0"))
+            results_after = int(params.get("results_after", "0"))
+            limit = int(params.get("limit", "5000"))
+        except ValueError:
+            return self._error(400, "after, results_after and limit must be whole numbers")
+        recorder = self.recorder
+        requests = recorder.receipts(
+            after,
+            tuple(d.lower() for d in params.getlist("email_domain")),
+            tuple(d.lower() for d in params.getlist("count_domain")),
+            max(limit, 1),
+        )
+        return _json(
+            200,
+            {
+                "requests": requests,
+                "accepted_total": len(recorder.accepted),
+                "results": recorder.results_fetched[max(results_after, 0) :],
+            },
+        )
+
     async def admin_jobs(self, request: Request) -> Response:
         self.board.sync()
         job_id = request.path_params.get("job_id")
@@ -439,6 +490,8 @@ class Sandbox:
             Route("/_sandbox/users", self.admin_users, methods=["GET"]),
             Route("/_sandbox/counters", self.admin_counters, methods=["GET"]),
             Route("/_sandbox/requests", self.admin_requests, methods=["GET"]),
+            Route("/_sandbox/receipts", self.admin_receipts, methods=["GET"]),
+            Route("/_sandbox/timeline", self.admin_timeline, methods=["GET"]),
             Route("/_sandbox/jobs", self.admin_jobs, methods=["GET"]),
             Route("/_sandbox/jobs/{job_id}", self.admin_jobs, methods=["GET"]),
             Route("/_sandbox/jobs/{job_id}/status", self.admin_job_status, methods=["POST"]),

@@ -6,6 +6,11 @@ its 202 (the drop-after-accept fault) is counted as 202 like any accepted one, f
 ``answerDropped`` in the log and counted in ``answers_dropped``: its job exists, the client never
 learnt its id. The per-token peak over any sliding one-second window tells whether a client stayed
 under Attentive's 100 requests/s.
+
+For runs that last hours (bench/bench_scale.py) two reads stay cheap however long the run: answered
+requests per wall-clock second (``timeline``, per token, endpoint and status) and, in order, the
+first download of each job's results file (``results_fetched``: when a client confirmed the job
+complete). ``/_sandbox/receipts`` reads the accepted-requests log from a given sequence number on.
 """
 
 from __future__ import annotations
@@ -46,6 +51,16 @@ class TokenCounters:
     windows: dict[str, _Window] = field(default_factory=dict)
     #: Accepted bulk requests (counted 202 above, job created) whose answer was replaced by a reset.
     answers_dropped: int = 0
+    #: Answered requests per wall-clock second (int(time.time())): endpoint -> status -> count.
+    timeline: dict[int, dict[str, Counter[int]]] = field(default_factory=dict)
+
+    def timeline_json(self, since: int) -> dict[str, dict[str, dict[str, int]]]:
+        """The per-second counts from second ``since`` on (epoch seconds as keys, in order)."""
+        return {
+            str(second): {ep: {str(k): v for k, v in c.items()} for ep, c in per.items()}
+            for second, per in sorted(self.timeline.items())
+            if second >= since
+        }
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -93,6 +108,8 @@ class Recorder:
         self.tokens: dict[str, TokenCounters] = {}
         self.accepted: list[LoggedRequest] = []
         self.rejected: deque[dict[str, Any]] = deque(maxlen=REJECTED_KEPT)
+        #: (job id, wall-clock time) of each job's first results download, in that order.
+        self.results_fetched: list[tuple[str, float]] = []
 
     def clear(self) -> None:
         self.__init__()  # type: ignore[misc]
@@ -106,6 +123,14 @@ class Recorder:
         if per_endpoint is None:
             per_endpoint = counters.requests[endpoint] = Counter()
         per_endpoint[status] += 1
+        second = int(time.time())
+        per_second = counters.timeline.get(second)
+        if per_second is None:
+            per_second = counters.timeline[second] = {}
+        in_second = per_second.get(endpoint)
+        if in_second is None:
+            in_second = per_second[endpoint] = Counter()
+        in_second[status] += 1
         now = time.monotonic()
         for name in (endpoint, "budgeted") if endpoint in BUDGETED else (endpoint,):
             window = counters.windows.get(name)
@@ -126,3 +151,48 @@ class Recorder:
 
     def log_rejected(self, token: str, status: int, message: str) -> None:
         self.rejected.append({"time": time.time(), "token": token, "status": status, "message": message})
+
+    def results_downloaded(self, job_id: str, at: float) -> None:
+        """A job's results file was downloaded for the first time, at ``at`` (wall clock)."""
+        self.results_fetched.append((job_id, at))
+
+    def receipts(
+        self, after: int, list_domains: tuple[str, ...], count_domains: tuple[str, ...], limit: int
+    ) -> list[dict[str, Any]]:
+        """Accepted requests with a sequence number above ``after`` (at most ``limit``): when each
+        arrived, its job and users, the emails it carried in ``list_domains``, and for
+        ``count_domains`` how many users it carried and how many custom attribute values they had
+        (each audience flag is one). A body is parsed only when it mentions one of the domains."""
+        out = []
+        wanted = [(d, b"@" + d.encode()) for d in (*list_domains, *count_domains)]
+        for entry in self.accepted[max(after, 0) : max(after, 0) + limit]:
+            item: dict[str, Any] = {
+                "seq": entry.seq,
+                "time": entry.time,
+                "batchJobId": entry.batch_job_id,
+                "users": entry.users,
+                "droppedJob": entry.dropped,
+            }
+            present = [d for d, needle in wanted if needle in entry.raw]
+            if present:
+                emails: dict[str, list[str]] = {d: [] for d in present}
+                custom: Counter[str] = Counter()
+                for user in orjson.loads(entry.raw)["users"]:
+                    ids = user.get("identifiers") if isinstance(user, dict) else None
+                    email = ids.get("email") if isinstance(ids, dict) else None
+                    if not isinstance(email, str):
+                        continue
+                    domain = email.rpartition("@")[2]
+                    if domain in emails:
+                        emails[domain].append(email)
+                        attributes = user.get("attributes")
+                        values = attributes.get("custom") if isinstance(attributes, dict) else None
+                        custom[domain] += len(values) if isinstance(values, dict) else 0
+                item["emails"] = {d: v for d, v in emails.items() if d in list_domains and v}
+                item["counts"] = {
+                    d: {"users": len(v), "customAttributes": custom[d]}
+                    for d, v in emails.items()
+                    if d in count_domains
+                }
+            out.append(item)
+        return out

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import random
 import socket
 import struct
@@ -39,11 +40,27 @@ class FaultDice:
         """500 or 503, evenly split."""
         return 500 if self.rng.random() < 0.5 else 503
 
-    def completion_delay(self, options: Options) -> float:
-        """Seconds until a job completes: fixed for fifo, widely jittered (0.1x to 3x) for random."""
+    def completion_delay(self, options: Options, job_seq: int) -> float:
+        """Seconds until job number ``job_seq`` completes: ``processing_delay``, times its
+        :func:`processing_factor` when ``processing_spread`` is set, times a wide jitter (0.1x to 3x,
+        from this seeded sequence) with random completion order."""
+        delay = options.processing_delay
+        if options.processing_spread > 0:
+            delay *= processing_factor(options.seed, job_seq, options.processing_spread)
         if options.completion_order == "random":
-            return options.processing_delay * self.rng.uniform(0.1, 3.0)
-        return options.processing_delay
+            delay *= self.rng.uniform(0.1, 3.0)
+        return delay
+
+
+def processing_factor(seed: int | None, job_seq: int, spread: float) -> float:
+    """A lognormal factor with median 1 and sigma ``spread`` for job number ``job_seq``.
+
+    Drawn from its own generator seeded by (seed, job number), not from the fault dice: the same job
+    gets the same delay in every run with that seed, whatever faults were rolled before it, and
+    turning a fault on does not change the processing model. No seed counts as seed 0.
+    """
+    z = random.Random(f"processing:{seed or 0}:{job_seq}").gauss(0.0, 1.0)
+    return math.exp(spread * z)
 
 
 async def drop_connection(send: Any) -> bool:

@@ -65,6 +65,8 @@ class Job:
     #: Wall-clock time the job reached its final status: its due time when it ran its course (the
     #: completer notices that a tick later), the moment of the call when an admin set it.
     finished_wall: float | None = None
+    #: Wall-clock time its results file was first downloaded: when a client confirmed it complete.
+    results_fetched_wall: float | None = None
 
     def view(self, base_url: str) -> dict[str, Any]:
         """The BulkJobStatusResponse body: ``url`` only when COMPLETED."""
@@ -85,6 +87,9 @@ class Job:
             "completedOrder": self.completed_order,
             "submittedAt": self.submitted_wall,
             "finishedAt": self.finished_wall,
+            "resultsFetchedAt": self.results_fetched_wall,
+            # The processing delay this job was given (seconds from acceptance to due).
+            "processingSeconds": round(self.due - self.submitted_at, 3),
             "recordErrors": {str(i): code for i, (code, _m) in self.record_errors.items()},
         }
 

@@ -15,7 +15,12 @@ FRACTIONS = ("fault_429", "fault_5xx", "drop_connections", "drop_after_accept", 
 class Options:
     """Behaviour knobs. Fractions are probabilities in [0, 1] rolled per request (or per job)."""
 
+    #: Seconds from acceptance until a job completes: the median when ``processing_spread`` is set.
     processing_delay: float = 1.0
+    #: Spread of the processing delay (sigma of a lognormal around ``processing_delay``; 0 = fixed).
+    #: Each job's delay depends only on ``seed`` and the job's submission number, so a run with the
+    #: same seed and the same submissions sees the same delays (sandbox.faults.processing_factor).
+    processing_spread: float = 0.0
     completion_order: str = "fifo"
     validation: str = "sync"
     #: Requests/s per token on the bulk and job-status endpoints; 0 disables limiting (benchmarks).
