@@ -29,7 +29,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import redis
@@ -42,6 +42,7 @@ from tests.chaos.workload import JOB_A, Delivery, Workload, job_configs, make_wo
 from worker.cli.localredis import free_port
 from worker.observe.status import job_status
 from worker.setup.crypto import generate_secret_key
+from worker.store import keys
 
 API_KEY = "chaos-key"
 AUTH_LABEL = "chaos"
@@ -60,6 +61,28 @@ def sandbox_supports(flag: str) -> bool:
         [sys.executable, "-m", "sandbox", "--help"], capture_output=True, text=True, timeout=60, check=False
     )
     return flag in out.stdout
+
+
+def last_writer_times(client: redis.Redis, job_id: str) -> dict[str, int]:
+    """A job's last-writer-wins times by digest (:func:`worker.store.keys.lww_digest`, as text): every
+    bucket, and the old layout's HASH if the job still has one (the verdict looks pairs up by digest)."""
+    times: dict[str, int] = {}
+
+    def keep(digest: bytes, at: int) -> None:
+        times[digest.decode()] = max(at, times.get(digest.decode(), at))
+
+    def entries(name: bytes | str) -> dict[bytes, bytes]:
+        return cast("dict[bytes, bytes]", client.hgetall(name))
+
+    meta = keys.last_writer_meta(job_id).encode()
+    for name in client.scan_iter(match=f"{keys.last_writer(job_id)}:*", count=1000):
+        if name != meta:
+            for digest, at in entries(name).items():
+                keep(digest, int(at))
+    for pair, at in entries(keys.last_writer(job_id)).items():
+        audience, _, user = pair.partition(b"|")
+        keep(keys.lww_digest(user, audience), int(at))
+    return times
 
 
 @dataclass
@@ -889,8 +912,7 @@ class Run:
                     queued.update(client.hkeys(f"aex:{{job:{job_id}}}:{part}"))
                 ev.queued_users[name] = sorted(k.decode() for k in queued)
                 ev.holds[name] = self.unanswered_holds(client, job_id)
-                raw = client.hgetall(f"aex:{{job:{job_id}}}:lww")
-                ev.lww[name] = {k.decode(): int(v) for k, v in raw.items()}
+                ev.lww[name] = last_writer_times(client, job_id)
             ev.ingest = {k.decode(): int(v) for k, v in client.hgetall("aex:ingest:status").items()}
             ev.redis_memory = client.info("memory")
             ev.redis_keys = int(client.dbsize())

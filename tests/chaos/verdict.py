@@ -48,6 +48,7 @@ from tests.chaos.workload import (
 )
 from worker.mapping.mapper import Mapper
 from worker.setup.jobconfig import parse_job_config
+from worker.store import keys
 
 #: appendfsync everysec: Redis may lose about the last second of acknowledged writes (two, when a
 #: slow fsync postpones the write); a transition accepted this long before a SIGKILL may be lost.
@@ -68,6 +69,7 @@ class Evidence:
     wire: dict[str, Any] = field(default_factory=dict)
     status: dict[str, dict[str, Any]] = field(default_factory=dict)
     status_raw: dict[str, dict[str, str]] = field(default_factory=dict)
+    #: per job: last-writer-wins digest (text) -> newest accepted event time (ms)
     lww: dict[str, dict[str, int]] = field(default_factory=dict)
     ingest: dict[str, int] = field(default_factory=dict)
     redis_memory: dict[str, Any] = field(default_factory=dict)
@@ -296,6 +298,10 @@ class Judge:
         )
         self.causes = causes
 
+    def reached(self, export: str, audience: str, key: str) -> int | None:
+        """The newest event time the job accepted for (user, audience), from its last-writer-wins state."""
+        return self.ev.lww.get(export, {}).get(keys.lww_digest(key, audience).decode())
+
     def why(self, i: int, audience: str, value: bool) -> str:
         """Why (user, audience)'s newest value is not Attentive's final value."""
         export = AUDIENCE_JOB[audience]
@@ -306,7 +312,7 @@ class Judge:
             custom = (record.get("attributes") or {}).get("custom") or {}
             if not record or audience in custom:
                 return "dead-lettered (reason recorded)"
-        reached = self.ev.lww.get(export, {}).get(f"{audience}|{key}")
+        reached = self.reached(export, audience, key)
         if reached is None or reached < at:
             return self.lost_before_job(i, audience, value, at)
         if key in self.ev.queued_users.get(export, ()):
@@ -344,7 +350,7 @@ class Judge:
             i, audience, _value, at = line.transition
             export = AUDIENCE_JOB[audience]
             total += 1
-            reached = self.ev.lww.get(export, {}).get(f"{audience}|{self.keys[export][i]}")
+            reached = self.reached(export, audience, self.keys[export][i])
             if reached is None or reached < at:
                 missing += 1
                 if all(
@@ -354,7 +360,7 @@ class Judge:
         if self.backfill_ok:
             for i in self.w.backfill_users:
                 total += 1
-                reached = self.ev.lww.get(JOB_A, {}).get(f"{BACKFILL_AUDIENCE}|{self.keys[JOB_A][i]}")
+                reached = self.reached(JOB_A, BACKFILL_AUDIENCE, self.keys[JOB_A][i])
                 if reached is None or reached < self.w.backfill_at:
                     missing += 1
                     if any(_overlaps(self.journal.backfill, w) for w in self.crash_windows):

@@ -44,6 +44,7 @@ from worker.mapping.transitions import (
     parse_payload,
     read_time_ms,
 )
+from worker.pipeline.buffer import JobBuffer
 from worker.pipeline.ingest import ingest_lines
 from worker.setup.jobconfig import (
     ExportJobConfig,
@@ -301,8 +302,8 @@ def test_ingest_never_fails_a_chunk_and_its_good_lines_arrive(bad: list[bytes], 
     assert all(reason for reason in report.rejected)
     for raw in good:
         line = json.loads(raw)
-        got = client.hget(keys.last_writer(job.id), f"{line['audience']}|{line['user']['email']}")
-        assert got is not None and int(got) == line["at"], line
+        got = JobBuffer(client, job.id).last_accepted([(line["user"]["email"], line["audience"])])[0]
+        assert got == line["at"], line
     counters = {k.decode(): int(v) for k, v in client.hgetall(keys.ingest_status()).items()}
     assert counters["received"] == expected
     assert sum(v for k, v in counters.items() if k.startswith("rejected:")) == sum(report.rejected.values())

@@ -36,10 +36,10 @@ from worker.mapping.transitions import (
 )
 from worker.observe.status import ingest_status
 from worker.pipeline import inbox
+from worker.pipeline.buffer import JobBuffer
 from worker.pipeline.ingest import ingest_chunk, ingest_lines
 from worker.setup.jobconfig import JobConfigError, JobState, load_job_config, parse_job_config
 from worker.setup.jobs import ExportJob, JobStore
-from worker.store import keys
 from worker.webhook.receiver import WebhookSettings, create_app
 
 NOW = 1_795_712_400_000  # 2026-11-26T17:00:00Z, epoch ms
@@ -248,8 +248,7 @@ def make_job(client: fakeredis.FakeRedis, state: JobState = JobState.RUNNING) ->
 
 
 def lww(client: fakeredis.FakeRedis, job: ExportJob, email: str, audience: str = "vip") -> int | None:
-    raw = client.hget(keys.last_writer(job.id), f"{audience}|{email}")
-    return int(raw) if raw is not None else None
+    return JobBuffer(client, job.id).last_accepted([(email, audience)])[0]
 
 
 POISON_LINES = [
@@ -444,7 +443,13 @@ def test_cli_ingest_and_backfill_read_files_that_are_not_utf8(
     data = tmp_path / "mixed.jsonl"
     data.write_bytes(b'{"email": "\xff"}\n' + json.dumps({"email": "ok@x.io"}).encode() + b"\n")
     assert cli.main(["ingest", str(data)]) == 0
-    assert "queued 2 lines in 1 chunks" in capsys.readouterr().out
+    # Neither line holds a transition (the second is a profile, for backfill): nothing is queued,
+    # and the summary says why, by reason and line.
+    out = capsys.readouterr().out
+    assert out.startswith(
+        "queued 0 lines in 0 chunks; not queued: 2 unusable lines (missing_audience 1, not_json 1;"
+    )
+    assert "line 1: not valid JSON: 'utf-8' codec can't decode byte 0xff" in out
     assert cli.main(["backfill", job.id, "--audience", "vip", str(data)]) == 0
     assert (
         "queued 1 profiles and 0 transitions in 1 chunks, 1 skipped (not_json: 1)" in capsys.readouterr().out

@@ -20,6 +20,9 @@ import redis
 from worker.store import keys, scripts
 from worker.store.replies import decode_hash, text
 
+#: Entries of a job's old last-writer-wins HASH moved per :meth:`JobBuffer.migrate_last_writer` call.
+MIGRATE_STEP = 500
+
 
 def now_ms() -> int:
     return int(time.time() * 1000)
@@ -123,6 +126,7 @@ class JobBuffer:
             keys.polls(job_id),
             keys.open_identifiers(job_id),
             keys.in_flight(job_id),
+            keys.last_writer_meta(job_id),
         ]
         self._batch_prefix = keys.batch(job_id, "")
 
@@ -138,12 +142,49 @@ class JobBuffer:
         if not changes:
             return IngestOutcome(0, 0, 0, 0, [])
         args: list[Any] = []
+        digest = keys.lww_digest
         for c in changes:
-            args += [c.user_key, c.audience, c.at_ms, c.record_json, c.identifiers]
-        accepted, merged, queued, stale, sealed, shared = self._run("ingest", *args, now=now)
+            args += [
+                c.user_key,
+                c.audience,
+                c.at_ms,
+                c.record_json,
+                c.identifiers,
+                digest(c.user_key, c.audience),
+            ]
+        accepted, merged, queued, stale, sealed, shared, legacy = self._run("ingest", *args, now=now)
+        if legacy:
+            # The job still has last-writer-wins state in the old layout: move some of it on.
+            self.migrate_last_writer()
         return IngestOutcome(
             int(accepted), int(merged), int(queued), int(stale), [int(b) for b in sealed], int(shared)
         )
+
+    # --- last-writer-wins state (buffer.lua header) ----------------------------------------------
+    def last_accepted(self, pairs: Sequence[tuple[str, str]]) -> list[int | None]:
+        """The newest accepted event time (ms) of each (user key, audience), None where none was."""
+        args: list[Any] = []
+        for user, audience in pairs:
+            args += [user, audience, keys.lww_digest(user, audience)]
+        got = self._run("lww_get", *args) if args else []
+        return [int(t) if t is not None else None for t in got]
+
+    def migrate_last_writer(self, count: int = MIGRATE_STEP) -> int:
+        """Move about ``count`` entries of the job's old last-writer-wins HASH into the buckets (each
+        ingest call while it exists does this once); returns its entries left, 0 once it is gone.
+
+        Safe to run anywhere, any number of times: the script re-reads every entry it moves, and until
+        the HASH is gone every read takes the newer of both layouts.
+        """
+        legacy = keys.last_writer(self.job_id)
+        cursor = int(self._redis.hget(keys.last_writer_meta(self.job_id), "cursor") or 0)
+        cursor, fields = self._redis.hscan(legacy, cursor, count=count)
+        args: list[Any] = [cursor]
+        for name in fields:
+            raw = name.encode() if isinstance(name, str) else name
+            audience, _, user = raw.partition(b"|")  # slugs never hold "|"; user keys may
+            args += [user, audience, keys.lww_digest(user, audience)]
+        return int(self._run("lww_migrate", *args))
 
     def seal_due(self, interval_ms: int, now: int | None = None) -> list[int]:
         """Seal the open batch if its oldest entry has waited ``interval_ms``; returns sealed ids."""

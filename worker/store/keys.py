@@ -6,6 +6,8 @@ Redis Cluster slot. Global keys (registries, rate limiter) have their own tags.
 
 from __future__ import annotations
 
+from hashlib import blake2b as _blake2b
+
 #: Prefix on every key, so the service can share a Redis with others and tests can clean up by pattern.
 PREFIX = "aex"
 
@@ -95,6 +97,12 @@ def job_deadletters(job_id: str) -> str:
     return _job(job_id, "deadletters")
 
 
+def job_deliveries(job_id: str) -> str:
+    """STREAM: the job's most recently completed batches (users, Attentive jobs, when), capped
+    (worker.pipeline.deliveries), for ``attentive-export trace``."""
+    return _job(job_id, "deliveries")
+
+
 def job_deadletter_counts(job_id: str) -> str:
     """HASH: dead-letter reason class -> entries recorded, exact even for entries the cap dropped."""
     return _job(job_id, "deadletters:counts")
@@ -122,8 +130,41 @@ def open_identifiers(job_id: str) -> str:
 
 
 def last_writer(job_id: str) -> str:
-    """HASH: ``audience|user`` -> newest accepted event time (ms), for last-writer-wins."""
+    """HASH: ``audience|user`` -> newest accepted event time (ms): last-writer-wins state as jobs kept it
+    before :func:`last_writer_bucket`. Read as a fallback and drained while it exists; its name is also
+    the prefix of the buckets."""
     return _job(job_id, "lww")
+
+
+def last_writer_bucket(job_id: str, bucket: int) -> str:
+    """HASH: :func:`lww_digest` -> newest accepted event time (ms), one bucket of a job's last-writer-wins
+    state (buffer.lua derives these names from :func:`last_writer`; see its header)."""
+    return _job(job_id, f"lww:{bucket}")
+
+
+def last_writer_meta(job_id: str) -> str:
+    """HASH: the shape of the job's last-writer-wins buckets (pairs, level, split pointer) and the
+    cursor of the old layout's drain."""
+    return _job(job_id, "lww:meta")
+
+
+def lww_digest(user_key: str | bytes, audience: str | bytes) -> bytes:
+    """The 15-character field naming one (user, audience) in the last-writer-wins buckets.
+
+    5 characters from a hash of the user (buffer.lua reads them as a 30-bit number that picks the
+    bucket, so a user's audiences share one), then 10 from a hash of (audience, user); 6 bits per
+    character, drawn from the 64 printable ASCII characters ``0`` (0x30) to ``o`` (0x6F), so fields
+    stay text. Two pairs of a job share a field with probability 2^-90 (different users) or 2^-60 (one
+    user, two audiences); see README "Last-writer-wins state".
+    """
+    user = user_key.encode() if isinstance(user_key, str) else user_key
+    aud = audience.encode() if isinstance(audience, str) else audience
+    raw = _blake2b(user, digest_size=5).digest() + _blake2b(aud + b"|" + user, digest_size=10).digest()
+    return raw.translate(_LWW_CHARS)
+
+
+#: byte -> one of 64 printable characters (its low 6 bits + 0x30), for :func:`lww_digest`.
+_LWW_CHARS = bytes(0x30 + (b & 0x3F) for b in range(256))
 
 
 def outstanding(job_id: str) -> str:
@@ -245,7 +286,7 @@ def backfill_due_match(job_id: str) -> str:
 
 # --- liveness (worker/observe/heartbeat.py) ---------------------------------------------------------
 def heartbeat(component: str) -> str:
-    """STRING: when ``component`` (``beat``: it published a sweep; ``sweep``: one ran) last beat (ms)."""
+    """STRING: when ``component`` last beat (ms): ``beat`` published a sweep (with a TTL), ``sweep`` ran."""
     return f"{PREFIX}:heartbeat:{component}"
 
 

@@ -9,7 +9,9 @@
 --                        open batch (tabs never occur in slugs, and JSON text escapes them)
 --   2 open_order   LIST  users of the open batch in arrival order (the order they are sent in)
 --   3 open_since   STR   when the open batch got its first user (ms): the interval seal's clock
---   4 lww          HASH  "aud|user" -> newest accepted event time (ms)
+--   4 lww          HASH  "aud|user" -> newest accepted event time (ms): the layout before compact
+--                        last-writer-wins state, read as a fallback and drained while it exists; its
+--                        name is also the prefix of the state's buckets (see below)
 --   5 outstanding  HASH  user -> id of the unfinished batch that carries the user
 --   6 waiting      HASH  user -> "aud\trecord\tid\tid\n..." changes held until the user's batch
 --                        finishes, with their identifiers (a line without a second tab has none)
@@ -22,9 +24,39 @@
 --  12 open_ids     HASH  "type:value" identifier -> the user of the open batch carrying it (cleared
 --                        with every seal), so two users sharing an identifier never share a request
 --  13 in_flight    ZSET  batch id -> when it was first sent (ms), until it completes (overdue alerts)
+--  14 lww_meta     HASH  the buckets' shape: n (pairs stored), level, split (linear hashing, below),
+--                        cursor (HSCAN cursor of the drain of the old layout, KEYS[4])
 -- ARGV[1] op, ARGV[2] now (ms), ARGV[3] batch key prefix ("...:batch:"), ARGV[4] batch size, op args follow.
 -- A batch is two keys under that prefix: <bid> HASH (users as a JSON list, state, owner, attempts,
 -- Attentive jobs, per-job done/failed counts) and <bid>:entries HASH (the open entries, renamed).
+--
+-- Last-writer-wins state (invariants 3 and 8): per (user, audience), the newest accepted event time
+-- (ms), kept in small buckets <KEYS[4]>:<n>, HASH digest -> time, so each stays listpack-encoded:
+-- about 33 bytes per pair where one big HASH "aud|user" -> time took 107 to 117 (bench/RESULTS.md).
+--   * Bucket keys are derived from the declared KEYS[4] inside the job's hash tag, like batch keys
+--     from ARGV[3]: they live on the job's Cluster slot, and `jobs delete` (a SCAN of the tag)
+--     removes them.
+--   * The digest of a pair comes from Python with each change (worker.store.keys.lww_digest, which
+--     states the collision bound): 15 printable characters of 6 bits, 5 from a hash of the user, then
+--     10 from a hash of (audience, user). Hashing in Python keeps the work off Redis, the one shared
+--     process (and fakeredis has no redis.sha1hex); printable fields keep every key readable as text.
+--     The first 5 characters, read as a 30-bit number h, choose the bucket, so a user's audiences
+--     share one and a bucket can be split without knowing its users.
+--   * Buckets grow with the job by linear hashing, never by rehashing everything: level L and split
+--     pointer s (KEYS[14]) make 2^L + s buckets; h lives in bucket h mod 2^L, or h mod 2^(L+1) when
+--     that is below s. Before an op reads, buckets are split one at a time (bucket s: the entries with
+--     bit L of h set move to s + 2^L; s advances) until the pairs, counting the op's changes as new,
+--     are at most LWW_FILL (32) per bucket. A bucket then holds 16 to 64 pairs on average, well under
+--     the 128 entries of redis.conf's hash-max-listpack-entries. One that outgrows it anyway (many
+--     audiences per user, bad luck) turns into a hashtable, which costs memory, never a wrong answer,
+--     and is written anew as a listpack when its turn to split comes.
+--   * Times are written as the decimal text Python sent, which listpacks store as 64-bit integers.
+--   * Cost: one HGET (or HMGET) and one HSET per bucket an op touches, which at scale is one each
+--     per change, instead of one HMGET and one HSET per op on the single HASH.
+--   * Jobs written before this layout have the old HASH at KEYS[4]. While it exists every read takes
+--     the newer of both layouts, a pair read from it moves into its bucket in the same op, and the
+--     Python side drains the rest a few hundred entries per ingest call (op lww_migrate), so an
+--     upgrade never accepts a stale change.
 --
 -- Ordering rules (invariants 2 and 3):
 --   * a change older than (or as old as) the newest accepted one for the same user+audience is stale;
@@ -39,13 +71,14 @@
 --
 -- Speed: Redis runs this for every transition, so per-user state is read in bulk (HMGET) at the start
 -- of an op into Lua tables that every later write goes through; a new user then costs two writes
--- (HSET entry, RPUSH order), and last-writer-wins times and the identifier index are written back in
--- one HSET each. Identifiers come from Python as "type:value" strings: no record JSON is parsed here.
+-- (HSET entry, RPUSH order), last-writer-wins times are read and written with one HMGET and one HSET
+-- per bucket touched, and the identifier index is written back in one HSET. Identifiers come from
+-- Python as "type:value" strings: no record JSON is parsed here.
 
 local K_OPEN, K_ORDER, K_SINCE, K_LWW = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local K_OUTSTANDING, K_WAITING, K_SEALED, K_SEQ = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local K_STATUS, K_LEASES, K_POLLS = KEYS[9], KEYS[10], KEYS[11]
-local K_IDS, K_INFLIGHT = KEYS[12], KEYS[13]
+local K_IDS, K_INFLIGHT, K_LWW_META = KEYS[12], KEYS[13], KEYS[14]
 
 local op = ARGV[1]
 local now = tonumber(ARGV[2])
@@ -388,16 +421,191 @@ local function carried_json(key)
     return cjson.encode(idx)
 end
 
+-- --- last-writer-wins state (see the header) ------------------------------------------------------
+-- Pairs per bucket on average before the next split (a bucket holds LWW_FILL/2 to 2*LWW_FILL).
+local LWW_FILL = 32
+-- redis.conf's hash-max-listpack-entries (the compiled-in default is 512).
+local LWW_LISTPACK = 128
+local LWW_PREFIX = K_LWW .. ':'
+-- The buckets' shape (lww_open), and what lww_read found for lww_write: the buckets read, in order,
+-- their key names, and per bucket its first digest position (lww_head) and the next one in the same
+-- bucket (lww_next). Every digest here runs through Lua once per change, so the code is plain loops.
+local lww_n, lww_level, lww_split, lww_legacy
+local lww_n_read = 0 -- lww_n as read, so lww_write records it only when it changed
+local lww_digests, lww_order, lww_keys, lww_head, lww_next = {}, {}, {}, {}, {}
+local lww_carry, lww_legacy_found = {}, {}
+
+-- Split bucket lww_split: entries whose user hash has bit ``level`` set move to the new bucket
+-- lww_split + 2^level. The hash is the digest's first 5 characters, 6 bits each (byte - 0x30), the
+-- last one lowest: bit L is in character 5 - floor(L / 6).
+local function lww_split_one()
+    local size = 2 ^ lww_level
+    local from = LWW_PREFIX .. lww_split
+    if lww_level < 30 then
+        local pos, unit = 5 - math.floor(lww_level / 6), 2 ^ (lww_level % 6)
+        local all = redis.call('HGETALL', from)
+        -- A bucket that outgrew a listpack became a hashtable, which Redis never turns back: what
+        -- stays is written anew, so it is a listpack again.
+        local rewrite = #all > 2 * LWW_LISTPACK
+        local moved, kept, gone = {}, {}, {}
+        for x = 1, #all, 2 do
+            local f = all[x]
+            if math.floor((string.byte(f, pos) - 48) / unit) % 2 == 1 then
+                moved[#moved + 1] = f
+                moved[#moved + 1] = all[x + 1]
+                gone[#gone + 1] = f
+            elseif rewrite then
+                kept[#kept + 1] = f
+                kept[#kept + 1] = all[x + 1]
+            end
+        end
+        sliced('HSET', LWW_PREFIX .. (lww_split + size), moved)
+        if rewrite then
+            redis.call('DEL', from)
+            sliced('HSET', from, kept)
+        else
+            sliced('HDEL', from, gone)
+        end
+    end
+    lww_split = lww_split + 1
+    if lww_split == size then
+        lww_level, lww_split = lww_level + 1, 0
+    end
+end
+
+-- Read the buckets' shape; split first if ``coming`` new pairs could outgrow them, so no bucket
+-- passes its size before the next op looks (and an op never reads a bucket it then splits).
+local function lww_open(coming)
+    local m = redis.call('HMGET', K_LWW_META, 'n', 'level', 'split')
+    lww_n, lww_level, lww_split = tonumber(m[1]) or 0, tonumber(m[2]) or 0, tonumber(m[3]) or 0
+    lww_legacy = redis.call('EXISTS', K_LWW) == 1
+    local split = false
+    while lww_n + coming > LWW_FILL * (2 ^ lww_level + lww_split) do
+        lww_split_one()
+        split = true
+    end
+    if split then -- recorded at once: entries have moved, whatever the op does next
+        redis.call('HSET', K_LWW_META, 'level', lww_level, 'split', lww_split)
+    end
+    lww_n_read = lww_n
+end
+
+-- Newest accepted time (a number, or nil) of each pair in ``digests`` (one HGET or HMGET per bucket).
+-- ``legacy_name(k)`` gives the k-th pair's field in the old HASH ("aud|user"), read while it exists:
+-- its newer times are carried into the buckets by lww_write(), which deletes the fields read.
+local function lww_read(digests, legacy_name)
+    local size, split = 2 ^ lww_level, lww_split
+    local order, keys, head, nxt = lww_order, lww_keys, lww_head, lww_next
+    lww_digests = digests
+    local byte = string.byte
+    for k = #digests, 1, -1 do -- backwards, so each bucket's chain runs in digest order
+        local c1, c2, c3, c4, c5 = byte(digests[k], 1, 5) -- the user hash
+        local h = ((((c1 - 48) * 64 + c2 - 48) * 64 + c3 - 48) * 64 + c4 - 48) * 64 + c5 - 48
+        local b = h % size
+        if b < split then
+            b = h % (size * 2)
+        end
+        local first = head[b]
+        if not first then
+            order[#order + 1] = b
+        end
+        nxt[k] = first or false
+        head[b] = k
+    end
+    local stored = {}
+    for j, b in ipairs(order) do
+        local key = LWW_PREFIX .. b
+        keys[j] = key
+        local k = head[b]
+        if not nxt[k] then
+            stored[k] = tonumber(redis.call('HGET', key, digests[k]))
+        else
+            local ks, fields = {}, {}
+            while k do
+                ks[#ks + 1] = k
+                fields[#fields + 1] = digests[k]
+                k = nxt[k]
+            end
+            local got = hmget(key, fields)
+            for x, kk in ipairs(ks) do
+                stored[kk] = tonumber(got[x])
+            end
+        end
+    end
+    if lww_legacy then
+        local names = {}
+        for k = 1, #digests do
+            names[k] = legacy_name(k)
+        end
+        local old = hmget(K_LWW, names)
+        for k, d in ipairs(digests) do
+            local t = tonumber(old[k])
+            if t then
+                lww_legacy_found[#lww_legacy_found + 1] = names[k]
+                if not stored[k] or t > stored[k] then
+                    stored[k] = t
+                    local c = lww_carry[d]
+                    if not c or t > tonumber(c) then
+                        lww_carry[d] = old[k]
+                    end
+                end
+            end
+        end
+    end
+    return stored
+end
+
+-- Write ``newest`` (digest -> time as decimal text, newer than what lww_read found) and the old
+-- layout's carried times into the buckets lww_read read, one HSET per bucket; delete the old fields
+-- read; record the pairs stored if that changed.
+local function lww_write(newest)
+    for d, t in pairs(lww_carry) do
+        if not newest[d] then
+            newest[d] = t
+        end
+    end
+    local digests, head, nxt = lww_digests, lww_head, lww_next
+    for j, b in ipairs(lww_order) do
+        local k = head[b]
+        if not nxt[k] then
+            local t = newest[digests[k]]
+            if t then
+                lww_n = lww_n + redis.call('HSET', lww_keys[j], digests[k], t)
+            end
+        else
+            local args = {}
+            while k do
+                local d = digests[k]
+                local t = newest[d]
+                if t then
+                    args[#args + 1] = d
+                    args[#args + 1] = t
+                    newest[d] = nil -- once per bucket, however often the pair came
+                end
+                k = nxt[k]
+            end
+            for s = 1, #args, SLICE do
+                local e = math.min(s + SLICE - 1, #args)
+                lww_n = lww_n + redis.call('HSET', lww_keys[j], unpack(args, s, e))
+            end
+        end
+    end
+    sliced('HDEL', K_LWW, lww_legacy_found)
+    if lww_n ~= lww_n_read then
+        redis.call('HSET', K_LWW_META, 'n', lww_n)
+    end
+end
+
 if op == 'ingest' then
     -- op args: groups of (user, audience, event time ms, record JSON, identifiers: "type:value"
-    -- strings joined by tabs, '' for none)
+    -- strings joined by tabs, '' for none, last-writer-wins digest of (user, audience))
     local accepted, merged, queued, stale = 0, 0, 0, 0
     local fields, users, seen = {}, {}, {}
     local idt, id_from, id_to, n = {}, {}, {}, 0 -- every change's identifiers, and its slice of them
-    for i = 5, #ARGV, 5 do
+    for i = 5, #ARGV, 6 do
         local user = ARGV[i]
         local k = #fields + 1
-        fields[k] = ARGV[i + 1] .. '|' .. user
+        fields[k] = ARGV[i + 5]
         if not seen[user] then
             seen[user] = true
             users[#users + 1] = user
@@ -406,7 +614,10 @@ if op == 'ingest' then
         n = split_ids(ARGV[i + 4], 1, idt, n)
         id_to[k] = n
     end
-    local stored = hmget(K_LWW, fields)
+    lww_open(#fields)
+    local stored = lww_read(fields, function(k)
+        return ARGV[6 * k] .. '|' .. ARGV[6 * k - 1]
+    end)
     prefetch(users)
     -- Read the index for the changes that may join before the open batch fills up (a seal empties it;
     -- a later change still needing it, after stale or queued ones, reads it one HGET at a time).
@@ -419,34 +630,30 @@ if op == 'ingest' then
             ids_cache[idt[x]] = owners[x - s + 1] or false
         end
     end
-    local newest = {} -- lww field -> newest time accepted by this op
+    local newest, newest_text = {}, {} -- lww digest -> newest time accepted by this op, and its text
     for k, lww_field in ipairs(fields) do
-        local i = 5 * k
+        local i = 6 * k - 1
         local at = tonumber(ARGV[i + 2])
-        local known = newest[lww_field] or tonumber(stored[k])
+        local known = newest[lww_field] or stored[k]
         if known and at <= known then
             stale = stale + 1
         else
             newest[lww_field] = at
+            newest_text[lww_field] = ARGV[i + 2]
             local r = place(ARGV[i], ARGV[i + 1], ARGV[i + 3], idt, id_from[k], id_to[k])
             if r == 'accepted' then accepted = accepted + 1
             elseif r == 'merged' then merged = merged + 1
             else queued = queued + 1 end
         end
     end
-    local writes = {}
-    for f, at in pairs(newest) do
-        writes[#writes + 1] = f
-        writes[#writes + 1] = string.format('%d', at)
-    end
-    sliced('HSET', K_LWW, writes)
+    lww_write(newest_text)
     sliced('HSET', K_IDS, ids_unwritten)
     redis.call('HINCRBY', K_STATUS, 'accepted', accepted + merged + queued)
     if stale > 0 then redis.call('HINCRBY', K_STATUS, 'stale', stale) end
     if merged > 0 then redis.call('HINCRBY', K_STATUS, 'merged', merged) end
     if queued > 0 then redis.call('HINCRBY', K_STATUS, 'queued_behind_unfinished', queued) end
     redis.call('HSET', K_STATUS, 'last_ingest_at', now)
-    return {accepted, merged, queued, stale, sealed_now, shared_seals}
+    return {accepted, merged, queued, stale, sealed_now, shared_seals, lww_legacy and 1 or 0}
 
 elseif op == 'seal_due' then
     -- op args: flush interval (ms). Seals the open batch if its oldest entry is that old.
@@ -643,6 +850,48 @@ elseif op == 'reap' then
     end
     if requeued > 0 then redis.call('HINCRBY', K_STATUS, 'leases_expired', requeued) end
     return requeued
+
+elseif op == 'lww_get' then
+    -- op args: groups of (user, audience, digest). Each pair's newest accepted event time (ms), or
+    -- nil. Read-only: the old layout's times are read, not moved.
+    lww_open(0)
+    local digests = {}
+    for i = 5, #ARGV, 3 do
+        digests[#digests + 1] = ARGV[i + 2]
+    end
+    local stored = lww_read(digests, function(k)
+        return ARGV[3 * k + 3] .. '|' .. ARGV[3 * k + 2]
+    end)
+    local out = {}
+    for k = 1, #digests do
+        out[k] = stored[k] and string.format('%d', stored[k]) or false
+    end
+    return out
+
+elseif op == 'lww_migrate' then
+    -- op args: the old HASH's next HSCAN cursor, then groups of (user, audience, digest) of fields
+    -- the caller scanned from it. Moves their times (as they are now) into the buckets, keeping the
+    -- newer where both hold one. Returns the old HASH's fields left (0 once it is gone).
+    lww_open((#ARGV - 5) / 3)
+    if not lww_legacy then
+        redis.call('HDEL', K_LWW_META, 'cursor')
+        return 0
+    end
+    local digests = {}
+    for i = 6, #ARGV, 3 do
+        digests[#digests + 1] = ARGV[i + 2]
+    end
+    lww_read(digests, function(k)
+        return ARGV[3 * k + 4] .. '|' .. ARGV[3 * k + 3]
+    end)
+    lww_write({})
+    local left = redis.call('HLEN', K_LWW)
+    if left == 0 or ARGV[5] == '0' then
+        redis.call('HDEL', K_LWW_META, 'cursor')
+    else
+        redis.call('HSET', K_LWW_META, 'cursor', ARGV[5])
+    end
+    return left
 end
 
 return redis.error_reply('unknown buffer op: ' .. tostring(op))
