@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import pytest
+import redis
 
 from worker.pipeline.buffer import BatchDataMissing, Change, JobBuffer, entry_json, merge_records
 from worker.store import keys
@@ -184,3 +185,31 @@ def test_claim_reports_lost_records_instead_of_requeueing_the_batch(any_redis: A
         buf.claim(10_000)
     assert info.value.batch_id == bid and info.value.users == ["a@x.io"]
     assert buf.sealed_count() == 0  # not back at the front of the queue, where it would block the rest
+
+
+def test_a_paused_job_under_real_time_load_holds_state_per_user_not_per_change(
+    any_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 11: a paused job's users keep changing; its state must grow with the users that
+    changed, not with the changes (held changes coalesce, so nothing seals batch after batch)."""
+    from worker.setup.jobconfig import JobState
+    from worker.store import keys
+
+    from .pipeline_kit import Pipeline, users
+
+    pipe = Pipeline(any_redis, monkeypatch)
+    job = pipe.create_job()
+    pipe.rt.jobs.set_state(job.id, JobState.PAUSED, "operator")
+    buffer = pipe.buffer(job)
+    people, rounds = users(200), 20
+    for r in range(rounds):
+        event = "enter" if r % 2 == 0 else "exit"
+        at = 1_780_000_000_000 + r * 1000
+        pipe.ingest(*({"audience": "vip", "event": event, "at": at, "user": {"email": e}} for e in people))
+        buffer.seal_due(0)  # the sweep's interval seal, every round
+    status = pipe.status(job)
+    assert buffer.sealed_count() == 1  # the first round's batch; nothing was sealed after it
+    assert buffer.waiting_users() == 200
+    held = [v for v in pipe.redis.hvals(keys.waiting(job.id))]
+    assert all(line.count(b"\n") == 1 for line in held)  # one held change per user and audience
+    assert int(status["coalesced_while_held"]) == 200 * (rounds - 2)
