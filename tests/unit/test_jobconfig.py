@@ -113,8 +113,15 @@ def test_phone_region_is_normalised_to_upper_case() -> None:
     assert parse_job_config(minimal(default_phone_region="gb")).default_phone_region == "GB"
 
 
-def test_job_states_are_the_five_lifecycle_states() -> None:
-    assert [s.value for s in JobState] == ["created", "backfilling", "running", "paused", "stopped"]
+def test_job_states_are_the_six_lifecycle_states() -> None:
+    assert [s.value for s in JobState] == [
+        "created",
+        "backfilling",
+        "running",
+        "paused",
+        "stopping",
+        "stopped",
+    ]
 
 
 @pytest.mark.parametrize(

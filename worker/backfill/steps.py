@@ -6,20 +6,35 @@ A backfill is a set of *parts* per job: one per audience with a Lytics segment i
 members, finished, last error), so any worker can continue it (DESIGN.md invariant 7) and task
 arguments stay ids: ``export.backfill(job_id, part)`` (invariant 5).
 
+The same machinery sends an audience's current members when a job changes (``jobs update``,
+``jobs resync``, ``jobs stop --teardown``, see :mod:`worker.backfill.ops`): part ``<slug>`` sends
+them as enters (a backfill, or a resync), part ``teardown:<slug>`` as exits (``<slug>: false``),
+from a Lytics segment scan or from a member file stored as chunks with the part (kind ``chunks``).
+A part records its own audience, event, source and ``run`` (a new id each time the part is
+restarted or cancelled: a step still finishing a page of the previous run saves nothing).
+The work a change needs is first written into the job record (``pending_ops``) together with the
+change itself, then turned into parts here (:func:`activate_pending`); the special part ``@ops`` in
+the re-drive schedule finishes that if the process writing the change died, and ``@stop`` ends a
+stopping job once its teardown reached Attentive.
+
 Why it is correct to replay and to mix with real-time changes:
 
 * Every backfilled member becomes an *enter* transition at one fixed time, the backfill's start
   (``at_ms``), and goes through the normal mapping and buffer. Last-writer-wins by event time
   (``buffer.lua``) then decides: a real-time exit after the start has a later time and wins,
   whether it arrives before or after the backfill page; a replayed page (a worker killed after
-  buffering but before saving its token) ties with itself and is dropped as stale.
+  buffering but before saving its token) ties with itself and is dropped as stale. Resyncs and
+  teardowns are the same: every change they make carries the time the part started, which is
+  taken after the configuration change was written, so any real-time change newer than that wins.
 * A step buffers a page *then* saves the next token and counters in one MULTI, so a crash redoes
   at most that page, and counters never count it twice.
 * One task at a time works on a part (a Redis lock with a timeout); a duplicate task just exits.
   A part whose task was lost is re-driven by the sweep once its ``due`` time passes without progress.
 
 Backfilled transitions go to this job only (not to other jobs exporting the same audience): they
-describe the job's start, not a change at the source.
+describe the job's start, not a change at the source. A teardown's exits reach the job although
+the audience is no longer routed to it (it was removed, or the job is stopping): they are the
+job's own doing, not routing.
 
 When every part is finished, a job still in ``backfilling`` becomes ``running``. A job paused
 meanwhile (for example by a refused Attentive key) keeps buffering its backfill like any other
@@ -52,17 +67,40 @@ from worker.clients.lytics import (
 )
 from worker.dispatch import Dispatcher
 from worker.mapping import transitions
-from worker.pipeline.buffer import now_ms
+from worker.pipeline.buffer import JobBuffer, now_ms
 from worker.pipeline.ingest import ingest_lines
-from worker.setup.jobconfig import JobState
-from worker.setup.jobs import ROUTED_STATES, ExportJob, JobNotFound, JobStore
+from worker.setup.jobconfig import MAX_SCAN_PAGE_SIZE, JobState
+from worker.setup.jobs import (
+    SWEPT_STATES,
+    ExportJob,
+    JobNotFound,
+    JobStateError,
+    JobStore,
+    transition_problem,
+)
 from worker.store import keys
 from worker.store.replies import decode_hash, text
 
 #: The part holding file backfills (not a valid audience slug, so it cannot collide with one).
 FILE_PART = "@file"
+#: Not parts but entries of the re-drive schedule: turn a job's pending operations into parts, and
+#: stop a stopping job once its teardown is delivered.
+OPS_PART = "@ops"
+STOP_PART = "@stop"
+#: Teardown parts are named ``teardown:<slug>`` (``:`` is never in a slug).
+TEARDOWN_PREFIX = "teardown:"
+#: Part kinds: a Lytics segment scan, the ``@file`` queue, a member file stored with the part.
 LYTICS = "lytics"
 FILE = "file"
+CHUNKS = "chunks"
+ENTER = "enter"
+EXIT = "exit"
+#: Why a part sends members (shown in status): the first backfill, a resync, a teardown.
+BACKFILL_OP = "backfill"
+RESYNC_OP = "resync"
+TEARDOWN_OP = "teardown"
+#: States in which parts make progress: routed ones, and stopping (its teardown).
+STEP_STATES = SWEPT_STATES
 
 #: A step stops after this many pages (or file chunks) or this many seconds, whichever comes first,
 #: so a worker is never held for long and progress is saved often.
@@ -78,6 +116,11 @@ RETRY_SECONDS = 30.0
 HALT_RETRY_MS = 600_000
 #: Lines per file-backfill chunk (one step ingests up to PAGES_PER_STEP chunks).
 FILE_CHUNK_LINES = 1000
+#: How often a stopping job checks whether its teardown reached Attentive.
+STOP_CHECK_SECONDS = 2.0
+#: A change's pending operations are turned into parts by the process that wrote it; if it died,
+#: the sweep does it this long after.
+OPS_GRACE_MS = 10_000
 
 LyticsFactory = Callable[[str], LyticsClient]
 
@@ -102,19 +145,53 @@ class FileBackfillError(ValueError):
     """A backfill file cannot be used as given; ``str(exc)`` names the line and the fix."""
 
 
-class _OnlyThisJob(JobStore):
-    """A job store that routes transitions to one job only: backfilled members belong to that job."""
+class _PartRouter(JobStore):
+    """Routes a part's transitions to its own job only: backfilled members belong to that job.
 
-    def __init__(self, client: redis.Redis, job_id: str) -> None:
+    Enters (and the ``@file`` part's lines) reach the job only while it takes changes for the
+    audience, exactly like real-time ones; a teardown's exits reach it for its one audience even
+    though that audience was removed or the job is stopping.
+    """
+
+    def __init__(self, client: redis.Redis, job_id: str, audience: str | None, teardown: bool) -> None:
         super().__init__(client)
         self._only = job_id
+        self._audience = audience
+        self._teardown = teardown
 
     def routes(self, audience: str) -> builtins.list[ExportJob]:
-        return [j for j in super().routes(audience) if j.id == self._only]
+        if self._audience is not None and audience != self._audience:
+            return []
+        job = self._cache.get(self._only)
+        if job is None:
+            return []
+        if self._teardown:
+            return [job] if job.state in STEP_STATES else []
+        return [job] if job.routed and audience in job.config.audiences else []
 
 
 def _due_member(job_id: str, part: str) -> str:
     return f"{job_id}|{part}"
+
+
+def teardown_part(audience: str) -> str:
+    return TEARDOWN_PREFIX + audience
+
+
+def part_audience(part: str, state: dict[str, str]) -> str | None:
+    """The audience a part sends (None for ``@file``, whose lines name their own)."""
+    if part == FILE_PART:
+        return None
+    return state.get("audience") or part.removeprefix(TEARDOWN_PREFIX)
+
+
+def part_event(part: str, state: dict[str, str]) -> str:
+    return state.get("event") or (EXIT if part.startswith(TEARDOWN_PREFIX) else ENTER)
+
+
+def chunk_id(run: str, index: int) -> str:
+    """The id of a member file's ``index``-th chunk, stored with the part run ``run``."""
+    return f"{run}.{index}"
 
 
 # --- starting -----------------------------------------------------------------------------------------
@@ -153,6 +230,10 @@ def start(
             keys.backfill_part(job_id, part),
             mapping={
                 "kind": LYTICS,
+                "event": ENTER,
+                "op": BACKFILL_OP,
+                "audience": part,
+                "run": secrets.token_hex(6),
                 "segment": cfg.lytics_segments[part],
                 "at_ms": at,
                 "started_at_ms": at,
@@ -192,17 +273,53 @@ def resume(
     fixed, so every unfinished part gets a step at once. A stopped job raises
     :class:`~worker.setup.jobs.JobStateError` before anything is dispatched.
     """
-    if jobs.get(job_id).state is JobState.CREATED:
+    job = jobs.get(job_id)
+    if job.state is JobState.CREATED:
         return start(client, jobs, job_id, dispatcher, now)
+    if job.state is JobState.STOPPED:
+        raise JobStateError(transition_problem(job.id, job.state, JobState.RUNNING) or "stopped")
+    if job.stop_after_teardown:
+        # Paused while stopping: back to stopping (its teardown goes on), never to running.
+        jobs.set_state(job_id, JobState.STOPPING)
+        return redrive(client, jobs, job_id, dispatcher, now)
+    activate_pending(client, jobs, job_id, dispatcher)
     parts = unfinished_parts(client, job_id)
     jobs.set_state(job_id, JobState.BACKFILLING if parts else JobState.RUNNING)
     if not parts:
         return []
+    return redrive(client, jobs, job_id, dispatcher, now)
+
+
+def redrive(
+    client: redis.Redis,
+    jobs: JobStore,
+    job_id: str,
+    dispatcher: Dispatcher,
+    now: int | None = None,
+    errored_only: bool = False,
+) -> list[str]:
+    """Give every unfinished part of the job a step now (``jobs backfill --retry-now``, resume):
+    a part waiting out an error an operator has just fixed tries again at once.
+
+    Pending operations of a change are turned into parts first; a stopping job gets its stop
+    check too. Returns the parts re-driven.
+    """
+    activate_pending(client, jobs, job_id, dispatcher)
+    parts = unfinished_parts(client, job_id)
+    if errored_only:  # (only those waiting out an error)
+        parts = [p for p in parts if client.hexists(keys.backfill_part(job_id, p), "last_error")]
     at = now if now is not None else now_ms()
-    client.zadd(keys.backfill_due(), {_due_member(job_id, part): at + STALL_MS for part in parts})
+    due = {_due_member(job_id, part): at + STALL_MS for part in parts}
+    stopping = jobs.get(job_id).state is JobState.STOPPING
+    if stopping:
+        due[_due_member(job_id, STOP_PART)] = at + STALL_MS
+    if due:
+        client.zadd(keys.backfill_due(), due)
     for part in parts:
         # A part that finished since it was read: its step finds it finished and moves the job on.
         dispatcher.backfill(job_id, part)
+    if stopping:
+        dispatcher.backfill(job_id, STOP_PART)
     return parts
 
 
@@ -227,7 +344,8 @@ def run_step(
 
     ``max_queued_users`` (``BACKFILL_MAX_QUEUED_USERS``): the step waits (``report.next_in``) while
     the job's sealed batches carry more users than this, or more than :data:`MAX_HELD_USERS` are
-    held; None: no limit."""
+    held; None: no limit. ``part`` may also be :data:`OPS_PART` (turn the job's pending operations
+    into parts) or :data:`STOP_PART` (stop a stopping job once its teardown is delivered)."""
     report = StepReport()
     due_member = _due_member(job_id, part)
     jobs = JobStore(client)
@@ -236,6 +354,13 @@ def run_step(
     except JobNotFound:
         client.zrem(keys.backfill_due(), due_member)
         report.skipped = "job deleted"
+        return report
+    if part == OPS_PART:
+        activate_pending(client, jobs, job_id)
+        report.skipped = "pending operations turned into parts"
+        return report
+    if part == STOP_PART:
+        _stop_step(client, jobs, job, report)
         return report
     state = decode_hash(client.hgetall(keys.backfill_part(job_id, part)))
     if not state:
@@ -246,16 +371,29 @@ def run_step(
         client.zrem(keys.backfill_due(), due_member)
         report.finished = True
         report.skipped = "already finished"
-        _maybe_running(client, jobs, job_id)
+        maybe_running(client, jobs, job_id)
         return report
     if job.state is JobState.STOPPED:
         _record_error(client, job_id, part, "the job was stopped; backfill abandoned", due_in_ms=None)
         report.skipped = "job stopped"
         return report
-    if job.state not in ROUTED_STATES:
+    if job.state not in STEP_STATES:
         # Not started yet: its transitions would be unroutable. The sweep tries again later.
         report.skipped = f"job is {job.state}"
         return report
+    audience = part_audience(part, state)
+    if part_event(part, state) == ENTER:
+        reason = ""
+        if job.stop_after_teardown:
+            reason = "the job is stopping: only its teardown is sent"
+        elif audience is not None and audience not in job.config.audiences:
+            reason = f"audience {audience!r} was removed from the job"
+        if reason:
+            cancel_part(client, job_id, part, reason)
+            report.finished = True
+            report.skipped = reason
+            maybe_running(client, jobs, job_id)
+            return report
 
     def backlog_full() -> bool:
         """Checked before every page, so a step never queues more than one page past the cap."""
@@ -273,8 +411,14 @@ def run_step(
         report.skipped = "another task is working on this part"
         return report
     try:
-        if state.get("kind") == FILE:
+        # Read again under the lock: a restart or a cancel may have come since.
+        state = decode_hash(client.hgetall(keys.backfill_part(job_id, part)))
+        if not state or state.get("finished") == "1":
+            report.skipped = "finished or restarted meanwhile"
+        elif state.get("kind") == FILE:
             _file_step(client, job_id, part, report, backlog_full)
+        elif state.get("kind") == CHUNKS:
+            _chunks_step(client, job, part, state, report, backlog_full)
         else:
             _scan_step(client, job, part, state, report, lytics or LyticsClient, backlog_full)
     finally:
@@ -282,8 +426,18 @@ def run_step(
         with contextlib.suppress(LockError):
             lock.release()
     if report.finished:
-        _maybe_running(client, jobs, job_id)
+        maybe_running(client, jobs, job_id)
     return report
+
+
+def _scan_settings(job: ExportJob, state: dict[str, str]) -> tuple[str, int]:
+    """The Lytics token variable and page size: the job's current ``backfill`` section (so an update
+    fixing ``lytics_token_env`` applies to every part), else what the part recorded (a teardown of
+    the job's last scanned audience outlives the section)."""
+    cfg = job.config.backfill
+    if cfg is not None:
+        return cfg.lytics_token_env, cfg.page_size
+    return state.get("token_env") or "LYTICS_API_TOKEN", int(state.get("page_size") or MAX_SCAN_PAGE_SIZE)
 
 
 def _scan_step(
@@ -295,30 +449,38 @@ def _scan_step(
     lytics: LyticsFactory,
     backlog_full: Callable[[], bool],
 ) -> None:
+    audience = part_audience(part, state) or part
     cfg = job.config.backfill
-    if cfg is None or part not in cfg.lytics_segments:
-        _halt(client, job.id, part, report, f"audience {part!r} has no Lytics segment in the job's backfill")
+    # The segment the part started with (a part of an older release recorded it too).
+    segment = state.get("segment") or (cfg.lytics_segments.get(audience) if cfg is not None else None)
+    if not segment:
+        _halt(
+            client, job.id, part, report, f"audience {audience!r} has no Lytics segment in the job's backfill"
+        )
         return
-    token = os.environ.get(cfg.lytics_token_env, "").strip()
+    token_env, page_size = _scan_settings(job, state)
+    token = os.environ.get(token_env, "").strip()
     if not token:
         _halt(
             client,
             job.id,
             part,
             report,
-            f"environment variable {cfg.lytics_token_env} (the Lytics API token) is not set on the worker",
+            f"environment variable {token_env} (the Lytics API token) is not set on the worker",
         )
         return
     at_ms = int(state["at_ms"])
+    event = part_event(part, state)
+    run = state.get("run", "")
     next_token = state.get("next") or None
     deadline = time.monotonic() + STEP_SECONDS
-    router = _OnlyThisJob(client, job.id)
+    router = _PartRouter(client, job.id, audience, teardown=event == EXIT)
     with lytics(token) as scanner:
         for _ in range(PAGES_PER_STEP):
             if report.pages and backlog_full():
                 return
             try:
-                page = scanner.scan_page(cfg.lytics_segments[part], next_token, cfg.page_size)
+                page = scanner.scan_page(segment, next_token, page_size)
             except LyticsRetryable as exc:
                 wait = RETRY_SECONDS
                 if isinstance(exc, LyticsRateLimited) and exc.retry_after is not None:
@@ -330,14 +492,18 @@ def _scan_step(
                 _halt(client, job.id, part, report, str(exc))
                 return
             lines = [
-                orjson.dumps({"audience": part, "event": "enter", "at": at_ms, "user": member})
+                orjson.dumps({"audience": audience, "event": event, "at": at_ms, "user": member})
                 for member in page.members
             ]
             ingested = ingest_lines(client, router, lines)
             report.sealed += len(ingested.sealed.get(job.id, []))
             report.pages += 1
             report.members += len(lines)
-            _save_page(client, job.id, part, page.next_token, len(lines), page.total, page.last)
+            if not _save_page(
+                client, job.id, part, page.next_token, len(lines), page.total, page.last, run=run
+            ):
+                report.skipped = "the part was restarted or cancelled meanwhile"
+                return
             if page.last:
                 report.finished = True
                 return
@@ -348,30 +514,106 @@ def _scan_step(
 
 
 def _save_page(
-    client: redis.Redis, job_id: str, part: str, next_token: str, members: int, total: int | None, last: bool
-) -> None:
-    """Record a buffered page: its successor's token and the counters, atomically."""
+    client: redis.Redis,
+    job_id: str,
+    part: str,
+    next_token: str,
+    members: int,
+    total: int | None,
+    last: bool,
+    run: str = "",
+    consumed: str | None = None,
+) -> bool:
+    """Record a buffered page (or member chunk): its successor and the counters, atomically, and
+    clear the part's last error (it recovered). ``consumed``: a chunk key to delete with it.
+
+    Only while the part is still the run that buffered it: False (nothing saved) when it was
+    restarted or cancelled meanwhile, since its counters and cursor now belong to the new run.
+    """
     key = keys.backfill_part(job_id, part)
-    now = now_ms()
-    pipe = client.pipeline(transaction=True)
-    pipe.hset(key, mapping={"next": next_token, "updated_at_ms": now, "finished": int(last)})
-    if total is not None:
-        pipe.hset(key, "total", total)
-    pipe.hincrby(key, "pages", 1)
-    pipe.hincrby(key, "members", members)
-    if last:
-        pipe.hset(key, "finished_at_ms", now)
-        pipe.zrem(keys.backfill_due(), _due_member(job_id, part))
-    else:
-        pipe.zadd(keys.backfill_due(), {_due_member(job_id, part): now + STALL_MS})
-    pipe.execute()
+    with client.pipeline(transaction=True) as pipe:
+        try:
+            pipe.watch(key)  # type: ignore[no-untyped-call]
+            if text(pipe.hget(key, "run") or b"") != run:
+                return False
+            now = now_ms()
+            pipe.multi()
+            pipe.hset(key, mapping={"next": next_token, "updated_at_ms": now, "finished": int(last)})
+            pipe.hdel(key, "last_error", "last_error_at_ms")
+            if total is not None:
+                pipe.hset(key, "total", total)
+            pipe.hincrby(key, "pages", 1)
+            pipe.hincrby(key, "members", members)
+            if consumed is not None:
+                pipe.delete(consumed)
+            if last:
+                pipe.hset(key, "finished_at_ms", now)
+                pipe.zrem(keys.backfill_due(), _due_member(job_id, part))
+            else:
+                pipe.zadd(keys.backfill_due(), {_due_member(job_id, part): now + STALL_MS})
+            pipe.execute()
+            return True
+        except WatchError:
+            return False
+
+
+def _chunks_step(
+    client: redis.Redis,
+    job: ExportJob,
+    part: str,
+    state: dict[str, str],
+    report: StepReport,
+    backlog_full: Callable[[], bool],
+) -> None:
+    """A member file stored with the part: each chunk's profiles become the part's enter or exit."""
+    audience = part_audience(part, state) or part
+    event = part_event(part, state)
+    run = state.get("run", "")
+    total = int(state.get("chunks") or 0)
+    index = int(state.get("next") or 0)
+    prefix = b'{"audience":%s,"event":%s,"at":%d,"user":' % (
+        orjson.dumps(audience),
+        orjson.dumps(event),
+        int(state["at_ms"]),
+    )
+    router = _PartRouter(client, job.id, audience, teardown=event == EXIT)
+    deadline = time.monotonic() + STEP_SECONDS
+    for _ in range(PAGES_PER_STEP):
+        if report.pages and backlog_full():
+            return
+        last = index + 1 >= total
+        if index >= total:  # an empty file
+            if _save_page(client, job.id, part, str(index), 0, None, True, run=run):
+                report.finished = True
+            return
+        chunk_key = keys.backfill_file_chunk(job.id, chunk_id(run, index))
+        lines = [
+            prefix + (p if isinstance(p, bytes) else str(p).encode()) + b"}"
+            for p in client.lrange(chunk_key, 0, -1)
+        ]
+        ingested = ingest_lines(client, router, lines)
+        report.sealed += len(ingested.sealed.get(job.id, []))
+        report.pages += 1
+        report.members += len(lines)
+        if not _save_page(
+            client, job.id, part, str(index + 1), len(lines), None, last, run=run, consumed=chunk_key
+        ):
+            report.skipped = "the part was restarted or cancelled meanwhile"
+            return
+        if last:
+            report.finished = True
+            return
+        index += 1
+        if time.monotonic() > deadline:
+            break
+    report.next_in = 0.0
 
 
 def _file_step(
     client: redis.Redis, job_id: str, part: str, report: StepReport, backlog_full: Callable[[], bool]
 ) -> None:
     queue = keys.backfill_file_queue(job_id)
-    router = _OnlyThisJob(client, job_id)
+    router = _PartRouter(client, job_id, None, teardown=False)
     deadline = time.monotonic() + STEP_SECONDS
     for _ in range(PAGES_PER_STEP):
         if report.pages and backlog_full():
@@ -396,6 +638,7 @@ def _file_step(
         pipe.hincrby(key, "pages", 1)
         pipe.hincrby(key, "members", len(lines))
         pipe.hset(key, "updated_at_ms", now_ms())
+        pipe.hdel(key, "last_error", "last_error_at_ms")  # it recovered
         pipe.zadd(keys.backfill_due(), {_due_member(job_id, part): now_ms() + STALL_MS})
         pipe.execute()
         if time.monotonic() > deadline:
@@ -438,11 +681,197 @@ def _halt(client: redis.Redis, job_id: str, part: str, report: StepReport, messa
     report.error = message
 
 
-def _maybe_running(client: redis.Redis, jobs: JobStore, job_id: str) -> bool:
+def maybe_running(client: redis.Redis, jobs: JobStore, job_id: str) -> bool:
     """Move the job from ``backfilling`` to ``running`` once every part is finished."""
     if unfinished_parts(client, job_id):
         return False
     return jobs.set_state_if(job_id, JobState.RUNNING, only_from={JobState.BACKFILLING})
+
+
+# --- parts a change asks for ---------------------------------------------------------------------------
+def _drop_chunks(client: redis.Redis, job_id: str, state: dict[str, str]) -> None:
+    """Delete the member-file chunks a part has not consumed (it is restarted or cancelled)."""
+    if state.get("kind") != CHUNKS:
+        return
+    run, done, total = state.get("run", ""), int(state.get("next") or 0), int(state.get("chunks") or 0)
+    stale = [keys.backfill_file_chunk(job_id, chunk_id(run, i)) for i in range(done, total)]
+    if stale:
+        client.delete(*stale)
+
+
+def cancel_part(client: redis.Redis, job_id: str, part: str, reason: str) -> bool:
+    """Finish an unfinished part without sending the rest (its audience was removed, or the job is
+    stopping); a step still working on it saves nothing (its run is over). True if it was running."""
+    key = keys.backfill_part(job_id, part)
+    state = decode_hash(client.hgetall(key))
+    if not state or state.get("finished") == "1":
+        return False
+    now = now_ms()
+    pipe = client.pipeline(transaction=True)
+    pipe.hset(
+        key,
+        mapping={
+            "finished": 1,
+            "cancelled": reason,
+            "finished_at_ms": now,
+            "updated_at_ms": now,
+            "run": secrets.token_hex(6),
+        },
+    )
+    pipe.zrem(keys.backfill_due(), _due_member(job_id, part))
+    pipe.execute()
+    _drop_chunks(client, job_id, state)
+    if part == FILE_PART:
+        queued = [
+            keys.backfill_file_chunk(job_id, text(c))
+            for c in client.lrange(keys.backfill_file_queue(job_id), 0, -1)
+        ]
+        client.delete(keys.backfill_file_queue(job_id), *queued)
+    return True
+
+
+def cancel_enter_parts(client: redis.Redis, job_id: str, reason: str) -> list[str]:
+    """Cancel every unfinished part that sends enters (backfills, resyncs, the ``@file`` queue)."""
+    cancelled = []
+    for part in unfinished_parts(client, job_id):
+        state = decode_hash(client.hgetall(keys.backfill_part(job_id, part)))
+        if part_event(part, state) == ENTER and cancel_part(client, job_id, part, reason):
+            cancelled.append(part)
+    return cancelled
+
+
+def _materialize(client: redis.Redis, job_id: str, op: dict[str, Any], now: int, due_at: int) -> str:
+    """Start (or restart) the part an operation asks for; returns its name. Idempotent per operation:
+    a part already running the operation's id is left as it is."""
+    audience = str(op["audience"])
+    event = EXIT if op["event"] == EXIT else ENTER
+    part = teardown_part(audience) if event == EXIT else audience
+    key = keys.backfill_part(job_id, part)
+    old = decode_hash(client.hgetall(key))
+    if old.get("run") == op["id"]:
+        return part
+    if event == EXIT:
+        # Members of an audience being torn down are no longer backfilled or resynced.
+        cancel_part(client, job_id, audience, f"audience {audience!r} is being torn down")
+    _drop_chunks(client, job_id, old)
+    fields: dict[Any, str | int] = {  # (redis-py types mapping keys invariantly)
+        "kind": CHUNKS if op["source"] == CHUNKS else LYTICS,
+        "event": event,
+        "op": str(op["op"]),
+        "audience": audience,
+        "run": str(op["id"]),
+        "at_ms": int(op.get("at_ms") or now),
+        "started_at_ms": now,
+        "updated_at_ms": now,
+        "next": "" if op["source"] == LYTICS else 0,
+        "pages": 0,
+        "members": 0,
+        "finished": 0,
+    }
+    if op["source"] == LYTICS:
+        fields.update(
+            segment=str(op["segment"]), token_env=str(op["token_env"]), page_size=int(op["page_size"])
+        )
+    else:
+        fields["chunks"] = int(op["chunks"])
+    pipe = client.pipeline(transaction=True)
+    pipe.delete(key)
+    pipe.hset(key, mapping=fields)
+    pipe.sadd(keys.backfill_parts(job_id), part)
+    pipe.zadd(keys.backfill_due(), {_due_member(job_id, part): due_at})
+    pipe.execute()
+    return part
+
+
+def schedule_ops(client: redis.Redis, job_id: str) -> None:
+    """Before writing a change with pending operations: the sweep turns them into parts if the
+    writer dies before it does (a leftover entry with nothing pending just goes away)."""
+    client.zadd(keys.backfill_due(), {_due_member(job_id, OPS_PART): now_ms() + OPS_GRACE_MS})
+
+
+def schedule_stop_check(client: redis.Redis, job_id: str) -> None:
+    """Before a job becomes stopping: the sweep checks it (:data:`STOP_PART`) even if no task does."""
+    client.zadd(keys.backfill_due(), {_due_member(job_id, STOP_PART): now_ms() + STALL_MS})
+
+
+def activate_pending(
+    client: redis.Redis, jobs: JobStore, job_id: str, dispatcher: Dispatcher | None = None
+) -> list[str]:
+    """Turn the job's pending operations into backfill parts, in the order they were recorded, each
+    starting now: its changes carry this time, after the change that asked for them was written.
+
+    With a ``dispatcher`` each part gets a step at once; without (the ``@ops`` step), its re-drive
+    is due now and the sweep dispatches it. One process at a time (a lock); safe to repeat.
+    """
+    lock = client.lock(keys.backfill_lock(job_id, OPS_PART), timeout=60, blocking_timeout=30)
+    if not lock.acquire():
+        return []
+    try:
+        try:
+            job = jobs.get(job_id)
+        except JobNotFound:
+            client.zrem(keys.backfill_due(), _due_member(job_id, OPS_PART))
+            return []
+        ops = list(job.pending_ops)
+        parts: list[str] = []
+        if ops and job.state is not JobState.STOPPED:
+            now = now_ms()
+            due_at = now + STALL_MS if dispatcher is not None else now
+            parts = [_materialize(client, job_id, op, now, due_at) for op in ops]
+        if ops:
+            done = {op.get("id") for op in ops}
+
+            def drop(j: ExportJob) -> bool:
+                left = [o for o in j.pending_ops if o.get("id") not in done]
+                changed = len(left) != len(j.pending_ops)
+                j.pending_ops = left
+                return changed
+
+            with contextlib.suppress(JobNotFound):
+                jobs.modify(job_id, drop)
+        client.zrem(keys.backfill_due(), _due_member(job_id, OPS_PART))
+        if parts:
+            jobs.set_state_if(job_id, JobState.BACKFILLING, only_from={JobState.RUNNING})
+            if dispatcher is not None:
+                for part in dict.fromkeys(parts):
+                    dispatcher.backfill(job_id, part)
+        return parts
+    finally:
+        with contextlib.suppress(LockError):
+            lock.release()
+
+
+def _stop_step(client: redis.Redis, jobs: JobStore, job: ExportJob, report: StepReport) -> None:
+    """A stopping job becomes ``stopped`` once its teardown parts are finished and Attentive has
+    completed every batch carrying them (nothing left open, queued, held or at Attentive)."""
+    due = _due_member(job.id, STOP_PART)
+    if job.state is not JobState.STOPPING:
+        if job.stop_after_teardown and job.state is JobState.PAUSED:
+            # Paused (say a refused key): resuming goes back to stopping and re-drives this check.
+            client.zadd(keys.backfill_due(), {due: now_ms() + STALL_MS})
+            report.skipped = "paused while stopping"
+        else:
+            client.zrem(keys.backfill_due(), due)
+            report.skipped = f"job is {job.state}"
+        return
+    if job.pending_ops:
+        activate_pending(client, jobs, job.id)
+    cancel_enter_parts(client, job.id, "the job is stopping: only its teardown is sent")
+    client.zadd(keys.backfill_due(), {due: now_ms() + STALL_MS})
+    report.next_in = STOP_CHECK_SECONDS
+    if unfinished_parts(client, job.id):
+        report.skipped = "teardown in progress"
+        return
+    buffer = JobBuffer(client, job.id, job.config.batch_size)
+    if buffer.open_size():
+        report.sealed += len(buffer.seal_now())  # no need to wait out the flush interval
+    if buffer.open_size() or buffer.sealed_count() or buffer.waiting_users() or buffer.outstanding_users():
+        report.skipped = "waiting for the teardown to reach Attentive"
+        return
+    jobs.set_state_if(job.id, JobState.STOPPED, only_from={JobState.STOPPING})
+    client.zrem(keys.backfill_due(), due)
+    report.next_in = None
+    report.finished = True
 
 
 # --- the sweep's part -------------------------------------------------------------------------------------
@@ -603,32 +1032,52 @@ def _int(value: str | None) -> int | None:
 
 
 def progress(client: redis.Redis, job_id: str) -> dict[str, Any] | None:
-    """The backfill block of ``status``: per audience (and the file part) pages, members, finished."""
+    """The backfill block of ``status``: per part (``<slug>`` sends an audience's current members as
+    enters: a backfill or a resync; ``teardown:<slug>`` as exits) and for the file part: pages,
+    members, finished, the last error and, while a part waits out an error, when it tries next
+    (``next_try_at_ms``; ``jobs backfill JOB --retry-now`` tries at once)."""
     parts = sorted(text(p) for p in client.smembers(keys.backfill_parts(job_id)))
     if not parts:
         return None
     audiences: dict[str, Any] = {}
     file_part: dict[str, Any] | None = None
+    pipe = client.pipeline(transaction=False)
     for part in parts:
-        state = decode_hash(client.hgetall(keys.backfill_part(job_id, part)))
+        pipe.hgetall(keys.backfill_part(job_id, part))
+        pipe.zscore(keys.backfill_due(), _due_member(job_id, part))
+    replies = pipe.execute()
+    for n, part in enumerate(parts):
+        state = decode_hash(replies[2 * n])
+        due = replies[2 * n + 1]
+        finished = state.get("finished") == "1"
+        last_error = state.get("last_error") or None
         view: dict[str, Any] = {
             "pages": int(state.get("pages", 0)),
             "members": int(state.get("members", 0)),
-            "finished": state.get("finished") == "1",
+            "finished": finished,
             "errors": int(state.get("errors", 0)),
-            "last_error": state.get("last_error") or None,
+            "last_error": last_error,
             "last_error_at_ms": _int(state.get("last_error_at_ms")),
+            "next_try_at_ms": int(due) if due is not None and last_error and not finished else None,
             "started_at_ms": _int(state.get("started_at_ms")),
             "updated_at_ms": _int(state.get("updated_at_ms")),
             "finished_at_ms": _int(state.get("finished_at_ms")),
+            "cancelled": state.get("cancelled") or None,
         }
         if part == FILE_PART:
             view["chunks_waiting"] = int(client.llen(keys.backfill_file_queue(job_id)))
             file_part = view
-        else:
-            view["segment"] = state.get("segment")
-            view["total"] = _int(state.get("total"))
-            view["members_at_ms"] = _int(state.get("at_ms"))
-            audiences[part] = view
+            continue
+        view["op"] = state.get("op") or BACKFILL_OP
+        view["audience"] = part_audience(part, state)
+        view["event"] = part_event(part, state)
+        view["source"] = "file" if state.get("kind") == CHUNKS else LYTICS
+        view["segment"] = state.get("segment")
+        view["total"] = _int(state.get("total"))
+        view["members_at_ms"] = _int(state.get("at_ms"))
+        if state.get("kind") == CHUNKS:
+            view["total_chunks"] = int(state.get("chunks") or 0)
+            view["chunks_waiting"] = 0 if finished else view["total_chunks"] - int(state.get("next") or 0)
+        audiences[part] = view
     finished = all(v["finished"] for v in audiences.values()) and (file_part is None or file_part["finished"])
     return {"finished": finished, "audiences": audiences, "file": file_part}

@@ -110,6 +110,9 @@ class JobState(StrEnum):
     BACKFILLING = "backfilling"
     RUNNING = "running"
     PAUSED = "paused"  # buffers but does not send; the job records why (shown by status)
+    #: ``jobs stop --teardown``: takes no more changes, sends every current member's audience flags
+    #: as ``false``, then becomes ``stopped`` once Attentive has them all.
+    STOPPING = "stopping"
     STOPPED = "stopped"  # final: never resumed; `jobs delete` then removes the job and its data
 
 
@@ -528,4 +531,7 @@ def load_job_config(path: str | Path) -> ExportJobConfig:
         raise JobConfigError([f"{path}: cannot read the file: it is nested too deeply"]) from None
     if data is None:
         raise JobConfigError([f"{path}: the file is empty"])
-    return parse_job_config(data)
+    try:
+        return parse_job_config(data)
+    except JobConfigError as exc:  # each problem names the file, in place of parse's "<file>"
+        raise JobConfigError([f"{path}: {p.removeprefix('<file>: ')}" for p in exc.problems]) from None

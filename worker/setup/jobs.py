@@ -16,6 +16,14 @@ The lifecycle rules live here, not in the CLI, so no code path can break them:
   creates cannot both take one label.
 * Only a stopped job can be deleted, and only once tasks that saw it before its stop are done
   (:data:`DELETE_GRACE_SECONDS`); deleting removes every key of the job (:mod:`worker.setup.purge`).
+* ``stopping`` (``jobs stop --teardown``) takes no more changes but still sends: it becomes
+  ``stopped`` once its teardown reached Attentive. Paused meanwhile (a refused key), it remembers
+  the stop (``stop_after_teardown``): resuming it goes back to ``stopping``, never to ``running``.
+
+A configuration change (``jobs update``) and the work it needs (a backfill of an added audience, a
+teardown of a removed one, a resync) are written in one transaction: the work goes into the job
+record as ``pending_ops`` (opaque to this module) with the new configuration, so a process dying
+right after the change cannot lose it; :mod:`worker.backfill` then turns each into a backfill part.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ import datetime as dt
 import json
 import secrets
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import redis
@@ -38,8 +46,10 @@ from worker.store.replies import text
 #: States whose jobs receive transitions. A paused job still buffers, so nothing is lost while an
 #: operator fixes its key; it just does not send.
 ROUTED_STATES = frozenset({JobState.BACKFILLING, JobState.RUNNING, JobState.PAUSED})
-#: States whose jobs send batches to Attentive.
-SENDING_STATES = frozenset({JobState.BACKFILLING, JobState.RUNNING})
+#: States whose jobs send batches to Attentive (a stopping job sends its teardown).
+SENDING_STATES = frozenset({JobState.BACKFILLING, JobState.RUNNING, JobState.STOPPING})
+#: States whose jobs the sweep looks after (seals, leases, polls): routed or still sending.
+SWEPT_STATES = ROUTED_STATES | {JobState.STOPPING}
 #: How long after its stop a job can be deleted. A task that read the job before the stop may
 #: still write for a while: a flush keeps its 10 s budget and then waits out one POST (connect
 #: retries and 30 s read/write timeouts), a backfill step finishes its page. Deleting earlier could
@@ -75,7 +85,9 @@ class JobBusy(JobStateError):
         self.wait_seconds = wait_seconds
 
 
-def transition_problem(job_id: str, current: JobState, target: JobState) -> str | None:
+def transition_problem(
+    job_id: str, current: JobState, target: JobState, stop_after_teardown: bool = False
+) -> str | None:
     """Why ``current`` may not become ``target``, or None when it may (the lifecycle rules above)."""
     if current is JobState.STOPPED and target is not JobState.STOPPED:
         verb = "paused" if target is JobState.PAUSED else "resumed"
@@ -89,6 +101,14 @@ def transition_problem(job_id: str, current: JobState, target: JobState) -> str 
             f"job {job_id} has not started, so there is nothing to pause: start it with "
             f"`jobs resume {job_id}`, or `jobs stop {job_id}` it"
         )
+    if stop_after_teardown and target in (JobState.CREATED, JobState.BACKFILLING, JobState.RUNNING):
+        return (
+            f"job {job_id} is stopping (`jobs stop --teardown`): it sends its teardown and then stops, "
+            f"so it cannot be resumed; `jobs stop {job_id}` stops it at once, without the rest of the "
+            "teardown"
+        )
+    if target is JobState.STOPPING and not stop_after_teardown:
+        return f"job {job_id}: only `jobs stop --teardown` makes a job stopping"
     return None
 
 
@@ -104,10 +124,19 @@ class ExportJob:
     pause_reason: str = ""
     created_at: str = ""
     updated_at: str = ""
+    #: ``jobs stop --teardown`` was asked: the job takes no more changes and ends ``stopped``.
+    stop_after_teardown: bool = False
+    #: Work recorded with a change and not yet handed to the backfill (:mod:`worker.backfill.ops`).
+    pending_ops: builtins.list[dict[str, Any]] = field(default_factory=builtins.list)
 
     @property
     def sending(self) -> bool:
         return self.state in SENDING_STATES
+
+    @property
+    def routed(self) -> bool:
+        """Whether transitions reach the job (a job stopping after its teardown takes none)."""
+        return self.state in ROUTED_STATES and not self.stop_after_teardown
 
     def to_json(self) -> str:
         return json.dumps(
@@ -118,6 +147,8 @@ class ExportJob:
                 "pause_reason": self.pause_reason,
                 "created_at": self.created_at,
                 "updated_at": self.updated_at,
+                "stop_after_teardown": self.stop_after_teardown,
+                "pending_ops": self.pending_ops,
             }
         )
 
@@ -131,6 +162,8 @@ class ExportJob:
             pause_reason=data.get("pause_reason", ""),
             created_at=data.get("created_at", ""),
             updated_at=data.get("updated_at", ""),
+            stop_after_teardown=bool(data.get("stop_after_teardown", False)),
+            pending_ops=list(data.get("pending_ops") or []),
         )
 
 
@@ -231,7 +264,7 @@ class JobStore:
             job = ExportJob.from_json(raw)
             if only_from is not None and job.state not in only_from:
                 return None
-            problem = transition_problem(job.id, job.state, state)
+            problem = transition_problem(job.id, job.state, state, job.stop_after_teardown)
             if problem is not None:
                 if only_from is not None:
                     return None
@@ -247,6 +280,81 @@ class JobStore:
             return job
 
         return self._transaction(change)
+
+    def modify(self, job_id: str, change: Callable[[ExportJob], bool]) -> ExportJob:
+        """Read-modify-write of one job under WATCH: ``change`` edits the job it is given (or raises
+        to refuse) and returns whether anything changed; then the job is written and processes
+        reload their job table. Returns the job as stored."""
+
+        def body(pipe: redis.client.Pipeline) -> ExportJob:
+            raw = pipe.hget(keys.jobs(), job_id)
+            if raw is None:
+                raise JobNotFound(job_id)
+            job = ExportJob.from_json(raw)
+            if not change(job):
+                return job
+            job.updated_at = _now_iso()
+            pipe.multi()
+            pipe.hset(keys.jobs(), job.id, job.to_json())
+            pipe.incr(keys.jobs_version())
+            return job
+
+        return self._transaction(body)
+
+    def update_config(
+        self,
+        job_id: str,
+        config: ExportJobConfig,
+        expected: ExportJobConfig,
+        ops: Iterable[dict[str, Any]] = (),
+        state: JobState | None = None,
+    ) -> ExportJob:
+        """Replace the job's configuration (``jobs update``), with the work it needs, atomically.
+
+        ``expected`` is the configuration the change was worked out from: if another update got
+        there first, nothing is written (:class:`JobError`; run the update again). ``ops`` are added
+        to the job's ``pending_ops``; ``state``, when given, is the job's new state (e.g.
+        ``backfilling`` while an added audience is backfilled). A stopped or stopping job, or a
+        label another job has, is refused.
+        """
+        wanted = _label_key(config.label)
+
+        def body(pipe: redis.client.Pipeline) -> ExportJob:
+            raw = pipe.hget(keys.jobs(), job_id)
+            if raw is None:
+                raise JobNotFound(job_id)
+            job = ExportJob.from_json(raw)
+            if job.state in (JobState.STOPPED, JobState.STOPPING) or job.stop_after_teardown:
+                raise JobStateError(
+                    f"job {job.id} is {'stopping' if job.stop_after_teardown else job.state}: "
+                    "its configuration can no longer change"
+                )
+            if job.config != expected:
+                raise JobError(
+                    f"job {job.id} was changed by someone else meanwhile; nothing was written: "
+                    "run the update again to see the difference from its new configuration"
+                )
+            for other_raw in pipe.hvals(keys.jobs()):
+                other = ExportJob.from_json(other_raw)
+                if other.id != job.id and _label_key(other.config.label) == wanted:
+                    raise LabelTaken(
+                        f"export job {other.id} ({other.state}) is already labelled "
+                        f"{other.config.label!r}: choose another label"
+                    )
+            job.config = config
+            job.pending_ops = [*job.pending_ops, *ops]
+            if state is not None and state is not job.state:
+                problem = transition_problem(job.id, job.state, state, job.stop_after_teardown)
+                if problem is not None:
+                    raise JobStateError(problem)
+                job.state = state
+            job.updated_at = _now_iso()
+            pipe.multi()
+            pipe.hset(keys.jobs(), job.id, job.to_json())
+            pipe.incr(keys.jobs_version())
+            return job
+
+        return self._transaction(body)
 
     def delete(self, job_id: str) -> DeletedJob:
         """Remove a stopped job and every Redis key it has; workers drop it at their next read.
@@ -319,14 +427,12 @@ class JobStore:
 
     def routes(self, audience: str) -> builtins.list[ExportJob]:
         """Jobs that receive transitions for ``audience``, as of the last :meth:`refresh`."""
-        return [
-            j for j in self._cache.values() if j.state in ROUTED_STATES and audience in j.config.audiences
-        ]
+        return [j for j in self._cache.values() if j.routed and audience in j.config.audiences]
 
     def active(self) -> builtins.list[ExportJob]:
         """Jobs the sweep looks after (everything but created and stopped)."""
         self.refresh()
-        return [j for j in self._cache.values() if j.state in ROUTED_STATES]
+        return [j for j in self._cache.values() if j.state in SWEPT_STATES]
 
     def refresh(self) -> None:
         """Reload the job table if any job changed since the last load (one GET otherwise)."""
