@@ -18,6 +18,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from celery import Celery
+
+from worker.settings import broker_kind
+
 ROOT = Path(__file__).resolve().parents[1]
 ALL_QUEUES = "ingest,flush,poll,sweep,backfill"
 
@@ -68,6 +72,19 @@ class CeleryProcesses:
     def beat(self) -> subprocess.Popen[bytes]:
         return self._spawn("beat", ["beat", "-s", str(self._dir / "beat-schedule"), "-l", "INFO"])
 
+    def terminate(self, name: str, timeout: float = 60) -> int:
+        """SIGTERM to the main process only, as Kubernetes and ``docker stop`` do (a warm shutdown:
+        worker/shutdown.py); wait for it to exit and return its exit status."""
+        proc = self.procs.pop(name)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+            raise AssertionError(f"{name} did not exit within {timeout}s of SIGTERM") from None
+
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Kill a process and its pool children (the whole process group)."""
         proc = self.procs.pop(name)
@@ -94,6 +111,17 @@ class CeleryProcesses:
                 self.kill(name)
             else:
                 self.procs.pop(name, None)
+
+
+def sender_app(broker_url: str) -> Celery:
+    """A Celery app that sends the service's tasks to ``broker_url`` (its queues and routes), whatever
+    broker the test process's own ``worker.app`` was configured with; ``close()`` it after use."""
+    app = Celery("test-sender", set_as_current=False)
+    app.config_from_object("worker.celeryconfig")
+    app.conf.broker_url = broker_url
+    if broker_kind(broker_url) != "redis":
+        app.conf.broker_transport_options = {}
+    return app
 
 
 def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.1) -> object:

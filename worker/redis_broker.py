@@ -138,6 +138,9 @@ class RestoreUnackedAfterReconnect(bootsteps.StartStopStep):  # type: ignore[mis
 
 
 def install(app: Celery) -> None:
-    """Use :class:`RecoveringQoS` for every Redis channel of this process; add the bootstep to ``app``."""
+    """Use :class:`RecoveringQoS` for every Redis channel of this process; add the bootstep to ``app``.
+
+    For a Redis broker only: ``worker.app`` leaves it out with RabbitMQ, which puts a closed
+    channel's unacknowledged messages back by itself."""
     kombu_redis.Channel.QoS = RecoveringQoS
     app.steps["consumer"].add(RestoreUnackedAfterReconnect)

@@ -17,7 +17,13 @@ import httpx
 import pytest
 
 from tests.celeryproc import wait_for
-from tests.integration.test_pipeline import Pipeline, base_config, line, pipeline  # noqa: F401 (fixture)
+from tests.integration.test_pipeline import (  # noqa: F401 (fixture)
+    Pipeline,
+    base_config,
+    line,
+    on_both_brokers,
+    pipeline,
+)
 from tests.sandboxproc import SandboxProcess, start_sandbox
 from worker.cli.main import main
 from worker.pipeline.ingest import ingest_lines
@@ -85,6 +91,7 @@ def wait_backfilled(p: Pipeline, job: ExportJob, users: int, timeout: float = 90
     return p.status(job)
 
 
+@on_both_brokers  # the backfill task and its countdowns on RabbitMQ too
 def test_existing_users_are_backfilled_from_a_lytics_segment_then_the_job_runs(
     bf: Pipeline, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -10,17 +10,20 @@ import signal
 import time
 from collections.abc import Iterator
 from typing import Any
+from unittest import mock
 
 import pytest
 import redis
 
-from tests.celeryproc import CeleryProcesses, wait_for
+from tests.celeryproc import CeleryProcesses, sender_app, wait_for
 from tests.conftest import TEST_BROKER_URL, TEST_REDIS_URL
+from tests.rabbitmq import private_vhost
 from tests.sandboxproc import SandboxProcess
 from worker.dispatch import CeleryDispatcher
 from worker.observe.status import job_status
 from worker.pipeline import inbox
 from worker.pipeline.buffer import Change, JobBuffer
+from worker.settings import broker_kind
 from worker.setup.authorizations import AuthorizationStore
 from worker.setup.crypto import generate_secret_key
 from worker.setup.jobconfig import JobState, parse_job_config
@@ -94,14 +97,19 @@ class Pipeline:
 
 
 @contextlib.contextmanager
-def running_pipeline(real_redis: redis.Redis, sandbox: SandboxProcess, **settings: str) -> Iterator[Pipeline]:
+def running_pipeline(
+    real_redis: redis.Redis, sandbox: SandboxProcess, broker_url: str = TEST_BROKER_URL, **settings: str
+) -> Iterator[Pipeline]:
     """Real workers and beat on the test Redis against ``sandbox``, with test-speed settings;
-    ``settings`` adds or overrides environment variables (e.g. ``ATTENTIVE_UNCERTAIN_HOLD_SECONDS``)."""
-    broker = redis.Redis.from_url(TEST_BROKER_URL)
-    broker.flushdb()
+    ``settings`` adds or overrides environment variables (e.g. ``ATTENTIVE_UNCERTAIN_HOLD_SECONDS``).
+    The Celery broker is the test Redis broker database (emptied before and after), or
+    ``broker_url``: a RabbitMQ vhost of the test's own (:func:`tests.rabbitmq.private_vhost`)."""
+    broker = redis.Redis.from_url(broker_url) if broker_kind(broker_url) == "redis" else None
+    if broker is not None:
+        broker.flushdb()
     env = {
         "REDIS_URL": TEST_REDIS_URL,
-        "CELERY_BROKER_URL": TEST_BROKER_URL,
+        "CELERY_BROKER_URL": broker_url,
         "ATTENTIVE_API_URL": sandbox.url,
         "EXPORT_SECRET_KEY": generate_secret_key(),
         "ATTENTIVE_FIRST_POLL_SECONDS": "0.3",
@@ -113,24 +121,57 @@ def running_pipeline(real_redis: redis.Redis, sandbox: SandboxProcess, **setting
         **settings,
     }
     old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # the test process dispatches tasks to the same broker
+    os.environ.update(env)
     procs = CeleryProcesses(env)
+    # The test process dispatches tasks (Pipeline.send, CLI commands run in-process) to the same
+    # broker, whichever the process-wide worker.app was configured with when first imported.
+    sender = sender_app(broker_url)
+
+    def _dispatch_to_this_broker(dispatcher: CeleryDispatcher) -> None:
+        dispatcher._app = sender
+
     try:
-        yield Pipeline(real_redis, sandbox, procs)
+        with mock.patch.object(CeleryDispatcher, "__init__", _dispatch_to_this_broker):
+            yield Pipeline(real_redis, sandbox, procs)
     finally:
         procs.stop()
+        sender.close()
         for k, v in old.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        broker.flushdb()
+        if broker is not None:
+            broker.flushdb()
+
+
+@contextlib.contextmanager
+def broker(kind: str) -> Iterator[str]:
+    """A Celery broker URL for one test: the test Redis broker database (``"redis"``), or a RabbitMQ
+    vhost of its own (``"rabbitmq"``: skipped locally without RabbitMQ, a failure in CI)."""
+    if kind == "redis":
+        yield TEST_BROKER_URL
+    else:
+        with private_vhost() as url:
+            yield url
 
 
 @pytest.fixture
-def pipeline(real_redis: redis.Redis, sandbox: SandboxProcess) -> Iterator[Pipeline]:
-    with running_pipeline(real_redis, sandbox) as running:
+def pipeline(
+    request: pytest.FixtureRequest, real_redis: redis.Redis, sandbox: SandboxProcess
+) -> Iterator[Pipeline]:
+    """The pipeline on the Redis broker, or on the broker a test asks for with :data:`on_both_brokers`."""
+    with (
+        broker(getattr(request, "param", "redis")) as url,
+        running_pipeline(real_redis, sandbox, url) as running,
+    ):
         yield running
+
+
+#: Runs a test that takes the ``pipeline`` fixture once on each broker the service supports: Redis,
+#: then RabbitMQ (README, "Which broker"). A representative few use it (delivery, a worker killed
+#: mid-flush, Attentive's faults, shutdown), to keep the suite's time in bounds.
+on_both_brokers = pytest.mark.parametrize("pipeline", ["redis", "rabbitmq"], indirect=True)
 
 
 def requests_for(sandbox: SandboxProcess, email: str) -> list[dict[str, Any]]:
@@ -143,6 +184,7 @@ def requests_for(sandbox: SandboxProcess, email: str) -> list[dict[str, Any]]:
     return out
 
 
+@on_both_brokers
 def test_enter_sets_attribute_true_with_identifiers_and_attributes_and_exit_sets_false(
     pipeline: Pipeline,
 ) -> None:
@@ -244,6 +286,7 @@ def test_out_of_order_and_redelivered_transitions_never_regress(pipeline: Pipeli
     assert len(requests_for(pipeline.sandbox, "ann@x.io")) == 1
 
 
+@on_both_brokers
 def test_every_transition_arrives_under_429s_and_503s_and_two_workers_stay_under_100_per_second(
     pipeline: Pipeline,
 ) -> None:
@@ -295,6 +338,7 @@ def test_two_workers_share_one_rate_limit_under_100_per_second(pipeline: Pipelin
     assert submissions >= 500 and polls >= 500, requests  # (a lease lost under load re-sends a batch)
 
 
+@on_both_brokers
 def test_worker_killed_mid_flush_loses_nothing(pipeline: Pipeline) -> None:
     pipeline.sandbox.set_options(latency_ms=4000)  # every request hangs, so the kill lands mid-POST
     pipeline.authorize()
