@@ -7,12 +7,16 @@ import logging
 from celery import Celery
 from celery.signals import after_setup_logger, worker_init
 
+# A worker told to stop (SIGTERM) stops claiming work in its pool processes: the flag it sets is
+# mapped when worker.shutdown is imported, so here, in the main process, before the pool forks.
+import worker.shutdown  # noqa: F401
 from worker import redis_broker
-from worker.settings import SettingsError, load_settings
+from worker.settings import SettingsError, broker_kind, load_settings
 
 app = Celery(
     "attentive_export",
-    # worker.observe.liveness: heartbeats for `attentive-export health`, written from Celery signals.
+    # worker.observe.liveness: heartbeats for `attentive-export health`, written from Celery signals;
+    # worker.logs: LOG_FORMAT=json and the readiness lines, from Celery's logging signals.
     # Loaded by name like the task modules, so this module still imports nothing of the domain.
     include=[
         "tasks.ingest",
@@ -21,12 +25,15 @@ app = Celery(
         "tasks.sweep",
         "tasks.backfill",
         "worker.observe.liveness",
+        "worker.logs",
     ],
 )
 # Importing worker.celeryconfig validates every setting (a bad one ends the process with one line).
 app.config_from_object("worker.celeryconfig")
-# Workers survive a Redis restart while holding unacknowledged messages (a celery/kombu 5.7 bug).
-redis_broker.install(app)
+# Workers survive a Redis restart while holding unacknowledged messages (a celery/kombu 5.7 bug);
+# a workaround for the Redis transport only, left out with RabbitMQ.
+if broker_kind(app.conf.broker_url) == "redis":
+    redis_broker.install(app)
 
 
 @worker_init.connect  # type: ignore[untyped-decorator]

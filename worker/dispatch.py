@@ -18,6 +18,14 @@ SWEEP_TASK = "export.sweep"
 BACKFILL_TASK = "export.backfill"
 
 
+#: Longest a command waits for the broker to answer before saying it cannot reach it.
+BROKER_CHECK_SECONDS = 5.0
+
+
+class BrokerUnavailable(Exception):
+    """The Celery broker does not answer; ``str(exc)`` is one line (the URL's password masked)."""
+
+
 class Dispatcher(Protocol):
     def ingest(self, chunk_id: str) -> None: ...
     def flush(self, job_id: str, countdown: float = 0.0) -> None: ...
@@ -32,6 +40,25 @@ class CeleryDispatcher:
         from worker.app import app
 
         self._app = app
+
+    def check_broker(self) -> None:
+        """Connect to the broker once, so a command that must queue work can refuse before it
+        changes anything (``jobs resume`` with the broker down must not leave a resumed job whose
+        flush was never queued).
+
+        Raises:
+            BrokerUnavailable: it did not answer within :data:`BROKER_CHECK_SECONDS`.
+        """
+        from kombu.utils.url import maybe_sanitize_url
+
+        try:
+            with self._app.connection_for_write() as conn:
+                conn.ensure_connection(max_retries=1, timeout=BROKER_CHECK_SECONDS)
+        except Exception as exc:  # kombu's OperationalError, socket errors, a refused login
+            url = maybe_sanitize_url(str(self._app.conf.broker_url))
+            raise BrokerUnavailable(
+                f"cannot reach the Celery broker at CELERY_BROKER_URL={url}: {exc}"
+            ) from None
 
     def ingest(self, chunk_id: str) -> None:
         self._app.send_task(INGEST_TASK, args=[chunk_id])

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from dataclasses import dataclass
 from functools import cached_property
 
 import redis
@@ -17,7 +19,8 @@ from worker.clients.attentive import AttentiveClient
 from worker.dispatch import CeleryDispatcher, Dispatcher
 from worker.mapping.mapper import compiled_mapper
 from worker.settings import Settings, load_settings
-from worker.setup.authorizations import AuthorizationStore
+from worker.setup.authorizations import AuthorizationNotFound, AuthorizationStore
+from worker.setup.crypto import SecretKeyError
 from worker.setup.jobs import ExportJob, JobStore
 from worker.store.ratelimit import RateLimiter, api_key_hash
 
@@ -27,6 +30,34 @@ log = logging.getLogger(__name__)
 #: after they ran, acks_late, so nothing accepted is lost); steps that isolate one job's failure
 #: from the others let these through, since they concern every job.
 REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+#: No command waits forever on a half-open connection (a failover, a NAT or firewall timeout):
+#: connecting gives up after 5 s, a reply after 15 s (every command here is a quick one or a short
+#: Lua script; none blocks), TCP keepalive notices a dead peer on an idle connection, and a
+#: connection idle for 30 s is checked with a PING before use. Each failure is one of REDIS_DOWN,
+#: retried like any other Redis outage.
+REDIS_CLIENT_OPTIONS = {
+    "socket_connect_timeout": 5.0,
+    "socket_timeout": 15.0,
+    "socket_keepalive": True,
+    "health_check_interval": 30,
+}
+#: The job's API key cannot be read here: its authorization was deleted, or this worker's
+#: ``EXPORT_SECRET_KEY`` is missing or not the key it was saved with. Retrying in seconds cannot
+#: help, so flush and poll block the job (shown in status, tried again every minute) instead of
+#: failing every few seconds (worker/pipeline/attentive_calls.py).
+KEY_UNREADABLE = (AuthorizationNotFound, SecretKeyError)
+#: A process checks a cached client's authorization record this often: a deleted authorization,
+#: or one saved again with another key, is noticed within this time, not at the next restart.
+AUTH_RECHECK_SECONDS = 30.0
+
+
+@dataclass
+class _CachedClient:
+    key_hash: str
+    client: AttentiveClient
+    #: The authorization record the client was built from (id and key hash).
+    record: tuple[str, str]
+    checked_at: float
 
 
 class Runtime:
@@ -39,9 +70,9 @@ class Runtime:
         dispatcher: Dispatcher | None = None,
     ) -> None:
         self.settings = settings or load_settings()
-        self.redis = client or redis.Redis.from_url(self.settings.redis_url)
+        self.redis = client or redis.Redis.from_url(self.settings.redis_url, **REDIS_CLIENT_OPTIONS)
         self._dispatcher = dispatcher
-        self._clients: dict[str, tuple[str, AttentiveClient]] = {}
+        self._clients: dict[str, _CachedClient] = {}
         self._lock = threading.Lock()
 
     @cached_property
@@ -59,16 +90,42 @@ class Runtime:
         return self._dispatcher
 
     def client_for(self, job: ExportJob) -> AttentiveClient:
-        """A pooled Attentive client for the job's authorization (key decrypted once per process)."""
+        """A pooled Attentive client for the job's authorization (key decrypted once per process).
+
+        The cached client is checked against the authorization's record every
+        :data:`AUTH_RECHECK_SECONDS`: a deleted authorization raises ``AuthorizationNotFound``,
+        one saved again with another key gets a new client.
+
+        Raises:
+            one of :data:`KEY_UNREADABLE` when the key cannot be read.
+        """
         auth = job.config.authorization
         with self._lock:
             cached = self._clients.get(auth)
-            if cached is None:
-                api_key = self.authorizations.api_key(auth)
-                client = AttentiveClient(api_key, self.settings.attentive_api_url)
-                cached = (api_key_hash(api_key), client)
-                self._clients[auth] = cached
-            return cached[1]
+            now = time.monotonic()
+            if cached is not None and now - cached.checked_at < AUTH_RECHECK_SECONDS:
+                return cached.client
+            try:
+                record = self.authorizations.get(auth)
+            except AuthorizationNotFound:
+                self._drop(auth)
+                raise
+            if cached is not None and cached.record == (record.id, record.key_hash):
+                cached.checked_at = now
+                return cached.client
+            self._drop(auth)
+            api_key = self.authorizations.api_key(record.id)
+            client = AttentiveClient(api_key, self.settings.attentive_api_url)
+            self._clients[auth] = _CachedClient(
+                api_key_hash(api_key), client, (record.id, record.key_hash), now
+            )
+            return client
+
+    def _drop(self, auth: str) -> None:
+        """Forget (and close) the cached client of an authorization; call with the lock held."""
+        cached = self._clients.pop(auth, None)
+        if cached is not None:
+            cached.client.close()
 
     def limiter_for(self, job: ExportJob) -> RateLimiter:
         """The rate limiter shared by every worker using the job's API key.
@@ -79,7 +136,7 @@ class Runtime:
         auth = job.config.authorization
         with self._lock:
             cached = self._clients.get(auth)
-        key_hash = cached[0] if cached else self.authorizations.get(auth).key_hash
+        key_hash = cached.key_hash if cached else self.authorizations.get(auth).key_hash
         return RateLimiter(self.redis, key_hash, self.settings.rate_limit_per_second)
 
     def warm_up(self) -> None:
@@ -98,9 +155,7 @@ class Runtime:
     def forget_client(self, job: ExportJob) -> None:
         """Drop a cached client (after a 401/403, so a re-authorized key is read afresh)."""
         with self._lock:
-            cached = self._clients.pop(job.config.authorization, None)
-        if cached is not None:
-            cached[1].close()
+            self._drop(job.config.authorization)
 
 
 _runtime: Runtime | None = None

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from cryptography.fernet import Fernet
@@ -55,11 +55,12 @@ DEFAULT_DEADLETTER_CAP = 100_000
 MAX_DEADLETTER_CAP = 10_000_000
 #: Methods Lytics can be configured to use (``POST`` is its default and always accepted).
 WEBHOOK_METHODS = ("POST", "GET", "PUT", "PATCH", "DELETE")
+#: ``LOG_FORMAT``: readable lines, or one JSON object per line (worker/logs.py).
+LOG_FORMATS = ("text", "json")
 
 _TOKEN_HINT = "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
-#: Not ``attentive-export secret-key``: the CLI validates the environment first, so it would refuse
-#: to run while the bad key is still set.
-_SECRET_KEY_HINT = "make one with: python -m worker.setup.crypto"
+#: ``attentive-export secret-key`` needs no settings, so it runs while the bad key is still set.
+_SECRET_KEY_HINT = "make one with: attentive-export secret-key"
 
 
 class SettingsError(Exception):
@@ -81,12 +82,29 @@ _RULES = {
     "WEBHOOK_MAX_BYTES": "must be a whole number of bytes, at least 1",
     "WEBHOOK_METHOD": f"must be one of {', '.join(WEBHOOK_METHODS)}",
     "DEADLETTER_CAP": f"must be a whole number of entries, at least 1 and at most {MAX_DEADLETTER_CAP}",
+    "LOG_FORMAT": f"must be one of {', '.join(LOG_FORMATS)}",
 }
 #: Variables whose value never appears in an error message.
 _SECRETS = frozenset({"EXPORT_SECRET_KEY", "WEBHOOK_TOKEN"})
 #: Variables that may carry a password (``redis://:password@host``); it is masked in error messages.
 _URLS = frozenset({"REDIS_URL", "CELERY_BROKER_URL", "ATTENTIVE_API_URL", "LYTICS_API_URL"})
 _URL_PASSWORD = re.compile(r"(://[^/@:]*:)[^@/]*@")
+
+
+#: kombu transports (URL schemes) that speak to Redis, and to RabbitMQ (AMQP 0-9-1).
+REDIS_BROKER_SCHEMES = frozenset({"redis", "rediss", "sentinel", "redis+socket"})
+AMQP_BROKER_SCHEMES = frozenset({"amqp", "amqps", "pyamqp", "librabbitmq"})
+
+
+def broker_kind(url: str) -> str:
+    """``"redis"`` or ``"amqp"`` (RabbitMQ) for a Celery broker URL, else its scheme. Of a
+    failover list (``amqp://a;amqp://b``) the first URL decides."""
+    scheme = url.split(";", 1)[0].strip().partition("://")[0].lower()
+    if scheme in REDIS_BROKER_SCHEMES:
+        return "redis"
+    if scheme in AMQP_BROKER_SCHEMES:
+        return "amqp"
+    return scheme
 
 
 def _http_url(value: str) -> str:
@@ -173,6 +191,9 @@ class Settings(BaseSettings):
         DEFAULT_DEADLETTER_CAP, validation_alias="DEADLETTER_CAP", ge=1, le=MAX_DEADLETTER_CAP
     )
 
+    #: Log lines as readable text or one JSON object per line with ids as fields (worker/logs.py).
+    log_format: Literal["text", "json"] = Field("text", validation_alias="LOG_FORMAT")
+
     def __init__(self, **values: Any) -> None:
         super().__init__(**{_ENV_NAMES.get(name, name): value for name, value in values.items()})
 
@@ -256,6 +277,15 @@ class Settings(BaseSettings):
         if method not in WEBHOOK_METHODS:
             raise ValueError(_RULES["WEBHOOK_METHOD"])
         return method
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _log_format(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        if value.lower() not in LOG_FORMATS:
+            raise ValueError(_RULES["LOG_FORMAT"])
+        return value.lower()
 
     # Before-validators run last-defined first: this one runs before the field-specific ones above.
     @field_validator("*", mode="before")

@@ -149,7 +149,9 @@ def test_a_poller_killed_mid_run_never_leaves_two_pollers_on_one_batch(
     assert len(by_job) >= 30
     # One poller at a time: a batch's checks are at least the first-check delay apart (0.3 s, less
     # 20% jitter). Two pollers on one batch would check it twice within milliseconds.
-    gaps = [b - a for times in by_job.values() for a, b in zip(sorted(times), sorted(times)[1:], strict=False)]
+    gaps = [
+        b - a for times in by_job.values() for a, b in zip(sorted(times), sorted(times)[1:], strict=False)
+    ]
     assert min(gaps) >= 0.2, sorted(gaps)[:5]
     after = [t for times in by_job.values() for t in times if t > killed_at]
     assert after, "nobody polled after the kill"

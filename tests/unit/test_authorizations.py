@@ -295,7 +295,7 @@ def test_missing_secret_key_is_a_clear_error_and_nothing_is_sent_or_stored(
     store = AuthorizationStore(fake_redis, None, client_factory=attentive.factory())
     with pytest.raises(SecretKeyMissing) as info:
         store.create("prod", GOOD_KEY)
-    assert str(info.value) == "EXPORT_SECRET_KEY is not set; generate one with: python -m worker.setup.crypto"
+    assert str(info.value) == "EXPORT_SECRET_KEY is not set; generate one with: attentive-export secret-key"
     assert attentive.calls == []
     assert fake_redis.hlen(keys.authorizations()) == 0
     assert store.list() == []  # metadata needs no secret
@@ -319,7 +319,7 @@ def test_malformed_secret_key_is_a_clear_error_without_echoing_it(
         AuthorizationStore(fake_redis, bad)
     message = str(info.value)
     assert message.startswith("EXPORT_SECRET_KEY is not a valid Fernet key")
-    assert "python -m worker.setup.crypto" in message
+    assert "attentive-export secret-key" in message
     assert bad not in message and "oops" not in message
 
 

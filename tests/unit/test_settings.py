@@ -56,6 +56,7 @@ VARIABLES = (
     "WEBHOOK_METHOD",
     "DEADLETTER_CAP",
     "BACKFILL_MAX_QUEUED_USERS",
+    "LOG_FORMAT",
 )
 
 DEFAULTS: dict[str, Any] = {
@@ -76,6 +77,7 @@ DEFAULTS: dict[str, Any] = {
     "webhook_method": "POST",
     "deadletter_cap": 100_000,
     "backfill_max_queued_users": 50_000,
+    "log_format": "text",
 }
 
 
@@ -336,7 +338,7 @@ def test_a_worker_requires_the_secret_key() -> None:
 # --- processes: CLI, worker warm-up, webhook receiver, celeryconfig ---------------------------------
 
 
-@pytest.mark.parametrize("argv", [["status"], ["jobs", "list"], ["secret-key"], ["serve", "--port", "1"]])
+@pytest.mark.parametrize("argv", [["status"], ["jobs", "list"], ["serve", "--port", "1"]])
 def test_cli_prints_the_one_line_and_exits_2_for_any_command(
     clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], argv: list[str]
 ) -> None:
@@ -345,6 +347,19 @@ def test_cli_prints_the_one_line_and_exits_2_for_any_command(
     captured = capsys.readouterr()
     assert captured.err == "error: ATTENTIVE_RATE_LIMIT: must be a number greater than 0 (got 'abc')\n"
     assert captured.out == ""
+
+
+def test_secret_key_needs_no_settings_so_it_runs_while_a_bad_key_is_set(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The hint of a bad EXPORT_SECRET_KEY names `attentive-export secret-key`: it must then work."""
+    clean_env.setenv("EXPORT_SECRET_KEY", "not a key")
+    clean_env.setenv("ATTENTIVE_RATE_LIMIT", "abc")
+    assert cli_main(["status"]) == 2
+    assert "make one with: attentive-export secret-key" in capsys.readouterr().err
+    assert cli_main(["secret-key"]) == 0
+    printed = capsys.readouterr().out.strip()
+    load_settings({"EXPORT_SECRET_KEY": printed}).require_secret_key()
 
 
 def test_worker_warm_up_does_not_hide_a_settings_error(clean_env: pytest.MonkeyPatch) -> None:

@@ -1,8 +1,13 @@
 """``attentive-export``: the operator's command line.
 
 Every failure a user can cause (a bad setting, a bad file, a refused key, a missing secret key, an
-unknown job) ends in one clear line on stderr and exit status 2, never a traceback. API keys are read
-from an environment variable or a prompt, never from the command line (it ends up in shell history).
+unknown job, Redis or the broker down) ends in one clear line on stderr starting ``error:`` and exit
+status 2, never a traceback (a job file with several problems gives one such line per problem).
+API keys are read from an environment variable or a prompt, never from the command line (it ends
+up in shell history).
+
+Commands that queue work check the Celery broker before they change anything
+(:func:`_dispatcher`), so with the broker down they refuse and leave every state as it was.
 """
 
 from __future__ import annotations
@@ -18,20 +23,31 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from kombu.exceptions import KombuError
+from kombu.utils.url import maybe_sanitize_url
 
 from worker.backfill import steps as backfill
 from worker.cli import deadletters as deadletters_cli
+from worker.cli import jobs as jobs_cli
 from worker.cli import monitor
-from worker.mapping.transitions import Rejected, parse_line, read_time_ms
+from worker.cli import trace as trace_cli
+from worker.dispatch import BrokerUnavailable, Dispatcher
+from worker.mapping.transitions import Rejected, Transition, parse_line, read_time_ms
 from worker.pipeline import inbox
 from worker.settings import Settings, SettingsError, load_settings
 from worker.setup.authorizations import AuthorizationError, AuthorizationStore
+from worker.setup.authusage import delete_authorization
 from worker.setup.crypto import SecretKeyError, generate_secret_key
 from worker.setup.jobconfig import JobConfigError, JobState, load_job_config
-from worker.setup.jobs import ROUTED_STATES, ExportJob, JobError, JobStore
+from worker.setup.jobs import ExportJob, JobError, JobStore
+from worker.store import keys
+from worker.store.joberrors import BLOCKED_REASON
+from worker.store.replies import text as reply_text
 
 #: Transitions per inbox chunk (one ingest task each) when ingesting a file.
 INGEST_CHUNK = 1000
+#: Unusable lines of an ingested file named by number in its summary (all are counted).
+SHOWN_UNUSABLE_LINES = 3
 
 
 class UserError(Exception):
@@ -43,8 +59,22 @@ def _redis(settings: Settings) -> redis.Redis:
     try:
         client.ping()
     except redis.RedisError as exc:
-        raise UserError(f"cannot reach Redis at REDIS_URL={settings.redis_url}: {exc}") from None
+        raise UserError(
+            f"cannot reach Redis at REDIS_URL={maybe_sanitize_url(settings.redis_url)}: {exc}"
+        ) from None
     return client
+
+
+def _dispatcher() -> Dispatcher:
+    """The Celery dispatcher, once the broker answered: called before a command changes anything,
+    so with the broker down it changes nothing (one ``error:`` line, exit status 2)."""
+    from worker import dispatch
+
+    dispatcher = dispatch.CeleryDispatcher()
+    check = getattr(dispatcher, "check_broker", None)  # (tests pass recording dispatchers)
+    if callable(check):
+        check()
+    return dispatcher
 
 
 def _print_json(data: Any) -> None:
@@ -83,11 +113,16 @@ def cmd_auth_list(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def cmd_auth_delete(args: argparse.Namespace, settings: Settings) -> None:
-    AuthorizationStore(_redis(settings), settings.secret_key_value()).delete(args.authorization)
-    print(f"deleted authorization {args.authorization}")
+    """Refused while export jobs use it (they are listed); ``--force`` pauses the sending ones first."""
+    done = delete_authorization(_redis(settings), settings.secret_key_value(), args.authorization, args.force)
+    for job in done.paused:
+        print(f"paused job {job.id} ({job.config.label}): its authorization is deleted")
+    for job in done.left:
+        print(f"note: job {job.id} ({job.config.label}, {job.state}) names it; it stays {job.state}")
+    print(f"deleted authorization {done.record.id} ({done.record.label})")
 
 
-def cmd_secret_key(_args: argparse.Namespace, _settings: Settings) -> None:
+def cmd_secret_key(_args: argparse.Namespace, _settings: Settings | None) -> None:
     print(generate_secret_key())
 
 
@@ -96,20 +131,14 @@ def cmd_jobs_create(args: argparse.Namespace, settings: Settings) -> None:
     config = load_job_config(args.file)
     client = _redis(settings)
     AuthorizationStore(client, settings.secret_key_value()).get(config.authorization)
+    dispatcher = None if args.no_start else _dispatcher()
     store = JobStore(client)
     job = store.create(config, state=JobState.CREATED)
-    if not args.no_start:
-        _start_job(client, store, job.id)
+    if dispatcher is not None:
+        backfill.start(client, store, job.id, dispatcher)
         job = store.get(job.id)
     print(f"created export job {job.id} ({config.label}), state {job.state}")
     _backfill_notes(job)
-
-
-def _start_job(client: redis.Redis, store: JobStore, job_id: str) -> None:
-    """Start a created job: backfill Existing Users from Lytics first when configured, else run."""
-    from worker.dispatch import CeleryDispatcher
-
-    backfill.start(client, store, job_id, CeleryDispatcher())
 
 
 def _backfill_notes(job: ExportJob) -> None:
@@ -130,7 +159,8 @@ def _backfill_notes(job: ExportJob) -> None:
 
 
 def cmd_jobs_list(args: argparse.Namespace, settings: Settings) -> None:
-    jobs = JobStore(_redis(settings)).list()
+    client = _redis(settings)
+    jobs = JobStore(client).list()
     if args.json:
         _print_json([json.loads(j.to_json()) for j in jobs])
         return
@@ -138,6 +168,9 @@ def cmd_jobs_list(args: argparse.Namespace, settings: Settings) -> None:
         print("no export jobs; create one with `attentive-export jobs create job.yaml`")
     for j in jobs:
         reason = f"  ({j.pause_reason})" if j.pause_reason else ""
+        blocked = client.hget(keys.job_status(j.id), BLOCKED_REASON)
+        if blocked is not None:  # its API key cannot be read: `status` says since when, next try
+            reason += f"  (BLOCKED: {reply_text(blocked)})"
         print(f"{j.id}  {j.state:<11} {j.config.label:<30} {','.join(j.config.audiences)}{reason}")
 
 
@@ -149,10 +182,6 @@ def _set_state(args: argparse.Namespace, settings: Settings, state: JobState, re
     client = _redis(settings)
     job = JobStore(client).set_state(args.job, state, reason)
     print(f"job {job.id} is now {job.state}")
-    if state is JobState.RUNNING:
-        from worker.dispatch import CeleryDispatcher
-
-        CeleryDispatcher().flush(job.id)
 
 
 def cmd_jobs_pause(args: argparse.Namespace, settings: Settings) -> None:
@@ -161,12 +190,10 @@ def cmd_jobs_pause(args: argparse.Namespace, settings: Settings) -> None:
 
 def cmd_jobs_resume(args: argparse.Namespace, settings: Settings) -> None:
     """Start a created job, or resume one: backfilling while its backfill is unfinished, else running."""
-    from worker.dispatch import CeleryDispatcher
-
     client = _redis(settings)
     store = JobStore(client)
-    dispatcher = CeleryDispatcher()
     first_start = store.get(args.job).state is JobState.CREATED
+    dispatcher = _dispatcher()  # before the state changes: with the broker down, nothing changes
     parts = backfill.resume(client, store, args.job, dispatcher)  # a stopped job: JobStateError
     job = store.get(args.job)
     print(f"job {job.id} is now {job.state}")
@@ -180,18 +207,17 @@ def cmd_jobs_resume(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def cmd_jobs_delete(args: argparse.Namespace, settings: Settings) -> None:
-    from worker.cli import jobs as jobs_cli
-
     jobs_cli.delete(_redis(settings), args.job)
-
-
-def cmd_jobs_stop(args: argparse.Namespace, settings: Settings) -> None:
-    _set_state(args, settings, JobState.STOPPED)
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     """Readable by default, ``--json`` for scripts, ``--watch`` to refresh (worker/cli/monitor.py)."""
     return monitor.cmd_status(args, settings)
+
+
+def cmd_trace(args: argparse.Namespace, settings: Settings) -> None:
+    """Where one user's changes are, per audience (worker/cli/trace.py)."""
+    trace_cli.run(args, _redis(settings))
 
 
 def cmd_deadletters(args: argparse.Namespace, settings: Settings) -> None:
@@ -232,37 +258,97 @@ def cmd_preview(args: argparse.Namespace, _settings: Settings) -> None:
                 )
 
 
-def cmd_ingest(args: argparse.Namespace, settings: Settings) -> None:
-    """Queue a JSONL file of transitions: chunks go to the inbox, ingest tasks carry chunk ids."""
-    from worker.dispatch import CeleryDispatcher
+class _IngestReport:
+    """What ``ingest`` queued and what it left out, for its one-line summary."""
 
+    def __init__(self) -> None:
+        self.queued = 0
+        self.chunks = 0
+        self.unusable: dict[str, int] = {}
+        self.examples: list[str] = []
+
+    def skip(self, line_number: int, problem: Rejected) -> None:
+        self.unusable[problem.reason] = self.unusable.get(problem.reason, 0) + 1
+        if len(self.examples) < SHOWN_UNUSABLE_LINES:
+            self.examples.append(f"line {line_number}: {problem.detail}")
+
+    def summary(self) -> str:
+        queued = f"queued {_plural(self.queued, 'line')} in {_plural(self.chunks, 'chunk')}"
+        if not self.unusable:
+            return f"{queued}; follow progress with `attentive-export status`"
+        left_out = sum(self.unusable.values())
+        reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(self.unusable.items()))
+        return (
+            f"{queued}; not queued: {_plural(left_out, 'unusable line')} ({reasons}; "
+            f"{'; '.join(self.examples)}{'; ...' if left_out > len(self.examples) else ''}); "
+            "follow progress with `attentive-export status`"
+        )
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
+def _unusable(line: bytes) -> Rejected | None:
+    """Why a line holds no usable transition (the reason ingest would count), or None."""
+    first: Rejected | None = None
+    for item in parse_line(line):
+        if isinstance(item, Transition):
+            return None
+        first = first or item
+    return first or Rejected("no_transition", "no transition in it")
+
+
+def cmd_ingest(args: argparse.Namespace, settings: Settings) -> None:
+    """Queue a JSONL file of transitions: chunks go to the inbox, ingest tasks carry chunk ids.
+
+    Each line is read as the ingest task would read it: a line without one usable transition (not
+    UTF-8, not JSON, no audience...) is not queued but counted by reason in the summary, with the
+    first few line numbers; a line with at least one goes whole (ingest counts the rest of it).
+    """
     client = _redis(settings)
-    dispatcher = CeleryDispatcher()
-    chunks = total = 0
+    dispatcher = _dispatcher()  # with the broker down: nothing is written
+    report = _IngestReport()
     batch: list[bytes] = []
-    # Raw bytes, not text: a line that is not UTF-8 is that line's problem (counted as not_json by
-    # ingest), not a crash halfway through the file.
+
+    def queue() -> None:
+        chunk_id = inbox.put_chunk(client, batch)
+        try:
+            dispatcher.ingest(chunk_id)
+        except Exception as exc:  # the broker went away mid-file: take this chunk back, say how far
+            inbox.drop_chunk(client, chunk_id)
+            raise UserError(
+                f"the Celery broker stopped answering ({type(exc).__name__}: {exc}) after "
+                f"{_plural(report.queued, 'line')} were queued in {_plural(report.chunks, 'chunk')}; "
+                f"the rest of {args.input} was not queued"
+            ) from None
+        report.queued += len(batch)
+        report.chunks += 1
+        batch.clear()
+
+    # Raw bytes, not text: a line that is not UTF-8 is that line's problem (counted as not_json),
+    # not a crash halfway through the file.
     with _open_input(args.input, binary=True) as lines:
-        for line in lines:
+        for number, line in enumerate(lines, 1):
             if not line.strip():
+                continue
+            problem = _unusable(line)
+            if problem is not None:
+                report.skip(number, problem)
                 continue
             batch.append(line)
             if len(batch) >= INGEST_CHUNK:
-                dispatcher.ingest(inbox.put_chunk(client, batch))
-                chunks, total, batch = chunks + 1, total + len(batch), []
+                queue()
     if batch:
-        dispatcher.ingest(inbox.put_chunk(client, batch))
-        chunks, total = chunks + 1, total + len(batch)
-    print(f"queued {total} lines in {chunks} chunks; follow progress with `attentive-export status`")
+        queue()
+    print(report.summary())
 
 
 def cmd_backfill(args: argparse.Namespace, settings: Settings) -> None:
     """Backfill Existing Users of a started job from a JSONL file, as chunks for backfill tasks."""
-    from worker.dispatch import CeleryDispatcher
-
     client = _redis(settings)
     job = JobStore(client).get(args.job)
-    if job.state not in ROUTED_STATES:
+    if not job.routed:  # not started, stopping or stopped
         raise UserError(
             f"job {job.id} is {job.state}: "
             + (
@@ -281,11 +367,12 @@ def cmd_backfill(args: argparse.Namespace, settings: Settings) -> None:
         if isinstance(parsed, Rejected):
             raise UserError(f"--at: {parsed.detail}")
         at_ms = parsed
+    dispatcher = _dispatcher()  # with the broker down: nothing is written
     report = backfill.FileReport()
     try:
         with _open_input(args.input, binary=True) as lines:
             converted = backfill.file_lines(lines, job.config.audiences, args.audience, at_ms, report)
-            backfill.enqueue_file(client, job, converted, report, CeleryDispatcher())
+            backfill.enqueue_file(client, job, converted, report, dispatcher)
     except backfill.FileBackfillError as exc:
         raise UserError(f"{args.input}: {exc}; nothing was queued") from None
     reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(report.reasons.items()))
@@ -359,10 +446,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add.set_defaults(func=cmd_auth_add)
     ls = auth.add_parser("list", help="list authorizations (keys masked)")
-    ls.add_argument("--json", action="store_true")
+    ls.add_argument("--json", action="store_true", help="print JSON for scripts")
     ls.set_defaults(func=cmd_auth_list)
-    rm = auth.add_parser("delete", help="delete an authorization")
+    rm = auth.add_parser(
+        "delete", help="delete an authorization (refused while export jobs that are not stopped use it)"
+    )
     rm.add_argument("authorization", help="id or label")
+    rm.add_argument(
+        "--force",
+        action="store_true",
+        help="delete it even though jobs use it: running and backfilling ones are paused first",
+    )
     rm.set_defaults(func=cmd_auth_delete)
 
     sk = sub.add_parser("secret-key", help="print a new EXPORT_SECRET_KEY (Fernet key)")
@@ -372,27 +466,27 @@ def build_parser() -> argparse.ArgumentParser:
         dest="jobs_command", required=True, metavar="ACTION"
     )
     create = jobs.add_parser("create", help="create an export job from a YAML or JSON file")
-    create.add_argument("file")
+    create.add_argument("file", help="job configuration (YAML, or JSON when it ends in .json)")
     create.add_argument(
         "--no-start", action="store_true", help="create it in state 'created' without starting"
     )
     create.set_defaults(func=cmd_jobs_create)
     jl = jobs.add_parser("list", help="list export jobs")
-    jl.add_argument("--json", action="store_true")
+    jl.add_argument("--json", action="store_true", help="print JSON for scripts")
     jl.set_defaults(func=cmd_jobs_list)
     for name, func, text in (
         ("show", cmd_jobs_show, "show a job's configuration and state"),
         ("pause", cmd_jobs_pause, "stop sending (transitions keep being buffered)"),
         ("resume", cmd_jobs_resume, "start a created job, or resume one (backfill first if unfinished)"),
-        ("stop", cmd_jobs_stop, "stop the job for good: transitions no longer reach it, no resume"),
         ("delete", cmd_jobs_delete, "remove a stopped job and all its data from Redis (frees its label)"),
     ):
         sp = jobs.add_parser(name, help=text)
-        sp.add_argument("job")
+        sp.add_argument("job", help="export job id (`jobs list` shows them)")
         sp.set_defaults(func=func)
+    jobs_cli.add_commands(jobs, _redis)  # update, resync, stop [--teardown], backfill
 
     st = sub.add_parser("status", help="counters, buffers and last errors (all jobs, or one)")
-    st.add_argument("job", nargs="?")
+    st.add_argument("job", nargs="?", help="one export job id (default: the service and every job)")
     monitor.add_status_arguments(st)
     st.set_defaults(func=cmd_status)
 
@@ -403,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     pv = sub.add_parser(
         "preview", help="dry run: show the Attentive records a job file makes from transitions"
     )
-    pv.add_argument("job_file")
+    pv.add_argument("job_file", help="job configuration file, as for `jobs create` (nothing is stored)")
     pv.add_argument("input", help="JSONL file of transitions, or - for stdin")
     pv.set_defaults(func=cmd_preview)
 
@@ -417,7 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
         "backfill",
         help="backfill existing members of a job from a JSONL file of profiles or canonical transitions",
     )
-    bf.add_argument("job")
+    bf.add_argument("job", help="export job id (running, backfilling or paused)")
     bf.add_argument("input", help="JSONL file, or - for stdin")
     bf.add_argument(
         "--audience", help="the audience a file of profiles belongs to (each profile becomes an enter)"
@@ -430,15 +524,15 @@ def build_parser() -> argparse.ArgumentParser:
     bf.set_defaults(func=cmd_backfill)
 
     demo = sub.add_parser("demo", help="run everything locally against the sandbox and show the result")
-    demo.add_argument("--users", type=int, default=1000)
-    demo.add_argument("--port", type=int, default=8787)
+    demo.add_argument("--users", type=int, default=1000, help="users to send (default 1000)")
+    demo.add_argument("--port", type=int, default=8787, help="port of the local sandbox (default 8787)")
     demo.set_defaults(func=cmd_demo)
 
     sv = sub.add_parser(
         "serve", help="receive Lytics audience-trigger webhooks on POST /v1/transitions (WEBHOOK_TOKEN)"
     )
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a container)")
-    sv.add_argument("--port", type=int, default=8080)
+    sv.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
     sv.add_argument(
         "--insecure-no-auth",
         action="store_true",
@@ -447,6 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
     sv.set_defaults(func=cmd_serve)
     monitor.add_commands(sub)  # health, metrics
+    trace_cli.add_command(sub, cmd_trace)
     return p
 
 
@@ -454,17 +549,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         # Every command validates the whole environment first: a bad setting is one line, exit 2.
-        settings = load_settings()
+        # Except `secret-key`, which needs none: it makes the key a bad EXPORT_SECRET_KEY lacks.
+        settings = load_settings() if args.func is not cmd_secret_key else None
+        if settings is not None and settings.log_format == "json":
+            from worker.logs import configure_cli
+
+            configure_cli(settings.log_format)  # warnings and errors as JSON lines on stderr
         code = args.func(args, settings)  # None, or an exit status (health: 1 when unhealthy)
+    except JobConfigError as exc:
+        for problem in exc.problems:  # every problem of a job file, each on its own line
+            print(f"error: {problem}", file=sys.stderr)
+        return 2
     except (
         SettingsError,
         UserError,
-        JobConfigError,
         JobError,
         AuthorizationError,
         SecretKeyError,
+        BrokerUnavailable,
     ) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except redis.RedisError as exc:  # Redis went away mid-command (a first ping found it)
+        print(f"error: Redis: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    except KombuError as exc:  # the broker went away after the command checked it
+        print(
+            f"error: the Celery broker stopped answering ({type(exc).__name__}: {exc}); "
+            "run the command again once it answers",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         return 130

@@ -54,12 +54,12 @@ def add_status_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def snapshot(client: redis.Redis, job_id: str | None) -> dict[str, Any]:
+def snapshot(client: redis.Redis, job_id: str | None, sweep_interval_seconds: float = 1.0) -> dict[str, Any]:
     """What ``status --json`` prints: one job, or the service, ingest and every job."""
     if job_id:
         return job_status(client, job_id)
     return {
-        "service": service_status(client),
+        "service": service_status(client, sweep_interval_seconds=sweep_interval_seconds),
         "ingest": ingest_status(client),
         "jobs": [job_status(client, j.id) for j in JobStore(client).list()],
     }
@@ -76,20 +76,24 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     if client is None:
         return 2
     if args.watch is None:
-        _print_status(client, args)
+        _print_status(client, args, settings.sweep_interval_seconds)
         return 0
     interval = max(0.5, args.watch)
     while True:
         try:
-            _print_status(client, args, clear=not args.json and sys.stdout.isatty())
+            _print_status(
+                client, args, settings.sweep_interval_seconds, clear=not args.json and sys.stdout.isatty()
+            )
         except redis.RedisError as exc:  # watching outlives a Redis restart
             print(f"error: Redis: {exc} (retrying in {interval:g} s)", file=sys.stderr, flush=True)
         time.sleep(interval)
 
 
-def _print_status(client: redis.Redis, args: argparse.Namespace, clear: bool = False) -> None:
+def _print_status(
+    client: redis.Redis, args: argparse.Namespace, sweep_interval_seconds: float, clear: bool = False
+) -> None:
     now_ms = int(time.time() * 1000)
-    data = snapshot(client, args.job)
+    data = snapshot(client, args.job, sweep_interval_seconds)
     if args.json:
         print(json.dumps(data, indent=None if args.watch is not None else 2, default=str), flush=True)
         return
@@ -168,6 +172,11 @@ def add_commands(sub: Any) -> None:
     mp.add_argument(
         "--host", default=DEFAULT_METRICS_HOST, help="address to listen on (0.0.0.0 in a container)"
     )
-    mp.add_argument("--port", type=int, default=DEFAULT_METRICS_PORT)
+    mp.add_argument(
+        "--port",
+        type=int,
+        default=DEFAULT_METRICS_PORT,
+        help=f"port to listen on (default {DEFAULT_METRICS_PORT})",
+    )
     mp.add_argument("--once", action="store_true", help="print one scrape to stdout and exit")
     mp.set_defaults(func=cmd_metrics)

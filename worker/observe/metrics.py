@@ -38,6 +38,7 @@ from worker.setup.authorizations import AuthorizationStore
 from worker.setup.jobconfig import JobState
 from worker.setup.jobs import ExportJob, JobStore
 from worker.store import keys
+from worker.store.joberrors import BLOCKED_REASON, error_recovered
 from worker.store.ratelimit import DEFAULT_BURST
 from worker.store.replies import decode_hash, text
 
@@ -148,6 +149,14 @@ _STATUS_METRICS = (
         "last_flush_timestamp_seconds",
         "Unix time of the job's last accepted bulk request.",
         {"last_flush_at": ""},
+        gauge=True,
+        scale=0.001,
+        optional=True,
+    ),
+    _StatusMetric(
+        "last_poll_timestamp_seconds",
+        "Unix time Attentive last answered a status check of one of the job's batches.",
+        {"last_poll_at": ""},
         gauge=True,
         scale=0.001,
         optional=True,
@@ -444,6 +453,20 @@ class ExportCollector(Collector):
                 {"export_job": job.id, "state": state.value},
                 1.0 if job.state is state else 0.0,
             )
+        f.gauge(
+            "job_blocked",
+            "1 while the job's API key cannot be read (deleted authorization, wrong "
+            "EXPORT_SECRET_KEY on a worker): nothing is sent; `attentive-export status` says why.",
+            by_job,
+            1.0 if status.get(BLOCKED_REASON) else 0.0,
+        )
+        f.gauge(
+            "job_error_active",
+            "1 while the job's last error has not been followed by a successful send or status "
+            "check; 0 when there is none or it was recovered from.",
+            by_job,
+            1.0 if error_recovered(status) is False else 0.0,
+        )
         for outcome, n in (
             ("accepted", _num(status.get("accepted", 0))),
             ("stale", _num(status.get("stale", 0))),

@@ -14,8 +14,14 @@ from worker.observe import heartbeat
 from worker.store import keys
 
 
-def service_status(client: redis.Redis, now_ms: int | None = None) -> dict[str, Any]:
-    """Heartbeat ages (seconds, None: never seen), workers alive, inbox backlog, Redis memory."""
+def service_status(
+    client: redis.Redis, now_ms: int | None = None, sweep_interval_seconds: float = 1.0
+) -> dict[str, Any]:
+    """Heartbeat ages (seconds, None: never seen), workers alive, inbox backlog, Redis memory.
+
+    ``schedule_stale_seconds``: beat and the sweep count as down when their heartbeat is older
+    (the limit ``health beat`` uses, from ``SWEEP_INTERVAL_SECONDS``).
+    """
     now = now_ms if now_ms is not None else heartbeat.now_ms()
     beats = heartbeat.read(client, now)
     pending = client.zrange(keys.inbox_pending(), 0, 0, withscores=True)
@@ -29,6 +35,7 @@ def service_status(client: redis.Redis, now_ms: int | None = None) -> dict[str, 
         "workers_alive": len(beats.workers_alive()),
         "beat_age_seconds": None if beats.beat is None else round(beats.beat, 1),
         "sweep_age_seconds": None if beats.sweep is None else round(beats.sweep, 1),
+        "schedule_stale_seconds": heartbeat.schedule_stale_seconds(sweep_interval_seconds),
         "inbox_chunks_pending": int(client.zcard(keys.inbox_pending())),
         "inbox_oldest_chunk_age_seconds": round(max(0.0, (now - float(pending[0][1])) / 1000), 1)
         if pending

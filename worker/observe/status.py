@@ -15,6 +15,7 @@ from worker.pipeline import deadletters
 from worker.pipeline.buffer import JobBuffer
 from worker.setup.jobs import JobStore
 from worker.store import keys
+from worker.store.joberrors import BLOCKED_REASON, BLOCKED_RETRY_AT, BLOCKED_SINCE, error_recovered
 from worker.store.replies import decode_hash
 
 #: Counters shown even when zero, in display order.
@@ -54,6 +55,13 @@ def _number(value: str) -> int | float | str:
     return value
 
 
+def _ms(value: str | None) -> int | None:
+    try:
+        return int(value) if value else None
+    except ValueError:
+        return None
+
+
 def job_status(client: redis.Redis, job_id: str) -> dict[str, Any]:
     """Everything an operator needs about one job, as plain JSON-able data."""
     job = JobStore(client).get(job_id)
@@ -66,6 +74,15 @@ def job_status(client: redis.Redis, job_id: str) -> dict[str, Any]:
         "label": job.config.label,
         "state": str(job.state),
         "pause_reason": job.pause_reason or None,
+        # Its API key cannot be read (deleted authorization, wrong EXPORT_SECRET_KEY): nothing is
+        # sent, changes keep buffering, and the key is tried again at retry_at_ms.
+        "blocked": {
+            "reason": raw[BLOCKED_REASON],
+            "since_ms": _ms(raw.get(BLOCKED_SINCE)),
+            "retry_at_ms": _ms(raw.get(BLOCKED_RETRY_AT)),
+        }
+        if raw.get(BLOCKED_REASON)
+        else None,
         "audiences": list(job.config.audiences),
         "counters": counters,
         "rate_limited_seconds": round(float(raw.get("rate_limited_seconds", 0)), 3),
@@ -86,9 +103,12 @@ def job_status(client: redis.Redis, job_id: str) -> dict[str, Any]:
         "last_error": raw.get("last_error") or None,
         # Written beside last_error by newer pipeline code; None where only the text was kept.
         "last_error_at_ms": int(raw["last_error_at_ms"]) if raw.get("last_error_at_ms") else None,
+        # True once a send or status check succeeded after it (and nothing is failing now).
+        "last_error_recovered": error_recovered(raw),
         "last_attentive_status": raw.get("last_attentive_status") or None,
         "last_record_failures": raw.get("last_record_failures") or None,
         "last_flush_at_ms": int(raw["last_flush_at"]) if "last_flush_at" in raw else None,
+        "last_poll_at_ms": _ms(raw.get("last_poll_at")),
         "last_ingest_at_ms": int(raw["last_ingest_at"]) if "last_ingest_at" in raw else None,
         "backfill": backfill.progress(client, job_id),
     }

@@ -77,7 +77,7 @@ def _parts(*parts: str | None) -> str:
 
 
 def _line(label: str, text: str) -> str:
-    return f"  {label:<{_WIDTH}}{text}"
+    return f"  {label:<{_WIDTH - 1}} {text}"  # a space even after a label as long as the column
 
 
 def service_lines(service: Mapping[str, Any]) -> list[str]:
@@ -86,9 +86,13 @@ def service_lines(service: Mapping[str, Any]) -> list[str]:
     alive = service.get("workers_alive", 0)
     listed = ", ".join(f"{node} {duration(age)} ago" for node, age in workers.items())
     lines = [_line("workers", f"{alive} alive" + (f" ({listed})" if listed else " (no heartbeat from any)"))]
+    stale = service.get("schedule_stale_seconds")
     for name, field in (("beat", "beat_age_seconds"), ("sweep", "sweep_age_seconds")):
         age = service.get(field)
-        lines.append(_line(name, "no heartbeat" if age is None else f"last beat {duration(age)} ago"))
+        text = "no heartbeat" if age is None else f"last beat {duration(age)} ago"
+        if stale is not None and (age is None or age > stale):
+            text += f" - DOWN: {_DOWN[name]}"
+        lines.append(_line(name, text))
     pending = service.get("inbox_chunks_pending", 0)
     oldest = service.get("inbox_oldest_chunk_age_seconds")
     lines.append(
@@ -103,6 +107,14 @@ def service_lines(service: Mapping[str, Any]) -> list[str]:
         limit = f" of {size(maximum)}" if maximum else " (no maxmemory)"
         lines.append(_line("redis memory", f"{size(used)}{limit}"))
     return lines
+
+
+#: What stops while beat or the sweep is down (status says it next to their heartbeat).
+_DOWN = {
+    "beat": "no sweeps are scheduled, so time-based flushes and crash recovery stop "
+    "(run exactly one `celery -A worker.app beat`)",
+    "sweep": "time-based flushes and crash recovery stop (a worker must consume the sweep queue)",
+}
 
 
 def ingest_line(ingest: Mapping[str, int]) -> str:
@@ -124,10 +136,22 @@ def job_lines(status: Mapping[str, Any], now_ms: int) -> list[str]:
     c: Mapping[str, Any] = status.get("counters") or {}
     b: Mapping[str, Any] = status.get("buffer") or {}
     skips: Mapping[str, Any] = status.get("skips") or {}
+    blocked: Mapping[str, Any] | None = status.get("blocked")
     head = f"job {status['job']}  {status.get('label', '')!r}  {str(status.get('state', '?')).upper()}"
+    if blocked:
+        head += ", BLOCKED"
     lines = [head, _line("audiences", ", ".join(status.get("audiences") or []) or "-")]
     if status.get("pause_reason"):
         lines.append(_line("paused", str(status["pause_reason"])))
+    if blocked:
+        lines.append(_line("BLOCKED", str(blocked.get("reason"))))
+        lines.append(
+            _line(
+                "",
+                f"since {when(blocked.get('since_ms'), now_ms)}; next try "
+                f"{when(blocked.get('retry_at_ms'), now_ms)}",
+            )
+        )
     held = c.get("queued_behind_unfinished", 0)
     lines.append(
         _line(
@@ -226,8 +250,12 @@ def job_lines(status: Mapping[str, Any], now_ms: int) -> list[str]:
         lines.append(_line("Attentive", f"last job status {status['last_attentive_status']}"))
     if status.get("last_error"):
         at = status.get("last_error_at_ms")
-        lines.append(_line("last error", str(status["last_error"])))
-        lines.append(_line("", f"at {when(at, now_ms)}" if at is not None else "(time not recorded)"))
+        recovered = status.get("last_error_recovered")
+        lines.append(_line("last error", ("(recovered) " if recovered else "") + str(status["last_error"])))
+        at_text = f"at {when(at, now_ms)}" if at is not None else "(time not recorded)"
+        if recovered:
+            at_text += "; sent or checked successfully since"
+        lines.append(_line("", at_text))
     lines += _backfill_lines(status.get("backfill"), now_ms)
     return lines
 
@@ -264,9 +292,14 @@ def _backfill_lines(block: Mapping[str, Any] | None, now_ms: int) -> list[str]:
         )
         lines.append(_line("backfill", text))
         if part.get("last_error"):
+            # A finished part got past its error: say so rather than show it as current.
+            label = "earlier error (recovered)" if part.get("finished") else "last error"
             lines.append(
-                _line("", f"last error: {part['last_error']} ({when(part.get('last_error_at_ms'), now_ms)})")
+                _line("", f"{label}: {part['last_error']} ({when(part.get('last_error_at_ms'), now_ms)})")
             )
+        if part.get("next_try_at_ms") is not None and not part.get("finished"):
+            next_try = when(part["next_try_at_ms"], now_ms)
+            lines.append(_line("", f"next try {next_try}; `jobs backfill JOB --retry-now` tries now"))
     return lines
 
 

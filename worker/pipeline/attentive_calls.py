@@ -1,19 +1,23 @@
 """What flush and poll share when they call Attentive: how long a send may wait for a rate-limit
-token, holding every worker off after a 429, and pausing a job whose key Attentive refuses. One module, so neither stage reaches into the
+token, holding every worker off after a 429, pausing a job whose key Attentive refuses, and
+blocking a job whose key cannot be read here. One module, so neither stage reaches into the
 other's internals.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
+import time
 
 from worker.backoff import backoff
 from worker.clients.attentive import AttentiveError, RateLimited, Unauthorized
-from worker.runtime import Runtime
+from worker.runtime import KEY_UNREADABLE, Runtime
+from worker.setup.authorizations import AuthorizationNotFound
 from worker.setup.jobconfig import JobState
 from worker.setup.jobs import SENDING_STATES, ExportJob
 from worker.store import keys
-from worker.store.joberrors import note_error
+from worker.store.joberrors import blocked_retry_at, clear_blocked, note_blocked, note_error
 from worker.store.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
@@ -29,6 +33,10 @@ TOKEN_WAIT_SECONDS = 0.5
 #: reaches the 30 s hold after about ten.
 RATE_LIMITED_FIRST_SECONDS = 0.1
 RATE_LIMITED_CAP_SECONDS = 30.0
+#: A blocked job (its API key cannot be read) is tried again this often, by whichever flush or
+#: poller comes first: often enough to recover within a minute of the fix, rarely enough that the
+#: log shows one line a minute, not a traceback every few seconds.
+BLOCKED_RETRY_SECONDS = 60.0
 
 
 def hold_off_after_429(rt: Runtime, limiter: RateLimiter, job_id: str, exc: RateLimited) -> float:
@@ -61,7 +69,7 @@ def pause_for_auth_error(rt: Runtime, job: ExportJob, exc: AttentiveError) -> st
     rt.forget_client(job)
     if paused or rt.redis.hexists(keys.jobs(), job.id):  # a deleted job gets no keys back
         note_error(rt.redis, job.id, reason)
-    log.warning("job %s paused: %s", job.id, reason)
+    log.warning("job %s paused: %s", job.id, reason, extra={"job_id": job.id})
     return reason
 
 
@@ -75,3 +83,62 @@ def _pause_reason(exc: AttentiveError) -> str:
         "Attentive refused the write (403 Forbidden): the key lacks Custom Attributes and Subscribers "
         "write permission. Fix the app's permissions, then resume the job."
     )
+
+
+def block_for_key(rt: Runtime, job: ExportJob, exc: Exception) -> str:
+    """Block the job: its API key cannot be read (see :data:`worker.runtime.KEY_UNREADABLE`).
+
+    Nothing is lost: its batches stay queued or scheduled and its changes keep buffering; flush,
+    poller and sweep leave it alone for :data:`BLOCKED_RETRY_SECONDS`, then try once more, and the
+    first try that reads the key lifts the block (:func:`key_usable`). Returns the reason, which
+    status shows with the time it started and when the next try is due.
+    """
+    reason = _block_reason(job, exc)
+    if rt.redis.hexists(keys.jobs(), job.id):  # a deleted job gets no keys back
+        note_blocked(rt.redis, job.id, reason, int(BLOCKED_RETRY_SECONDS * 1000))
+    log.warning(
+        "job %s blocked, trying again in %.0f s: %s",
+        job.id,
+        BLOCKED_RETRY_SECONDS,
+        reason,
+        extra={"job_id": job.id},
+    )
+    return reason
+
+
+def key_blocked(rt: Runtime, job: ExportJob) -> bool:
+    """True while the job is blocked and its next try is not due yet (no key is read)."""
+    retry_at = blocked_retry_at(rt.redis, job.id)
+    return retry_at is not None and time.time() * 1000 < retry_at
+
+
+def key_usable(rt: Runtime, job: ExportJob) -> bool:
+    """Whether the job's API key can be used now: False while it is blocked (no try before its
+    next one is due) or when reading the key fails (which blocks it); a block is lifted once the
+    key reads again."""
+    retry_at = blocked_retry_at(rt.redis, job.id)
+    if retry_at is not None and time.time() * 1000 < retry_at:
+        return False
+    try:
+        rt.client_for(job)
+        rt.limiter_for(job)
+    except KEY_UNREADABLE as exc:
+        block_for_key(rt, job, exc)
+        return False
+    if retry_at is not None and clear_blocked(rt.redis, job.id):
+        log.warning("job %s unblocked: its API key can be read again", job.id, extra={"job_id": job.id})
+    return True
+
+
+def _block_reason(job: ExportJob, exc: Exception) -> str:
+    auth = job.config.authorization
+    if isinstance(exc, AuthorizationNotFound):
+        if auth.startswith("au_"):
+            fix = "stop this job and create a new one naming a saved authorization"
+        else:
+            fix = f"save it again (`attentive-export auth add --label {auth}`) or stop this job"
+        return (
+            f"the job's authorization {auth!r} no longer exists: {fix}. Changes keep buffering; "
+            "nothing is sent until then"
+        )
+    return f"on worker host {socket.gethostname()}: {exc}. Changes keep buffering; nothing is sent until then"

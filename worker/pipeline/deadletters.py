@@ -167,6 +167,33 @@ def read(
     return found
 
 
+def for_user(client: redis.Redis, job_id: str, user: str, limit: int = 20) -> list[dict[str, Any]]:
+    """The newest ``limit`` dead letters of one user (as the buffer keys it), newest first.
+
+    Walks the kept entries from the newest end a page at a time (at most ``DEADLETTER_CAP``);
+    entries of other users are skipped without being parsed.
+    """
+    key, needle = keys.job_deadletters(job_id), user.encode()
+    found: list[dict[str, Any]] = []
+    end = -1
+    while len(found) < limit:
+        page = client.lrange(key, end - _PAGE + 1, end)
+        for raw in reversed(page):
+            data = raw if isinstance(raw, bytes) else raw.encode()
+            # Cheap test first: the user's key is in the entry's text unless JSON escaped it.
+            if needle not in data and b"\\" not in data:
+                continue
+            entry = json.loads(raw)
+            if entry.get("user") == user:
+                found.append(entry)
+                if len(found) == limit:
+                    break
+        if len(page) < _PAGE:
+            break
+        end -= _PAGE
+    return found
+
+
 @dataclass(frozen=True, slots=True)
 class Summary:
     """What an operator needs to judge a job's dead letters without reading them."""

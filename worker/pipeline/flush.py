@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from worker import shutdown
 from worker.backoff import backoff
 from worker.clients.attentive import (
     AttentiveError,
@@ -24,9 +25,15 @@ from worker.clients.attentive import (
     Unauthorized,
 )
 from worker.pipeline import deadletters
-from worker.pipeline.attentive_calls import TOKEN_WAIT_SECONDS, hold_off_after_429, pause_for_auth_error
+from worker.pipeline.attentive_calls import (
+    TOKEN_WAIT_SECONDS,
+    block_for_key,
+    hold_off_after_429,
+    key_usable,
+    pause_for_auth_error,
+)
 from worker.pipeline.buffer import BatchDataMissing, ClaimedBatch, JobBuffer, entry_json, entry_record, now_ms
-from worker.runtime import Runtime
+from worker.runtime import KEY_UNREADABLE, Runtime
 from worker.setup.jobs import ExportJob
 from worker.store import keys
 from worker.store.joberrors import note_error
@@ -58,7 +65,9 @@ class NoToken(Exception):
 class FlushReport:
     submitted: list[int] = field(default_factory=list)
     retry_in: float | None = None  # seconds; set when the task should run again later
-    paused: str = ""
+    paused: str = ""  # why sending stopped: a 401/403 pause, or the key could not be read
+    #: The job is blocked (its API key cannot be read): nothing was claimed; the sweep tries again.
+    blocked: bool = False
 
 
 def request_flush(rt: Runtime, job_id: str) -> bool:
@@ -90,6 +99,12 @@ def flush_job(rt: Runtime, job_id: str, budget_seconds: float = FLUSH_BUDGET_SEC
     if job is None or not job.sending:
         rt.redis.delete(keys.flush_queued(job_id))  # (a deleted job's keys are gone already)
         return report
+    if not key_usable(rt, job):
+        # Its key cannot be read (status says why): the sweep dispatches a flush when the next try
+        # is due, so no task retries it every few seconds.
+        rt.redis.delete(keys.flush_queued(job_id))
+        report.blocked = True
+        return report
     # Started: a batch sealed from now on is ours to claim, not a reason to queue another task.
     pipe = rt.redis.pipeline(transaction=False)
     pipe.delete(keys.flush_queued(job_id))
@@ -100,6 +115,11 @@ def flush_job(rt: Runtime, job_id: str, budget_seconds: float = FLUSH_BUDGET_SEC
     slow_send = 1.0 / rt.settings.rate_limit_per_second
     standing_down = False
     while time.monotonic() < deadline:
+        if shutdown.requested():
+            # This worker is stopping (worker/shutdown.py): claim nothing more; the fresh task
+            # queued below goes to a worker that is not.
+            log.info("job %s: worker shutting down; handing the flush over", job_id, extra={"job_id": job_id})
+            break
         try:
             batch = buffer.claim(int(rt.settings.lease_seconds * 1000))
         except BatchDataMissing as lost:
@@ -131,7 +151,7 @@ def flush_job(rt: Runtime, job_id: str, budget_seconds: float = FLUSH_BUDGET_SEC
             # interval (Attentive answering in 200 ms, say): with batches waiting, ask for another.
             if batch.queued_behind and post_seconds and max(post_seconds) > slow_send:
                 _queue_flush(rt, job_id)
-    report.retry_in = 0.0  # budget spent with batches maybe left: continue in a fresh task
+    report.retry_in = 0.0  # budget spent (or shutting down) with batches maybe left: a fresh task
     return report
 
 
@@ -139,7 +159,12 @@ def _drop_lost_batch(rt: Runtime, job: ExportJob, buffer: JobBuffer, lost: Batch
     """Dead-letter a batch whose records are gone from Redis; nothing if a twin completed it."""
     if not buffer.batch_exists(lost.batch_id):
         return
-    log.error("job %s batch %s: records missing in Redis; dead-lettering its users", job.id, lost.batch_id)
+    log.error(
+        "job %s batch %s: records missing in Redis; dead-lettering its users",
+        job.id,
+        lost.batch_id,
+        extra={"job_id": job.id, "batch_id": lost.batch_id},
+    )
     reason = "batch records missing in Redis (data lost or edited): the change cannot be sent"
     deadletters.record(rt.redis, job.id, lost.batch_id, ((u, reason, None) for u in lost.users))
     buffer.complete(lost.batch_id, {"batches_deadlettered": 1})
@@ -166,6 +191,9 @@ def _flush_batch(
     try:
         client = rt.client_for(job)
         limiter = rt.limiter_for(job)
+    except KEY_UNREADABLE as unreadable:  # deleted or saved with another key since this flush began
+        buffer.release(batch)
+        return block_for_key(rt, job, unreadable)
     except BaseException:
         buffer.release(batch)
         raise
@@ -215,6 +243,7 @@ def _flush_batch(
             batch.batch_id,
             len(sent.uncertain),
             hold_ms,
+            extra={"job_id": job.id, "batch_id": batch.batch_id},
         )
     if isinstance(exc, Unauthorized | Forbidden):
         return pause_for_auth_error(rt, job, exc)
@@ -239,7 +268,12 @@ def _hand_to_poll(
     if not buffer.mark_submitted(batch, due, settled=refused):
         # Our lease ran out: the sweep re-queued the batch, or handed it to the poller if Attentive
         # had accepted part of it. Either way its recorded jobs are followed by whoever has it now.
-        log.warning("job %s batch %s: lease lost during submit", job.id, batch.batch_id)
+        log.warning(
+            "job %s batch %s: lease lost during submit",
+            job.id,
+            batch.batch_id,
+            extra={"job_id": job.id, "batch_id": batch.batch_id},
+        )
         return False
     return True
 

@@ -20,10 +20,10 @@ import orjson
 import redis
 
 from worker.clients.attentive import AttentiveError, Forbidden, NotFound, RateLimited, Unauthorized
-from worker.pipeline import deadletters
-from worker.pipeline.attentive_calls import hold_off_after_429, pause_for_auth_error
+from worker.pipeline import deadletters, deliveries
+from worker.pipeline.attentive_calls import block_for_key, hold_off_after_429, pause_for_auth_error
 from worker.pipeline.buffer import JobBuffer, now_ms
-from worker.runtime import Runtime
+from worker.runtime import KEY_UNREADABLE, Runtime
 from worker.settings import Settings
 from worker.setup.jobs import ExportJob
 from worker.store import keys
@@ -58,6 +58,8 @@ class Check:
     statuses: tuple[str, ...] = ()
     #: Set when the poller must stop for this long (no token soon, a 429 hold, a paused job's key).
     stop_for: float | None = None
+    #: The job's API key could not be read: the job is blocked, the poller skips it.
+    blocked: bool = False
 
 
 #: Takes a rate-limit token for one status request: 0.0 when taken, else seconds until one is due.
@@ -127,8 +129,9 @@ def check_batch(
             state = st.normalized_status
             statuses.append(state)
             # Every status, terminal ones too: status must not keep showing IN_PROGRESS/NEEDS_REVIEW
-            # for a job whose batches have all completed since.
-            rt.redis.hset(status_key, "last_attentive_status", state)
+            # for a job whose batches have all completed since. The time shows an earlier poll
+            # error as recovered (worker.store.joberrors.error_recovered).
+            rt.redis.hset(status_key, mapping={"last_attentive_status": state, "last_poll_at": now_ms()})
             if state == "COMPLETED":
                 _settle_results(rt, job, buffer, batch_id, batch, sub, client, st.url)
                 _note_job_time(rt, job.id, batch)
@@ -138,7 +141,17 @@ def check_batch(
                 )
             elif not st.is_known_status or state == "NEEDS_REVIEW":
                 rt.redis.hincrby(status_key, f"polls_{state.lower()[:32]}", 1)
-                log.warning("job %s batch %s: Attentive job status %s", job.id, batch_id, state)
+                log.warning(
+                    "job %s batch %s: Attentive job %s status %s",
+                    job.id,
+                    batch_id,
+                    sub["id"],
+                    state,
+                    extra={"job_id": job.id, "batch_id": batch_id, "attentive_job_id": sub["id"]},
+                )
+    except KEY_UNREADABLE as exc:  # deleted or saved with another key: blocked, tried every minute
+        block_for_key(rt, job, exc)
+        return Check(done=False, statuses=tuple(statuses), blocked=True)
     except (Unauthorized, Forbidden) as exc:
         pause_for_auth_error(rt, job, exc)
         return Check(done=False, statuses=tuple(statuses))  # paused: the poller skips the job
@@ -196,6 +209,7 @@ def _finish(
         buffer.complete(
             batch_id, {"batches_completed": 1, "users_delivered": delivered, "record_failures": refused}
         )
+        deliveries.note(rt.redis, job.id, batch_id, batch, now_ms())  # bounded, for `trace`
         return Check(done=True, statuses=statuses)
     attempts = int(batch.get("attempts") or 0)
     reason = batch.get("last_error") or "users left open by an earlier send"

@@ -32,9 +32,11 @@ from dataclasses import dataclass, field
 from redis.exceptions import LockError
 from redis.lock import Lock
 
+from worker import shutdown
+from worker.pipeline.attentive_calls import block_for_key, key_blocked, key_usable
 from worker.pipeline.buffer import JobBuffer, now_ms
 from worker.pipeline.poll import TakeToken, check_batch
-from worker.runtime import REDIS_DOWN, Runtime
+from worker.runtime import KEY_UNREADABLE, REDIS_DOWN, Runtime
 from worker.setup.jobs import ExportJob
 from worker.store import keys
 from worker.store.ratelimit import RateLimiter
@@ -66,11 +68,15 @@ class PollerReport:
 
 
 def key_hash_of(rt: Runtime, job: ExportJob) -> str | None:
-    """The API key hash a job sends with, or None if it cannot be read (a deleted authorization)."""
+    """The API key hash a job sends with, or None if it cannot be read (a deleted authorization:
+    the job is blocked, see :func:`worker.pipeline.attentive_calls.block_for_key`)."""
     try:
         return rt.limiter_for(job).key_hash
     except REDIS_DOWN:
         raise
+    except KEY_UNREADABLE as exc:
+        block_for_key(rt, job, exc)
+        return None
     except Exception as exc:
         log.warning("job %s: no API key to poll with: %s: %s", job.id, type(exc).__name__, exc)
         return None
@@ -95,6 +101,8 @@ def request_pollers(rt: Runtime, jobs: Iterable[ExportJob], now: int) -> int:
         if not job.sending:
             continue
         if JobBuffer(rt.redis, job.id, job.config.batch_size).due_checks(now, 1):
+            if key_blocked(rt, job):
+                continue  # its key cannot be read: a poller is queued when the next try is due
             key_hash = key_hash_of(rt, job)
             if key_hash is not None:
                 due_keys.add(key_hash)
@@ -142,8 +150,17 @@ class _Tokens:
 
 def _run(rt: Runtime, key_hash: str, lock: Lock, deadline: float, report: PollerReport) -> None:
     tokens = _Tokens(rt, key_hash)
-    while time.monotonic() < deadline:
-        jobs = [j for j in rt.jobs.active() if j.sending and key_hash_of(rt, j) == key_hash]
+    blocked: set[str] = set()  # jobs whose key could not be read during this run
+    while time.monotonic() < deadline and not shutdown.requested():  # stopping: worker/shutdown.py
+        jobs = [
+            j
+            for j in rt.jobs.active()
+            if j.sending
+            and j.id not in blocked
+            and not key_blocked(rt, j)
+            and key_hash_of(rt, j) == key_hash
+            and key_usable(rt, j)
+        ]
         buffers = {j.id: JobBuffer(rt.redis, j.id, j.config.batch_size) for j in jobs}
         now = now_ms()
         due = sorted(
@@ -163,16 +180,18 @@ def _run(rt: Runtime, key_hash: str, lock: Lock, deadline: float, report: Poller
         take = tokens.taker(sends_waiting, lock)
         by_id = {j.id: j for j in jobs}
         for _, job_id, bid in due:
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= deadline or shutdown.requested():
                 break
             job = rt.jobs.cached(job_id)
-            if job is None or not job.sending:
-                continue  # paused or stopped meanwhile: its checks wait in the schedule
+            if job is None or not job.sending or job_id in blocked:
+                continue  # paused, stopped or blocked meanwhile: its checks wait in the schedule
             check = check_batch(rt, by_id[job_id], bid, take, tokens.main, at_attentive, sends_waiting)
+            if check.blocked:
+                blocked.add(job_id)
             report.checked += 1
             report.settled += int(check.done)
             report.statuses.extend(check.statuses)
             if check.stop_for is not None:
                 report.again_in = check.stop_for
                 return
-    report.again_in = 0.0  # budget spent: a fresh task carries on
+    report.again_in = 0.0  # budget spent (or this worker is stopping): a fresh task carries on

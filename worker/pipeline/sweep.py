@@ -27,7 +27,7 @@ from worker.pipeline.poller import request_pollers
 from worker.runtime import REDIS_DOWN, Runtime
 from worker.setup.jobs import ExportJob
 from worker.store import keys
-from worker.store.joberrors import note_error
+from worker.store.joberrors import BLOCKED_RETRY_AT, note_error
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def _sweep_all(rt: Runtime, now: int, report: SweepReport, redrive_backfills: Ca
         except (*REDIS_DOWN, OperationalError):
             raise  # Redis or the broker is down for every job: this sweep fails, beat runs the next
         except Exception as exc:  # one job's broken authorization, say, must not stall the others
-            log.exception("sweep: job %s failed", job.id)
+            log.exception("sweep: job %s failed", job.id, extra={"job_id": job.id})
             report.failed.append(job.id)
             with contextlib.suppress(redis.exceptions.RedisError):
                 note_error(rt.redis, job.id, f"sweep: {type(exc).__name__}: {exc}")
@@ -103,7 +103,10 @@ def _sweep_job(rt: Runtime, job: ExportJob, now: int, report: SweepReport) -> No
     report.requeued += requeued
     if not job.sending:
         return
-    last_claim = int(rt.redis.hget(keys.job_status(job.id), "last_claim_at") or 0)
+    raw_claim, raw_retry = rt.redis.hmget(keys.job_status(job.id), ["last_claim_at", BLOCKED_RETRY_AT])
+    if raw_retry is not None and now < int(raw_retry):
+        return  # its API key cannot be read (status says why): a flush goes when the next try is due
+    last_claim = int(raw_claim or 0)
     # (Batches the reap requeued are counted by ``requeued``, not in ``waiting``.)
     if sealed or requeued or (waiting and now - last_claim > IDLE_FLUSH_MS):
         rt.dispatch.flush(job.id)

@@ -5,6 +5,7 @@ a key format operators can paste into an environment variable. Nothing here is h
 
 The key comes from ``EXPORT_SECRET_KEY``. Make one with either of::
 
+    attentive-export secret-key          # works with no other setting, and with a bad key still set
     python -m worker.setup.crypto
     python -c "from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())"
 
@@ -25,7 +26,7 @@ from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 #: Environment variable holding the Fernet key(s).
 SECRET_KEY_ENV = "EXPORT_SECRET_KEY"
 #: What to tell an operator who needs a key.
-GENERATE_HINT = "generate one with: python -m worker.setup.crypto"
+GENERATE_HINT = "generate one with: attentive-export secret-key"
 
 
 class SecretKeyError(Exception):

@@ -59,7 +59,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from worker import jsonio
+from worker import jsonio, logs
 from worker.mapping.transitions import Rejected, parse_payload
 from worker.observe import metrics
 from worker.pipeline import inbox
@@ -566,6 +566,8 @@ def __getattr__(name: str) -> Any:
                 _app = create_app(WebhookSettings.from_env())
             except WebhookConfigError as exc:
                 raise WebhookStartupError(str(exc)) from None
+            if logs.log_format() == logs.JSON:  # uvicorn set up its readable logging already
+                logs.use_json_under_uvicorn()
         return _app
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
@@ -594,6 +596,10 @@ def serve(
     )
     if insecure_no_auth and settings.require_auth:
         print("note: --insecure-no-auth ignored because WEBHOOK_TOKEN is set", flush=True)
+    options: dict[str, Any] = {}
+    log_config = logs.uvicorn_log_config(logs.log_format())
+    if log_config is not None:  # LOG_FORMAT=json; otherwise uvicorn's own readable configuration
+        options["log_config"] = log_config
     uvicorn.run(
         app,
         host=host,
@@ -601,4 +607,5 @@ def serve(
         access_log=access_log,
         server_header=False,
         log_level="info",
+        **options,
     )
