@@ -194,6 +194,9 @@ def test_ingest_queues_the_usable_lines_and_says_what_it_left_out(
     (chunk,) = dispatcher.ingests
     lines = fake_cli.lrange(keys.inbox_chunk(chunk), 0, -1)
     assert [line.strip() for line in lines] == [transition("a@x.io"), transition("b@x.io")]
+    # Counted where the ingest task counts its refusals, so `status` shows them too.
+    counted = fake_cli.hgetall(keys.ingest_status())
+    assert counted[b"rejected:bad_event"] == b"1" and counted[b"rejected:not_json"] == b"1"
 
 
 def test_ingest_losing_the_broker_mid_file_takes_back_the_chunk_it_could_not_queue(

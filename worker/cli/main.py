@@ -33,7 +33,7 @@ from worker.cli import monitor
 from worker.cli import trace as trace_cli
 from worker.dispatch import BrokerUnavailable, Dispatcher
 from worker.mapping.transitions import Rejected, Transition, parse_line, read_time_ms
-from worker.pipeline import inbox
+from worker.pipeline import inbox, ingest
 from worker.settings import Settings, SettingsError, load_settings
 from worker.setup.authorizations import AuthorizationError, AuthorizationStore
 from worker.setup.authusage import delete_authorization
@@ -341,6 +341,8 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> None:
                 queue()
     if batch:
         queue()
+    # Counted where the ingest task counts the lines it refuses: `status` shows both.
+    ingest.count_rejected(client, report.unusable)
     print(report.summary())
 
 

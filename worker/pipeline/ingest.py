@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,6 +121,18 @@ def fallback_user_key(record: dict[str, Any]) -> str:
         if name in identifiers:
             return f"{name}:{identifiers[name]}"
     return "record:" + orjson.dumps(identifiers, option=orjson.OPT_SORT_KEYS).decode()
+
+
+def count_rejected(client: redis.Redis, rejected: Mapping[str, int]) -> None:
+    """Count lines refused before they reached an ingest task (``attentive-export ingest`` reads
+    each line first) in the same counters the task uses, so status shows every refusal."""
+    if not rejected:
+        return
+    pipe = client.pipeline(transaction=False)
+    pipe.hincrby(keys.ingest_status(), "received", sum(rejected.values()))
+    for reason, n in rejected.items():
+        pipe.hincrby(keys.ingest_status(), f"rejected:{reason}", n)
+    pipe.execute()
 
 
 def _write_counters(

@@ -134,12 +134,17 @@ def check_batch(
             rt.redis.hset(status_key, mapping={"last_attentive_status": state, "last_poll_at": now_ms()})
             if state == "COMPLETED":
                 _settle_results(rt, job, buffer, batch_id, batch, sub, client, st.url)
-                _note_job_time(rt, job.id, batch)
+                _note_job_time(rt, job.id, batch, sub["id"])
             elif state in ("FAILED", "CANCELLED"):
                 _job_failed(
                     rt, buffer, batch_id, job.id, sub["id"], f"Attentive job {sub['id']} ended {state}"
                 )
-            elif not st.is_known_status or state == "NEEDS_REVIEW":
+            else:
+                # Still running at this moment: a lower bound on its time (_note_job_time).
+                rt.redis.hset(keys.batch(job.id, batch_id), f"{SEEN_RUNNING}{sub['id']}", now_ms())
+            if state not in ("COMPLETED", "FAILED", "CANCELLED") and (
+                not st.is_known_status or state == "NEEDS_REVIEW"
+            ):
                 rt.redis.hincrby(status_key, f"polls_{state.lower()[:32]}", 1)
                 log.warning(
                     "job %s batch %s: Attentive job %s status %s",
@@ -235,10 +240,22 @@ def _job_failed(rt: Runtime, buffer: JobBuffer, batch_id: int, job_id: str, sub_
         note_error(rt.redis, job_id, reason)
 
 
-def _note_job_time(rt: Runtime, job_id: str, batch: dict[str, str]) -> None:
-    """Keep the longest time an Attentive job took (from its batch's submission): it sizes the hold
-    after a send whose answer never came (worker.pipeline.flush)."""
-    took = now_ms() - int(batch.get("submitted_at") or now_ms())
+#: Batch hash field prefix: when a check last saw that Attentive job still running (ms).
+SEEN_RUNNING = "seen_running:"
+
+
+def _note_job_time(rt: Runtime, job_id: str, batch: dict[str, str], attentive_job: str) -> None:
+    """Keep the longest time an Attentive job is known to have run (from its batch's submission to
+    the last check that saw it running): it sizes the hold after a send whose answer never came
+    (worker.pipeline.flush), with a factor of two on top.
+
+    A lower bound, not the time the completion was seen: while sends use the budget, checks wait
+    (the poll share), and measuring to the completed check made that wait look like job time,
+    which doubled into the hold, which kept users held longer, which delayed checks further."""
+    seen = batch.get(f"{SEEN_RUNNING}{attentive_job}")
+    if seen is None:
+        return  # completed at its first check: no evidence it ran long
+    took = int(seen) - int(batch.get("submitted_at") or seen)
     key = keys.job_status(job_id)
     if took > int(rt.redis.hget(key, "longest_attentive_job_ms") or 0):
         rt.redis.hset(key, "longest_attentive_job_ms", took)
