@@ -171,6 +171,18 @@ def _now_iso() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
+def _refuse_taken_label(pipe: redis.client.Pipeline, job: ExportJob, advice: str) -> None:
+    """:class:`LabelTaken` if another job already has ``job``'s label (case-insensitive); read
+    through the caller's watched pipeline, so two writers cannot both take one label."""
+    wanted = _label_key(job.config.label)
+    for raw in pipe.hvals(keys.jobs()):
+        other = ExportJob.from_json(raw)
+        if other.id != job.id and _label_key(other.config.label) == wanted:
+            raise LabelTaken(
+                f"export job {other.id} ({other.state}) is already labelled {other.config.label!r}: {advice}"
+            )
+
+
 def _seconds_since(iso: str) -> float:
     """Seconds since an ISO time written by :func:`_now_iso` (a missing or unreadable one: long ago)."""
     try:
@@ -202,16 +214,9 @@ class JobStore:
         """Store a new job; :class:`LabelTaken` if an existing job has the label (case-insensitive)."""
         now = _now_iso()
         job = ExportJob(id=secrets.token_hex(4), config=config, state=state, created_at=now, updated_at=now)
-        wanted = _label_key(config.label)
 
         def insert(pipe: redis.client.Pipeline) -> None:
-            for raw in pipe.hvals(keys.jobs()):
-                other = ExportJob.from_json(raw)
-                if _label_key(other.config.label) == wanted:
-                    raise LabelTaken(
-                        f"export job {other.id} ({other.state}) is already labelled "
-                        f"{other.config.label!r}: choose another label, or stop and delete that job first"
-                    )
+            _refuse_taken_label(pipe, job, "choose another label, or stop and delete that job first")
             pipe.multi()
             pipe.hset(keys.jobs(), job.id, job.to_json())
             pipe.incr(keys.jobs_version())
@@ -255,43 +260,45 @@ class JobStore:
     def _change_state(
         self, job_id: str, state: JobState, reason: str, only_from: frozenset[JobState] | None
     ) -> ExportJob | None:
-        """Read-modify-write of one job under WATCH, so concurrent state changes never get lost."""
+        """Read-modify-write of one job under WATCH, so concurrent state changes never get lost.
+        None when ``only_from`` excludes the job's state or the lifecycle forbids the change."""
+        accepted = False
 
-        def change(pipe: redis.client.Pipeline) -> ExportJob | None:
-            raw = pipe.hget(keys.jobs(), job_id)
-            if raw is None:
-                raise JobNotFound(job_id)
-            job = ExportJob.from_json(raw)
+        def change(_pipe: redis.client.Pipeline, job: ExportJob) -> bool:
+            nonlocal accepted
+            accepted = False  # (again on every WATCH retry)
             if only_from is not None and job.state not in only_from:
-                return None
+                return False
             problem = transition_problem(job.id, job.state, state, job.stop_after_teardown)
             if problem is not None:
                 if only_from is not None:
-                    return None
+                    return False
                 raise JobStateError(problem)
+            accepted = True
             if job.state is JobState.STOPPED:
-                return job  # stopping twice: keep the first stop's time (the delete grace counts from it)
+                return False  # stopping twice: keep the first stop's time (the delete grace counts from it)
             job.state = state
             job.pause_reason = reason if state is JobState.PAUSED else ""
-            job.updated_at = _now_iso()
-            pipe.multi()
-            pipe.hset(keys.jobs(), job.id, job.to_json())
-            pipe.incr(keys.jobs_version())
-            return job
+            return True
 
-        return self._transaction(change)
+        job = self._modify(job_id, change)
+        return job if accepted else None
 
     def modify(self, job_id: str, change: Callable[[ExportJob], bool]) -> ExportJob:
         """Read-modify-write of one job under WATCH: ``change`` edits the job it is given (or raises
         to refuse) and returns whether anything changed; then the job is written and processes
         reload their job table. Returns the job as stored."""
+        return self._modify(job_id, lambda _pipe, job: change(job))
+
+    def _modify(self, job_id: str, change: Callable[[redis.client.Pipeline, ExportJob], bool]) -> ExportJob:
+        """:meth:`modify`, with the watched pipeline given to ``change`` for reads of its own."""
 
         def body(pipe: redis.client.Pipeline) -> ExportJob:
             raw = pipe.hget(keys.jobs(), job_id)
             if raw is None:
                 raise JobNotFound(job_id)
             job = ExportJob.from_json(raw)
-            if not change(job):
+            if not change(pipe, job):
                 return job
             job.updated_at = _now_iso()
             pipe.multi()
@@ -317,13 +324,8 @@ class JobStore:
         ``backfilling`` while an added audience is backfilled). A stopped or stopping job, or a
         label another job has, is refused.
         """
-        wanted = _label_key(config.label)
 
-        def body(pipe: redis.client.Pipeline) -> ExportJob:
-            raw = pipe.hget(keys.jobs(), job_id)
-            if raw is None:
-                raise JobNotFound(job_id)
-            job = ExportJob.from_json(raw)
+        def change(pipe: redis.client.Pipeline, job: ExportJob) -> bool:
             if job.state in (JobState.STOPPED, JobState.STOPPING) or job.stop_after_teardown:
                 raise JobStateError(
                     f"job {job.id} is {'stopping' if job.stop_after_teardown else job.state}: "
@@ -334,27 +336,17 @@ class JobStore:
                     f"job {job.id} was changed by someone else meanwhile; nothing was written: "
                     "run the update again to see the difference from its new configuration"
                 )
-            for other_raw in pipe.hvals(keys.jobs()):
-                other = ExportJob.from_json(other_raw)
-                if other.id != job.id and _label_key(other.config.label) == wanted:
-                    raise LabelTaken(
-                        f"export job {other.id} ({other.state}) is already labelled "
-                        f"{other.config.label!r}: choose another label"
-                    )
             job.config = config
+            _refuse_taken_label(pipe, job, "choose another label")
             job.pending_ops = [*job.pending_ops, *ops]
             if state is not None and state is not job.state:
                 problem = transition_problem(job.id, job.state, state, job.stop_after_teardown)
                 if problem is not None:
                     raise JobStateError(problem)
                 job.state = state
-            job.updated_at = _now_iso()
-            pipe.multi()
-            pipe.hset(keys.jobs(), job.id, job.to_json())
-            pipe.incr(keys.jobs_version())
-            return job
+            return True
 
-        return self._transaction(body)
+        return self._modify(job_id, change)
 
     def delete(self, job_id: str) -> DeletedJob:
         """Remove a stopped job and every Redis key it has; workers drop it at their next read.
