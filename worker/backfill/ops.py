@@ -20,7 +20,6 @@ nothing if the process dies at any point:
 from __future__ import annotations
 
 import secrets
-from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,18 +39,9 @@ from worker.store import keys
 TRANSITION_NOT_PROFILE = "transition_not_profile"
 
 
-@dataclass
-class MemberFileReport:
-    """What reading one member file found: profiles stored, lines left out by reason."""
-
-    profiles: int = 0
-    chunks: int = 0
-    skipped: int = 0
-    reasons: Counter[str] = field(default_factory=Counter)
-
-    def skip(self, reason: str) -> None:
-        self.skipped += 1
-        self.reasons[reason] += 1
+#: What reading one member file found: profiles stored, lines left out by reason (the file
+#: backfill's report; its transition counts stay 0 here, member files hold profiles only).
+MemberFileReport = steps.FileReport
 
 
 @dataclass

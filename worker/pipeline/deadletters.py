@@ -22,7 +22,7 @@ import json
 import re
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -150,19 +150,7 @@ def read(
     key = keys.job_deadletters(job_id)
     if reason is None:
         return [json.loads(r) for r in client.lrange(key, -limit if limit > 0 else 0, -1)]
-    found: list[dict[str, Any]] = []
-    end = -1
-    while limit <= 0 or len(found) < limit:
-        page = client.lrange(key, end - _PAGE + 1, end)
-        for raw in reversed(page):
-            entry = json.loads(raw)
-            if entry_class(entry) == reason:
-                found.append(entry)
-                if len(found) == limit:
-                    break
-        if len(page) < _PAGE:
-            break
-        end -= _PAGE
+    found = _newest_matching(client, key, limit, lambda _raw: True, lambda e: entry_class(e) == reason)
     found.reverse()
     return found
 
@@ -173,18 +161,36 @@ def for_user(client: redis.Redis, job_id: str, user: str, limit: int = 20) -> li
     Walks the kept entries from the newest end a page at a time (at most ``DEADLETTER_CAP``);
     entries of other users are skipped without being parsed.
     """
-    key, needle = keys.job_deadletters(job_id), user.encode()
+    needle = user.encode()
+    return _newest_matching(
+        client,
+        keys.job_deadletters(job_id),
+        limit,
+        # Cheap test first: the user's key is in the entry's text unless JSON escaped it.
+        lambda raw: needle in raw or b"\\" in raw,
+        lambda entry: entry.get("user") == user,
+    )
+
+
+def _newest_matching(
+    client: redis.Redis,
+    key: str,
+    limit: int,
+    maybe: Callable[[bytes], bool],
+    wanted: Callable[[dict[str, Any]], bool],
+) -> list[dict[str, Any]]:
+    """Up to ``limit`` entries (all with ``limit`` 0) that ``wanted``, newest first, read a page at a
+    time from the list's newest end; ``maybe`` rules entries out before they are parsed."""
     found: list[dict[str, Any]] = []
     end = -1
-    while len(found) < limit:
+    while limit <= 0 or len(found) < limit:
         page = client.lrange(key, end - _PAGE + 1, end)
         for raw in reversed(page):
             data = raw if isinstance(raw, bytes) else raw.encode()
-            # Cheap test first: the user's key is in the entry's text unless JSON escaped it.
-            if needle not in data and b"\\" not in data:
+            if not maybe(data):
                 continue
-            entry = json.loads(raw)
-            if entry.get("user") == user:
+            entry = json.loads(data)
+            if wanted(entry):
                 found.append(entry)
                 if len(found) == limit:
                     break
