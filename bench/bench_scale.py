@@ -70,7 +70,7 @@ from typing import Any
 import httpx
 import redis
 
-from tests.chaos.procs import AofRedis, Fleet, children, tree_rss, wait_until
+from tests.chaos.procs import AofRedis, Fleet, children, tree_rss, wait_http, wait_until
 from worker.cli.localredis import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -508,13 +508,7 @@ class ScaleRun:
         return all(children(self.fleet.procs[n].popen.pid) for n in self.worker_names)
 
     def wait_http(self, url: str, what: str) -> None:
-        def up() -> bool:
-            try:
-                return httpx.get(url, timeout=1.0).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(up, min(60.0, self.remaining()), what, 0.1)
+        wait_http(url, what, min(60.0, self.remaining()))
 
     def measure(self) -> None:
         cfg, out = self.cfg, self.out

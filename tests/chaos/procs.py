@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import redis
 
 from worker.cli.localredis import free_port, server_binary
@@ -43,6 +44,35 @@ def wait_until(predicate: Callable[[], object], timeout: float, what: str, inter
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(interval)
+
+
+def require_harness() -> None:
+    """Skip (fail in CI) a test of these harnesses where they cannot run: they read /proc and
+    start their own redis-server."""
+    import pytest
+
+    from worker.cli.localredis import LocalRedisError, server_binary
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the harness reads /proc (Linux)")
+    try:
+        server_binary()
+    except LocalRedisError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI requires a Redis server binary: {exc}")
+        pytest.skip(str(exc))
+
+
+def wait_http(url: str, what: str, timeout: float) -> None:
+    """Wait until ``url`` answers 200 (a process's health route)."""
+
+    def up() -> bool:
+        try:
+            return httpx.get(url, timeout=1.0).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(up, timeout, what, 0.1)
 
 
 class AofRedis:

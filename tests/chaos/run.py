@@ -36,7 +36,7 @@ import redis
 
 from tests.chaos import procs
 from tests.chaos.config import ChaosConfig
-from tests.chaos.procs import AofRedis, Fleet, wait_until
+from tests.chaos.procs import AofRedis, Fleet, wait_http
 from tests.chaos.verdict import STARTUP_GIVE_UP, Evidence, Verdict, judge
 from tests.chaos.workload import JOB_A, Delivery, Workload, job_configs, make_workload
 from worker.cli.localredis import free_port
@@ -346,13 +346,7 @@ class Run:
         self.faults_on()
 
     def wait_http(self, url: str, what: str) -> None:
-        def up() -> bool:
-            try:
-                return httpx.get(url, timeout=1.0).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(up, min(60.0, self.remaining()), what, 0.1)
+        wait_http(url, what, min(60.0, self.remaining()))
 
     def start_worker(self, name: str) -> None:
         assert self.fleet is not None

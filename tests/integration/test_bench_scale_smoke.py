@@ -7,27 +7,18 @@ with real figures. No timing is asserted: only that each figure was measured.
 from __future__ import annotations
 
 import math
-import os
-import sys
 from pathlib import Path
 
 import pytest
 
 from bench.bench_scale import ScaleConfig, figures, measure, render
-from worker.cli.localredis import LocalRedisError, server_binary
+from tests.chaos.procs import require_harness
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 
 def test_a_tiny_scale_run_produces_every_figure(tmp_path: Path) -> None:
-    if not sys.platform.startswith("linux"):
-        pytest.skip("the harness reads /proc (Linux)")
-    try:
-        server_binary()
-    except LocalRedisError as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI requires a Redis server binary: {exc}")
-        pytest.skip(str(exc))
+    require_harness()
     cfg = ScaleConfig(
         users=2_000,
         realtime_rate=50.0,
