@@ -25,9 +25,9 @@ from tests.integration.test_backfill_pipeline import (  # noqa: F401 (fixtures)
     bf,
     sandbox_server,
 )
+from tests.integration.test_job_lifecycle import cli, job_file
 from tests.integration.test_pipeline import Pipeline, base_config, line, pipeline  # noqa: F401 (fixture)
 from tests.sandboxproc import SandboxProcess
-from worker.cli.main import main
 from worker.pipeline.ingest import ingest_lines
 from worker.setup.jobconfig import JobState
 from worker.setup.jobs import ExportJob
@@ -47,18 +47,6 @@ def seed(sandbox: SandboxProcess, segment: str, members: list[dict[str, Any]]) -
 
 def segments(**audiences: str) -> dict[str, Any]:
     return {"lytics_segments": audiences, "lytics_token_env": TOKEN_ENV}
-
-
-def job_file(tmp_path: Path, **overrides: Any) -> str:
-    path = tmp_path / f"job-{time.monotonic_ns()}.json"
-    path.write_text(json.dumps(base_config(**overrides)))
-    return str(path)
-
-
-def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def create(capsys: pytest.CaptureFixture[str], path: str) -> str:
