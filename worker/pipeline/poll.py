@@ -58,6 +58,8 @@ class Check:
     statuses: tuple[str, ...] = ()
     #: Set when the poller must stop for this long (no token soon, a 429 hold, a paused job's key).
     stop_for: float | None = None
+    #: It stopped before asking Attentive anything: no token was due.
+    no_token: bool = False
     #: The job's API key could not be read: the job is blocked, the poller skips it.
     blocked: bool = False
 
@@ -117,7 +119,7 @@ def check_batch(
             wait = take_token()
             if wait > 0:
                 buffer.schedule_check(batch_id, now_ms() + int(wait * 1000))
-                return Check(done=False, statuses=tuple(statuses), stop_for=wait)
+                return Check(done=False, statuses=tuple(statuses), stop_for=wait, no_token=not statuses)
             try:
                 st = client.job_status(sub["id"])
             except NotFound:
