@@ -202,17 +202,17 @@ def test_a_dead_letter_written_during_a_purge_is_neither_lost_nor_uncounted(
     fake_redis: fakeredis.FakeRedis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     deadletters.record(fake_redis, JOB, 1, dead(3, "attentive_400"), cap=10)
-    real_split = deadletters._split_out
+    real_split = deadletters._partition
     calls: list[int] = []
 
-    def split_while_a_worker_writes(pipe: Any, key: str, reason: str) -> tuple[int, list[Any]]:
-        out = real_split(pipe, key, reason)
+    def split_while_a_worker_writes(*args: Any, **kwargs: Any) -> Any:
+        out = real_split(*args, **kwargs)
         if not calls:  # a worker dead-letters between the purge's read and its write
             deadletters.record(fake_redis, JOB, 2, [("late", "attentive_record_400: y", None)], cap=10)
         calls.append(1)
         return out
 
-    monkeypatch.setattr(deadletters, "_split_out", split_while_a_worker_writes)
+    monkeypatch.setattr(deadletters, "_partition", split_while_a_worker_writes)
     assert deadletters.purge(fake_redis, JOB, "attentive_400") == deadletters.Purged(3, 3)
     assert len(calls) == 2  # the first attempt was aborted by WATCH and redone
     assert kept_users(fake_redis) == ["late"]
@@ -314,6 +314,6 @@ def test_cli_list_counts_and_purge(pipe: Pipeline, run_cli: Any) -> None:
 def test_cli_refuses_options_that_do_not_apply(pipe: Pipeline, run_cli: Any) -> None:
     job = pipe.create_job()
     code, out, err = run_cli("counts", job.id, "--reason", "attentive_400")
-    assert code == 2 and out == "" and err.startswith("error: --reason applies to list and purge")
+    assert code == 2 and out == "" and err.startswith("error: --reason applies to list, redrive and purge")
     code, out, err = run_cli("purge", job.id, "--limit", "3")
     assert code == 2 and err.startswith("error: --limit applies to list, not purge")

@@ -1,13 +1,10 @@
-"""``attentive-export deadletters [ACTION] JOB``: read, count and purge a job's dead letters.
+"""``attentive-export deadletters [ACTION] JOB``: read, count, re-drive and purge a job's dead letters.
 
 Actions: ``list`` (the default, so ``deadletters JOB`` keeps working; JSON, oldest first),
-``counts`` (by reason class, exact beyond the cap, plus entries kept and dropped by the cap) and
-``purge`` (all, or one class with ``--reason``). An unknown job is an error, not an empty list: a
-mistyped id must not look like a clean job.
-
-There is no re-drive: an entry holds the merged Attentive record, not the event time of each
-audience change in it, so nothing here could prove that re-sending it would not overwrite a newer
-change Attentive already has (DESIGN.md invariant 3). README, "Dead letters", says what it needs.
+``counts`` (by reason class, exact beyond the cap, plus entries kept and dropped by the cap),
+``redrive`` (after a fix: the changes go back to the buffer, never over a newer change; see
+worker.pipeline.redrive) and ``purge`` (all, or one class with ``--reason``). An unknown job is an
+error, not an empty list: a mistyped id must not look like a clean job.
 """
 
 from __future__ import annotations
@@ -19,9 +16,10 @@ from typing import Any
 import redis
 
 from worker.pipeline import deadletters
+from worker.pipeline.redrive import redrive
 from worker.setup.jobs import JobStore
 
-ACTIONS = ("list", "counts", "purge")
+ACTIONS = ("list", "counts", "redrive", "purge")
 #: Entries ``list`` shows without ``--limit``.
 DEFAULT_LIMIT = 100
 
@@ -38,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=ACTIONS,
         default="list",
         help="list (default): the newest entries as JSON, oldest first; counts: by reason class, "
-        "with entries kept and dropped by DEADLETTER_CAP; purge: remove entries and their counts",
+        "with entries kept and dropped by DEADLETTER_CAP; redrive: send the changes again after a "
+        "fix, except those a newer change superseded; purge: remove entries and their counts",
     )
     parser.add_argument("job", help="export job id")
     parser.add_argument(
@@ -75,10 +74,34 @@ def run(args: argparse.Namespace, client: redis.Redis) -> None:
         _print_json(deadletters.read(client, job.id, limit, args.reason))
     elif args.action == "counts":
         if args.reason is not None:
-            raise CommandError("--reason applies to list and purge; counts shows every class")
+            raise CommandError("--reason applies to list, redrive and purge; counts shows every class")
         _print_json({"job": job.id, **deadletters.summary(client, job.id).as_dict()})
+    elif args.action == "redrive":
+        _redrive(client, job.id, job.config.batch_size, args.reason)
     else:
         _purge(client, job.id, args.reason)
+
+
+def _redrive(client: redis.Redis, job_id: str, batch_size: int, reason: str | None) -> None:
+    try:
+        done = redrive(client, job_id, batch_size, reason)
+    except redis.WatchError:
+        raise CommandError(
+            f"the changes of job {job_id}'s dead letters are back in the buffer, but dead letters are being "
+            "written too fast to remove them; run redrive again (it sends nothing twice that a newer change "
+            "superseded)"
+        ) from None
+    what = f"dead letters of class {reason!r}" if reason else "dead letters"
+    kept = ", ".join(f"{n} {why}" for why, n in sorted(done.kept.items()))
+    if not done.entries and not done.kept:
+        known = ", ".join(sorted(deadletters.summary(client, job_id).by_reason)) or "none"
+        print(f"no {what} to re-drive in job {job_id} (classes: {known})")
+        return
+    print(
+        f"re-drove {done.entries} {what} of job {job_id}: {done.changes} changes back in the buffer "
+        f"(sent with the next batch), {done.superseded} superseded by newer changes and not sent"
+        + (f"; kept {sum(done.kept.values())} that cannot be re-driven ({kept})" if kept else "")
+    )
 
 
 def _purge(client: redis.Redis, job_id: str, reason: str | None) -> None:

@@ -492,7 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
     monitor.add_status_arguments(st)
     st.set_defaults(func=cmd_status)
 
-    dl = sub.add_parser("deadletters", help="changes that will not reach Attentive: list, counts, purge")
+    dl = sub.add_parser(
+        "deadletters", help="changes that will not reach Attentive: list, counts, redrive, purge"
+    )
     deadletters_cli.add_arguments(dl)
     dl.set_defaults(func=cmd_deadletters)
 

@@ -43,6 +43,10 @@ COUNTERS = (
     "results_unavailable",
     "results_unreadable_lines",
     "backfill_waits_for_backlog",
+    # `deadletters redrive`: changes placed again, changes a newer one had superseded, entries removed
+    "redriven",
+    "redrive_superseded",
+    "deadletters_redriven",
 )
 
 

@@ -139,6 +139,14 @@ class JobBuffer:
         """Add changes atomically: stale ones dropped, conflicts (a user's second change for an
         audience, or an identifier another user of the open batch carries) sealed first, busy users
         queued."""
+        return self._place("ingest", changes, now)
+
+    def redrive(self, changes: Sequence[Change]) -> IngestOutcome:
+        """Place dead-lettered changes again, each with the time :meth:`stamps` gave it; ``stale``
+        counts those a newer change of their (user, audience) superseded since."""
+        return self._place("redrive", changes, None)
+
+    def _place(self, op: str, changes: Sequence[Change], now: int | None) -> IngestOutcome:
         if not changes:
             return IngestOutcome(0, 0, 0, 0, [])
         args: list[Any] = []
@@ -152,7 +160,7 @@ class JobBuffer:
                 c.identifiers,
                 digest(c.user_key, c.audience),
             ]
-        accepted, merged, queued, stale, sealed, shared, legacy = self._run("ingest", *args, now=now)
+        accepted, merged, queued, stale, sealed, shared, legacy = self._run(op, *args, now=now)
         if legacy:
             # The job still has last-writer-wins state in the old layout: move some of it on.
             self.migrate_last_writer()
@@ -168,6 +176,22 @@ class JobBuffer:
             args += [user, audience, keys.lww_digest(user, audience)]
         got = self._run("lww_get", *args) if args else []
         return [int(t) if t is not None else None for t in got]
+
+    def stamps(self, users: Sequence[str], entries: Sequence[bytes]) -> dict[str, dict[str, int | None]]:
+        """Per user about to be dead-lettered from an unfinished batch (its stored entry beside it),
+        each audience of the entry with the event time a re-drive may send it at; None where a newer
+        change of that audience is already held (it will deliver the final value)."""
+        pairs = [
+            (user, aud) for user, entry in zip(users, entries, strict=True) for aud in entry_audiences(entry)
+        ]
+        args: list[Any] = []
+        for user, audience in pairs:
+            args += [user, audience, keys.lww_digest(user, audience)]
+        got = self._run("stamp", *args) if args else []
+        out: dict[str, dict[str, int | None]] = {}
+        for (user, audience), t in zip(pairs, got, strict=True):
+            out.setdefault(user, {})[audience] = int(t) if t is not None else None
+        return out
 
     def migrate_last_writer(self, count: int = MIGRATE_STEP) -> int:
         """Move about ``count`` entries of the job's old last-writer-wins HASH into the buckets (each
@@ -335,18 +359,22 @@ class JobBuffer:
     def batch_exists(self, batch_id: int) -> bool:
         return bool(self._redis.exists(keys.batch(self.job_id, batch_id)))
 
-    def records_for(self, batch_id: int, users: Sequence[str]) -> list[dict[str, Any] | None]:
-        """Each user's request item in a batch, for dead letters; None where the data is lost.
+    def records_for(
+        self, batch_id: int, users: Sequence[str]
+    ) -> tuple[list[dict[str, Any] | None], dict[str, dict[str, int | None]]]:
+        """Each user's request item in a batch, for dead letters (None where the data is lost), and
+        the users' re-drive times (:meth:`stamps`; none where the data is lost).
 
         Raises:
             LookupError: the batch no longer exists (a twin task completed it).
         """
         try:
-            return [entry_record(e) for e in self.entries(batch_id, users)]
+            found = self.entries(batch_id, users)
         except LookupError:
             if not self.batch_exists(batch_id):
                 raise
-            return [None] * len(users)
+            return [None] * len(users), {}
+        return [entry_record(e) for e in found], self.stamps(users, found)
 
     def open_size(self) -> int:
         return int(self._redis.llen(keys.open_order(self.job_id)))
@@ -370,6 +398,11 @@ def _split_entry(entry: bytes) -> tuple[int, bytes]:
     tab = entry.index(b"\t")
     # One record per audience: each change appends one of each (buffer.lua keeps them paired).
     return entry.count(b"|", 0, tab) - 1, entry[tab + 1 :]
+
+
+def entry_audiences(entry: bytes) -> list[str]:
+    """The audiences of one stored entry, in the order of its records."""
+    return entry[1 : entry.index(b"\t") - 1].decode().split("|")
 
 
 def entry_records(entry: bytes) -> list[dict[str, Any]]:

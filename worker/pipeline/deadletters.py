@@ -22,10 +22,10 @@ import json
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 
@@ -43,8 +43,16 @@ DATA_MISSING = "batch_data_missing"
 OTHER = "other"
 _GAVE_UP = re.compile(r"; gave up after \d+ failed sends$")
 _DATA_MISSING_PREFIX = "batch records missing in Redis"
-#: Field of the job's status hash: counted dead letters an operator purged.
+#: Fields of the job's status hash: counted dead letters an operator purged, and entries removed
+#: because a re-drive put their changes back in the buffer.
 PURGED = "deadletters_purged"
+REDRIVEN = "deadletters_redriven"
+#: Entry field: audience -> event time (ms) a re-drive may send it at, or null where a newer change
+#: of the audience was held when the entry was written (worker.pipeline.redrive).
+REDRIVE = "redrive"
+#: Per user key, ``REDRIVE`` of its entry.
+Stamps = Mapping[str, Mapping[str, int | None]]
+_T = TypeVar("_T")
 #: Entries read per LRANGE when a read or a purge walks the list.
 _PAGE = 2_000
 #: Attempts of a purge against dead letters being written meanwhile (WATCH).
@@ -82,10 +90,11 @@ def record(
     entries: Iterable[tuple[str, str, Any]],
     *,
     cap: int | None = None,
+    stamps: Stamps | None = None,
 ) -> int:
     """Append ``(user key, reason, record)`` entries; returns how many were written."""
     pipe = client.pipeline(transaction=True)
-    written = queue(pipe, job_id, batch_id, entries, cap=cap)
+    written = queue(pipe, job_id, batch_id, entries, cap=cap, stamps=stamps)
     if written:
         pipe.execute()
     return written
@@ -98,11 +107,13 @@ def queue(
     entries: Iterable[tuple[str, str, Any]],
     *,
     cap: int | None = None,
+    stamps: Stamps | None = None,
 ) -> int:
     """Add the writes of :func:`record` to a caller's MULTI pipeline (to commit them with other writes).
 
     ``cap``: entries kept for the job (default ``DEADLETTER_CAP``); older ones are trimmed in the
-    same MULTI, their counts by class stay.
+    same MULTI, their counts by class stay. ``stamps``: per user, its audiences with the time a
+    re-drive may send each at (``JobBuffer.stamps``), stored as the entry's ``redrive``.
     """
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     rows: list[str] = []
@@ -110,18 +121,17 @@ def queue(
     for user, reason, rec in entries:
         cls = reason_class(reason)
         classes[cls] += 1
-        rows.append(
-            json.dumps(
-                {
-                    "at": now,
-                    "batch": batch_id,
-                    "user": user,
-                    "reason": reason,
-                    "reason_class": cls,
-                    "record": rec,
-                }
-            )
-        )
+        row = {
+            "at": now,
+            "batch": batch_id,
+            "user": user,
+            "reason": reason,
+            "reason_class": cls,
+            "record": rec,
+        }
+        if stamps and rec is not None and user in stamps:
+            row[REDRIVE] = stamps[user]
+        rows.append(json.dumps(row))
     if rows:
         key = keys.job_deadletters(job_id)
         pipe.rpush(key, *rows)
@@ -254,48 +264,113 @@ def purge(client: redis.Redis, job_id: str, reason: str | None = None) -> Purged
     Raises:
         redis.WatchError: dead letters kept being written through every attempt.
     """
-    key, counts = keys.job_deadletters(job_id), keys.job_deadletter_counts(job_id)
+    counts = keys.job_deadletter_counts(job_id)
+
+    def body(pipe: Any) -> Purged:
+        if reason is None:
+            removed = int(pipe.llen(keys.job_deadletters(job_id)))
+            counted = sum(int(v) for v in pipe.hvals(counts))
+            kept: list[bytes] | None = None
+        else:
+            gone, kept = _partition(pipe, job_id, lambda entry: entry_class(entry) == reason)
+            removed = len(gone)
+            counted = int(pipe.hget(counts, reason) or 0)
+        if not removed and not counted:
+            return Purged(0, 0)
+        pipe.multi()
+        _rewrite(pipe, job_id, kept)
+        if reason is None:
+            pipe.delete(counts)
+        else:
+            pipe.hdel(counts, reason)
+        if counted:
+            pipe.hincrby(keys.job_status(job_id), PURGED, counted)
+        return Purged(removed, counted)
+
+    return _watched(client, job_id, body)
+
+
+def remove(client: redis.Redis, job_id: str, entries: Counter[bytes]) -> int:
+    """Remove these entries (as stored, each as many times as counted) and take them off their
+    classes' counts, as a re-drive does once their changes are back in the buffer; entries the cap
+    trimmed meanwhile are skipped. Returns how many were removed. Atomic like :func:`purge`.
+
+    Raises:
+        redis.WatchError: dead letters kept being written through every attempt.
+    """
+    counts = keys.job_deadletter_counts(job_id)
+
+    def body(pipe: Any) -> int:
+        left = Counter(entries)
+
+        def take(entry: dict[str, Any], raw: bytes) -> bool:
+            if left[raw] <= 0:
+                return False
+            left[raw] -= 1
+            return True
+
+        gone, kept = _partition(pipe, job_id, take, raw_too=True)
+        if not gone:
+            return 0
+        by_class = Counter(entry_class(entry) for entry in gone)
+        before = dict(zip(by_class, pipe.hmget(counts, list(by_class)), strict=True))
+        pipe.multi()
+        _rewrite(pipe, job_id, kept)
+        for cls, n in by_class.items():
+            after = int(before[cls] or 0) - n
+            if after > 0:
+                pipe.hset(counts, cls, after)
+            else:  # entries written before counts existed were never counted
+                pipe.hdel(counts, cls)
+        pipe.hincrby(keys.job_status(job_id), REDRIVEN, len(gone))
+        return len(gone)
+
+    return _watched(client, job_id, body)
+
+
+def _watched(client: redis.Redis, job_id: str, body: Callable[[Any], _T]) -> _T:
+    """Run ``body`` on a pipeline WATCHing the job's dead-letter list and counts, then commit the
+    writes it queued after ``multi()``; retried while dead letters are written meanwhile."""
     for _ in range(_PURGE_ATTEMPTS):
         with client.pipeline(transaction=True) as pipe:
             try:
-                pipe.watch(key, counts)  # type: ignore[no-untyped-call]
-                if reason is None:
-                    removed = int(pipe.llen(key))
-                    counted = sum(int(v) for v in pipe.hvals(counts))
-                    kept: list[bytes] = []
+                pipe.watch(keys.job_deadletters(job_id), keys.job_deadletter_counts(job_id))  # type: ignore[no-untyped-call]
+                result = body(pipe)
+                if pipe.explicit_transaction:
+                    pipe.execute()
                 else:
-                    removed, kept = _split_out(pipe, key, reason)
-                    counted = int(pipe.hget(counts, reason) or 0)
-                if not removed and not counted:
                     pipe.unwatch()
-                    return Purged(0, 0)
-                pipe.multi()
-                pipe.delete(key)
-                for start in range(0, len(kept), _PAGE):
-                    pipe.rpush(key, *kept[start : start + _PAGE])
-                if reason is None:
-                    pipe.delete(counts)
-                else:
-                    pipe.hdel(counts, reason)
-                if counted:
-                    pipe.hincrby(keys.job_status(job_id), PURGED, counted)
-                pipe.execute()
-                return Purged(removed, counted)
+                return result
             except redis.WatchError:
                 continue
     raise redis.WatchError(f"dead letters of job {job_id} kept changing during {_PURGE_ATTEMPTS} attempts")
 
 
-def _split_out(pipe: Any, key: str, reason: str) -> tuple[int, list[bytes]]:
-    """(entries of class ``reason``, every other entry as stored, in order), read under WATCH."""
-    removed, kept, start = 0, [], 0
+def _partition(
+    pipe: Any, job_id: str, drop: Callable[..., bool], *, raw_too: bool = False
+) -> tuple[list[dict[str, Any]], list[bytes]]:
+    """(entries ``drop`` picks, parsed; every other entry as stored, in order), read under WATCH.
+    ``drop`` gets the parsed entry, and its stored text too with ``raw_too``."""
+    key = keys.job_deadletters(job_id)
+    gone: list[dict[str, Any]] = []
+    kept: list[bytes] = []
+    start = 0
     while True:
         page = pipe.lrange(key, start, start + _PAGE - 1)
         for raw in page:
-            if entry_class(json.loads(raw)) == reason:
-                removed += 1
+            entry = json.loads(raw)
+            if drop(entry, raw) if raw_too else drop(entry):
+                gone.append(entry)
             else:
                 kept.append(raw)
         if len(page) < _PAGE:
-            return removed, kept
+            return gone, kept
         start += _PAGE
+
+
+def _rewrite(pipe: Any, job_id: str, kept: list[bytes] | None) -> None:
+    """Queue the list's new content (``None``: empty) on a MULTI pipeline."""
+    key = keys.job_deadletters(job_id)
+    pipe.delete(key)
+    for start in range(0, len(kept or ()), _PAGE):
+        pipe.rpush(key, *(kept or [])[start : start + _PAGE])

@@ -212,6 +212,7 @@ def _flush_batch(
     if sent.accepted:
         rt.redis.hincrby(status_key, "users_sent", sum(map(len, sent.accepted)))
     if sent.refused:
+        refused = list(sent.refused)
         deadletters.record(
             rt.redis,
             job.id,
@@ -220,6 +221,7 @@ def _flush_batch(
                 (batch.users[i], f"attentive_400: {msg}", entry_record(batch.entries[i]))
                 for i, msg in sent.refused.items()
             ),
+            stamps=buffer.stamps([batch.users[i] for i in refused], [batch.entries[i] for i in refused]),
         )
     exc = sent.error
     if exc is None:

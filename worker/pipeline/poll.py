@@ -225,12 +225,16 @@ def _finish(
             rt.dispatch.flush(job.id)
         return Check(done=True, statuses=statuses)
     try:
-        records = buffer.records_for(batch_id, open_users)
+        records, stamps = buffer.records_for(batch_id, open_users)
     except LookupError:
         return Check(done=True)  # completed meanwhile by a twin poll: nothing left to give up on
     why = f"{reason}; gave up after {attempts} failed sends"
     deadletters.record(
-        rt.redis, job.id, batch_id, ((u, why, rec) for u, rec in zip(open_users, records, strict=True))
+        rt.redis,
+        job.id,
+        batch_id,
+        ((u, why, rec) for u, rec in zip(open_users, records, strict=True)),
+        stamps=stamps,
     )
     buffer.complete(batch_id, {"batches_deadlettered": 1})
     return Check(done=True, statuses=statuses)
@@ -306,7 +310,7 @@ def _settle_results(
                 return
             # Records are read only to dead-letter them. A batch completing meanwhile deletes its
             # entries and changes the watched hash, so a miss here means a twin settled it.
-            records = buffer.records_for(batch_id, [users[i] for i in failures])
+            records, stamps = buffer.records_for(batch_id, [users[i] for i in failures])
             entries = [
                 (users[i], reason, rec) for (i, reason), rec in zip(failures.items(), records, strict=True)
             ]
@@ -320,7 +324,7 @@ def _settle_results(
                     "settled": json.dumps(sorted(settled)),
                 },
             )
-            deadletters.queue(pipe, job.id, batch_id, entries)
+            deadletters.queue(pipe, job.id, batch_id, entries, stamps=stamps)
             if failures:
                 sample = [f"{users[i]}: {reason}" for i, reason in list(failures.items())[:FAILURE_SAMPLE]]
                 pipe.hset(keys.job_status(job.id), "last_record_failures", json.dumps(sample))

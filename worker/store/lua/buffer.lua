@@ -103,7 +103,7 @@ local ids_all_cached = open_count == 0
 -- Index entries not written yet (identifier, user, identifier, user, ...): the ingest op writes them
 -- in one HSET at its end, other ops at once. A seal drops them with the index.
 local ids_unwritten, ids_unwritten_n = {}, 0
-local defer_ids = op == 'ingest'
+local defer_ids = op == 'ingest' or op == 'redrive'
 -- Seals this op made because two users shared an identifier.
 local shared_seals = 0
 
@@ -596,9 +596,13 @@ local function lww_write(newest)
     end
 end
 
-if op == 'ingest' then
+if op == 'ingest' or op == 'redrive' then
     -- op args: groups of (user, audience, event time ms, record JSON, identifiers: "type:value"
     -- strings joined by tabs, '' for none, last-writer-wins digest of (user, audience))
+    -- redrive: dead-lettered changes sent again (worker/pipeline/redrive.py), each with the time
+    -- op 'stamp' read when it was dead-lettered. One still as new as the newest accepted change of
+    -- its pair is placed like a new one; one older is superseded (a newer change was accepted since).
+    local redrive = op == 'redrive'
     local accepted, merged, queued, stale = 0, 0, 0, 0
     local fields, users, seen = {}, {}, {}
     local idt, id_from, id_to, n = {}, {}, {}, 0 -- every change's identifiers, and its slice of them
@@ -635,7 +639,7 @@ if op == 'ingest' then
         local i = 6 * k - 1
         local at = tonumber(ARGV[i + 2])
         local known = newest[lww_field] or stored[k]
-        if known and at <= known then
+        if known and (at < known or (at == known and (not redrive or newest[lww_field]))) then
             stale = stale + 1
         else
             newest[lww_field] = at
@@ -648,6 +652,11 @@ if op == 'ingest' then
     end
     lww_write(newest_text)
     sliced('HSET', K_IDS, ids_unwritten)
+    if redrive then
+        redis.call('HINCRBY', K_STATUS, 'redriven', accepted + merged + queued)
+        if stale > 0 then redis.call('HINCRBY', K_STATUS, 'redrive_superseded', stale) end
+        return {accepted, merged, queued, stale, sealed_now, shared_seals, lww_legacy and 1 or 0}
+    end
     redis.call('HINCRBY', K_STATUS, 'accepted', accepted + merged + queued)
     if stale > 0 then redis.call('HINCRBY', K_STATUS, 'stale', stale) end
     if merged > 0 then redis.call('HINCRBY', K_STATUS, 'merged', merged) end
@@ -851,9 +860,14 @@ elseif op == 'reap' then
     if requeued > 0 then redis.call('HINCRBY', K_STATUS, 'leases_expired', requeued) end
     return requeued
 
-elseif op == 'lww_get' then
-    -- op args: groups of (user, audience, digest). Each pair's newest accepted event time (ms), or
-    -- nil. Read-only: the old layout's times are read, not moved.
+elseif op == 'lww_get' or op == 'stamp' then
+    -- op args: groups of (user, audience, digest). Each pair's newest accepted event time (ms) as
+    -- text, or false. Read-only: the old layout's times are read, not moved.
+    -- stamp: the pairs of changes about to be dead-lettered from a batch that still carries their
+    -- users. While the batch is unfinished every newer change of its users is held (KEYS[6]), so
+    -- the time read is the dead-lettered change's own; false where a newer change for the audience
+    -- is held (it will deliver the final value). A later 'redrive' re-sends a change only while
+    -- its pair's time is still the stamped one.
     lww_open(0)
     local digests = {}
     for i = 5, #ARGV, 3 do
@@ -862,9 +876,21 @@ elseif op == 'lww_get' then
     local stored = lww_read(digests, function(k)
         return ARGV[3 * k + 3] .. '|' .. ARGV[3 * k + 2]
     end)
-    local out = {}
+    local out, held_of = {}, {}
     for k = 1, #digests do
-        out[k] = stored[k] and string.format('%d', stored[k]) or false
+        local t = stored[k] and string.format('%d', stored[k]) or false
+        if t and op == 'stamp' then
+            local user, aud = ARGV[3 * k + 2], ARGV[3 * k + 3]
+            local w = held_of[user]
+            if w == nil then
+                w = redis.call('HGET', K_WAITING, user) or ''
+                held_of[user] = w
+            end
+            if string.sub(w, 1, #aud + 1) == aud .. '\t' or string.find(w, '\n' .. aud .. '\t', 1, true) then
+                t = false
+            end
+        end
+        out[k] = t
     end
     return out
 
