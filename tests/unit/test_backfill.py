@@ -14,6 +14,7 @@ import fakeredis
 import httpx
 import pytest
 
+from worker import shutdown
 from worker.backfill import steps as backfill
 from worker.backfill.steps import FILE_PART, FileBackfillError, FileReport, run_step
 from worker.clients.lytics import LyticsClient
@@ -233,6 +234,22 @@ def test_several_pages_per_step_when_allowed(world: World, monkeypatch: pytest.M
     job = world.job()
     report = world.step(job)
     assert report.pages == 3 and report.finished
+
+
+def test_a_stopping_worker_ends_the_step_after_the_page_in_hand_and_hands_the_part_over(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(backfill, "PAGES_PER_STEP", 5)
+    job = world.job()
+    shutdown.request()  # SIGTERM arrived (worker/shutdown.py)
+    try:
+        report = world.step(job)
+    finally:
+        shutdown.clear()
+    assert (report.pages, report.finished, report.next_in) == (1, False, 0.0)  # due again at once
+    assert world.part(job)["next"] == "100"
+    report = world.step(job)  # another worker, not stopping, carries on
+    assert report.pages == 2 and report.finished
 
 
 def test_job_goes_running_only_when_every_audience_is_finished(world: World) -> None:

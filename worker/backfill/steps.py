@@ -58,7 +58,7 @@ import orjson
 import redis
 from redis.exceptions import LockError, WatchError
 
-from worker import jsonio
+from worker import jsonio, shutdown
 from worker.clients.lytics import (
     LyticsClient,
     LyticsError,
@@ -430,6 +430,17 @@ def run_step(
     return report
 
 
+def _handing_over(report: StepReport) -> bool:
+    """This worker is stopping (worker/shutdown.py): end the step after the page in hand, with the
+    part due again at once, so a worker that is not stopping takes it and the pod's grace period
+    is not spent on pages it could hand over."""
+    if not shutdown.requested():
+        return False
+    report.skipped = "worker shutting down; the part goes on in another worker"
+    report.next_in = 0.0
+    return True
+
+
 def _scan_settings(job: ExportJob, state: dict[str, str]) -> tuple[str, int]:
     """The Lytics token variable and page size: the job's current ``backfill`` section (so an update
     fixing ``lytics_token_env`` applies to every part), else what the part recorded (a teardown of
@@ -477,7 +488,7 @@ def _scan_step(
     router = _PartRouter(client, job.id, audience, teardown=event == EXIT)
     with lytics(token) as scanner:
         for _ in range(PAGES_PER_STEP):
-            if report.pages and backlog_full():
+            if report.pages and (backlog_full() or _handing_over(report)):
                 return
             try:
                 page = scanner.scan_page(segment, next_token, page_size)
@@ -579,7 +590,7 @@ def _chunks_step(
     router = _PartRouter(client, job.id, audience, teardown=event == EXIT)
     deadline = time.monotonic() + STEP_SECONDS
     for _ in range(PAGES_PER_STEP):
-        if report.pages and backlog_full():
+        if report.pages and (backlog_full() or _handing_over(report)):
             return
         last = index + 1 >= total
         if index >= total:  # an empty file
@@ -616,7 +627,7 @@ def _file_step(
     router = _PartRouter(client, job_id, None, teardown=False)
     deadline = time.monotonic() + STEP_SECONDS
     for _ in range(PAGES_PER_STEP):
-        if report.pages and backlog_full():
+        if report.pages and (backlog_full() or _handing_over(report)):
             return
         head = client.lindex(queue, 0)
         if head is None:
