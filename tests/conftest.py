@@ -10,6 +10,7 @@ import fakeredis
 import pytest
 import redis
 
+from tests.slotcheck import SlotCheckedRedis
 from worker.cli.localredis import LocalRedisError, Server, answers, ensure_redis
 
 #: Tests use their own databases so they never touch data on db 0: data on 15, the Celery broker of
@@ -68,10 +69,13 @@ def real_redis() -> Iterator[redis.Redis]:
 
 @pytest.fixture
 def fake_redis() -> Iterator[fakeredis.FakeRedis]:
-    """An in-process fake Redis with Lua support, for unit tests of logic."""
-    client = fakeredis.FakeRedis()
+    """An in-process fake Redis with Lua support, for unit tests of logic. It fails the test if the
+    code under test ran a MULTI block or a script on keys of several hash slots, which a Redis
+    Cluster refuses (tests/slotcheck.py)."""
+    client = SlotCheckedRedis()
     yield client
     client.close()
+    assert not client.cross_slot, f"would fail on Redis Cluster (CROSSSLOT): {client.cross_slot[:3]}"
 
 
 @pytest.fixture(params=["fake", "real"])

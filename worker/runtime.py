@@ -22,19 +22,28 @@ from worker.settings import Settings, load_settings
 from worker.setup.authorizations import AuthorizationNotFound, AuthorizationStore
 from worker.setup.crypto import SecretKeyError
 from worker.setup.jobs import ExportJob, JobStore
+from worker.store.connection import connect
 from worker.store.ratelimit import RateLimiter, api_key_hash
 
 log = logging.getLogger(__name__)
 
 #: Redis briefly unavailable. Tasks retry on these with backoff (their message is acknowledged only
 #: after they ran, acks_late, so nothing accepted is lost); steps that isolate one job's failure
-#: from the others let these through, since they concern every job.
-REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+#: from the others let these through, since they concern every job. On a Redis Cluster, also a
+#: failover under way (CLUSTERDOWN, a slot no node serves yet) and a slot being moved (TRYAGAIN),
+#: once the cluster client's own retries are spent.
+REDIS_DOWN = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.SlotNotCoveredError,
+)
 #: No command waits forever on a half-open connection (a failover, a NAT or firewall timeout):
 #: connecting gives up after 5 s, a reply after 15 s (every command here is a quick one or a short
 #: Lua script; none blocks), TCP keepalive notices a dead peer on an idle connection, and a
-#: connection idle for 30 s is checked with a PING before use. Each failure is one of REDIS_DOWN,
-#: retried like any other Redis outage.
+#: connection idle for 30 s is checked with a PING before use (one server only: a cluster client
+#: checks its nodes itself). Each failure is one of REDIS_DOWN, retried like any other Redis outage.
 REDIS_CLIENT_OPTIONS = {
     "socket_connect_timeout": 5.0,
     "socket_timeout": 15.0,
@@ -70,7 +79,7 @@ class Runtime:
         dispatcher: Dispatcher | None = None,
     ) -> None:
         self.settings = settings or load_settings()
-        self.redis = client or redis.Redis.from_url(self.settings.redis_url, **REDIS_CLIENT_OPTIONS)
+        self.redis = client or connect(self.settings.redis_url, **REDIS_CLIENT_OPTIONS)
         self._dispatcher = dispatcher
         self._clients: dict[str, _CachedClient] = {}
         self._lock = threading.Lock()

@@ -70,7 +70,7 @@ class SettingsError(Exception):
 #: What a valid value looks like, per variable, for errors raised by pydantic itself (a number that
 #: is not one, out of range...). Errors raised by the validators below carry their own text.
 _RULES = {
-    "REDIS_URL": "must be a redis://, rediss:// or unix:// URL",
+    "REDIS_URL": "must be a redis://, rediss:// or unix:// URL, or redis+cluster:// or rediss+cluster:// for a Redis Cluster",
     "CELERY_BROKER_URL": "must be a broker URL such as redis://host:6379/0 or amqp://user:password@host:5672//",
     "ATTENTIVE_API_URL": "must be an http:// or https:// URL",
     "LYTICS_API_URL": "must be an http:// or https:// URL",
@@ -89,6 +89,21 @@ _SECRETS = frozenset({"EXPORT_SECRET_KEY", "WEBHOOK_TOKEN"})
 #: Variables that may carry a password (``redis://:password@host``); it is masked in error messages.
 _URLS = frozenset({"REDIS_URL", "CELERY_BROKER_URL", "ATTENTIVE_API_URL", "LYTICS_API_URL"})
 _URL_PASSWORD = re.compile(r"(://[^/@:]*:)[^@/]*@")
+
+
+#: ``REDIS_URL`` schemes that name a node of a Redis Cluster (``worker.store.connection``), each
+#: with the scheme of a single server it speaks otherwise.
+REDIS_CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+#: Celery's Redis transport does not support Redis Cluster: its broker is a server of its own.
+_CLUSTER_BROKER = (
+    "Celery's Redis transport does not support Redis Cluster; give a plain Redis "
+    "(redis://host:6379/0) or RabbitMQ (amqp://user:password@host:5672//)"
+)
+
+
+def is_cluster_url(url: str) -> bool:
+    """Whether ``url`` names a Redis Cluster (``redis+cluster://`` or ``rediss+cluster://``)."""
+    return urlsplit(url).scheme.lower() in REDIS_CLUSTER_SCHEMES
 
 
 #: kombu transports (URL schemes) that speak to Redis, and to RabbitMQ (AMQP 0-9-1).
@@ -133,7 +148,8 @@ class Settings(BaseSettings):
         # in __init__ instead, so variables are read by their names only.
     )
 
-    #: All state: buffers, batches, jobs, authorizations, status.
+    #: All state: buffers, batches, jobs, authorizations, status. One server, or any node of a Redis
+    #: Cluster (``redis+cluster://host:port``: the client finds the other nodes).
     redis_url: str = Field(DEFAULT_REDIS_URL, validation_alias="REDIS_URL")
     #: Celery's broker; defaults to ``REDIS_URL``.
     broker_url: str = Field("", validation_alias="CELERY_BROKER_URL", validate_default=True)
@@ -200,7 +216,15 @@ class Settings(BaseSettings):
     @field_validator("redis_url", mode="before")
     @classmethod
     def _redis_scheme(cls, value: Any) -> Any:
-        if isinstance(value, str) and urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+        if not isinstance(value, str):
+            return value
+        parts = urlsplit(value)
+        if parts.scheme.lower() in REDIS_CLUSTER_SCHEMES:
+            if not parts.hostname:
+                raise ValueError("a Redis Cluster URL must name a node: redis+cluster://host:port")
+            if parts.path.strip("/") not in ("", "0"):
+                raise ValueError("a Redis Cluster has database 0 only: leave the path out")
+        elif parts.scheme not in ("redis", "rediss", "unix"):
             raise ValueError(_RULES["REDIS_URL"])
         return value
 
@@ -209,12 +233,17 @@ class Settings(BaseSettings):
     def _broker_url_shape(cls, value: Any) -> Any:
         if isinstance(value, str) and value and "://" not in value:
             raise ValueError(_RULES["CELERY_BROKER_URL"])
+        if isinstance(value, str) and is_cluster_url(value.split(";", 1)[0].strip()):
+            raise ValueError(f"cannot be a Redis Cluster: {_CLUSTER_BROKER}")
         return value
 
     @field_validator("broker_url", mode="after")
     @classmethod
     def _broker_defaults_to_redis(cls, value: str, info: ValidationInfo) -> str:
-        return value or str(info.data.get("redis_url", ""))
+        redis_url = str(info.data.get("redis_url", ""))
+        if not value and is_cluster_url(redis_url):
+            raise ValueError(f"must be set when REDIS_URL is a Redis Cluster: {_CLUSTER_BROKER}")
+        return value or redis_url
 
     @field_validator("attentive_api_url", "lytics_api_url", mode="before")
     @classmethod

@@ -33,6 +33,7 @@ from worker.dispatch import CeleryDispatcher
 from worker.setup import jobs as jobs_module
 from worker.setup.jobconfig import JobState
 from worker.setup.jobs import ExportJob
+from worker.store import keys
 
 pytestmark = pytest.mark.integration
 
@@ -143,7 +144,7 @@ def test_delete_after_a_real_run_leaves_no_key_of_the_job(
         "the doomed job's backfill and changes to be delivered",
     )
     bf.wait_settled(kept)
-    assert bf.redis.zscore("aex:backfill:due", f"{doomed_id}|lapsed") is not None
+    assert bf.redis.zscore(keys.backfill_due(doomed_id), "lapsed") is not None  # a key of the job's
 
     # A second wave is still in the pipeline (buffered, sent, being polled) when the job stops.
     received = bf.status(doomed)["counters"]["received"]

@@ -177,7 +177,7 @@ def test_start_records_the_run_sets_backfilling_and_dispatches_ids_only(world: W
     part = world.part(job)
     assert part["segment"] == "seg-vip" and part["at_ms"] == str(T0)
     assert part["finished"] == "0" and part["pages"] == "0"
-    assert world.redis.zscore(keys.backfill_due(), f"{job.id}|vip") == T0 + backfill.STALL_MS
+    assert world.redis.zscore(keys.backfill_due(job.id), "vip") == T0 + backfill.STALL_MS
     # Starting again does not restart (or rescan) the run.
     assert backfill.start(world.redis, world.jobs, job.id, world.dispatch) == []
     assert len(world.dispatch.backfills) == 1
@@ -219,7 +219,7 @@ def test_each_step_buffers_one_page_saves_the_token_and_the_last_one_makes_the_j
     part = world.part(job)
     assert (part["pages"], part["members"], part["finished"], part["total"]) == ("3", "250", "1", "250")
     assert world.jobs.get(job.id).state is JobState.RUNNING
-    assert world.redis.zscore(keys.backfill_due(), f"{job.id}|vip") is None
+    assert world.redis.zscore(keys.backfill_due(job.id), "vip") is None
     assert world.counters(job)["accepted"] == 250
     # Every member is an enter at the backfill's start, with the audience flag set.
     assert world.lww(job, "m7@x.io") == T0
@@ -349,7 +349,7 @@ def test_refused_token_halts_without_retry_storm_and_never_stores_the_token(worl
     assert len(world.lytics.requests) == 1
     stored = json.dumps(job_status(world.redis, job.id))
     assert TOKEN not in stored and "401" in stored
-    assert world.redis.zscore(keys.backfill_due(), f"{job.id}|vip") == T0 + backfill.HALT_RETRY_MS
+    assert world.redis.zscore(keys.backfill_due(job.id), "vip") == T0 + backfill.HALT_RETRY_MS
     assert world.jobs.get(job.id).state is JobState.BACKFILLING
 
 
@@ -366,7 +366,7 @@ def test_a_stopped_job_abandons_its_backfill(world: World) -> None:
     world.jobs.set_state(job.id, JobState.STOPPED)
     report = world.step(job)
     assert report.skipped == "job stopped" and report.next_in is None
-    assert world.redis.zscore(keys.backfill_due(), f"{job.id}|vip") is None
+    assert world.redis.zscore(keys.backfill_due(job.id), "vip") is None
 
 
 def test_a_paused_job_keeps_buffering_its_backfill_and_stays_paused(world: World) -> None:
@@ -397,7 +397,7 @@ def test_sweep_task_wiring_redrives_backfills(world: World, monkeypatch: pytest.
 
     job = world.job()
     world.dispatch.backfills.clear()
-    world.redis.zadd(keys.backfill_due(), {f"{job.id}|vip": 0})
+    world.redis.zadd(keys.backfill_due(job.id), {"vip": 0})
     monkeypatch.setattr(tasks.sweep, "runtime", lambda: Runtime(Settings(), world.redis, world.dispatch))
     tasks.sweep.sweep()  # the task as beat runs it, in this process
     assert world.dispatch.backfills == [(job.id, "vip", 0.0)]

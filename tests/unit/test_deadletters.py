@@ -120,11 +120,11 @@ def test_deadletter_cap_setting_default_and_bounds() -> None:
 
 def test_queue_commits_with_the_callers_other_writes_in_one_multi(fake_redis: fakeredis.FakeRedis) -> None:
     pipe = fake_redis.pipeline(transaction=True)
-    pipe.hset("other", "done", 1)
+    pipe.hset(keys.batch(JOB, 3), "done", 1)  # (a key of the job's: one MULTI, one Cluster slot)
     assert deadletters.queue(pipe, JOB, 3, dead(2), cap=10) == 2
     assert fake_redis.llen(keys.job_deadletters(JOB)) == 0  # nothing before EXEC
     pipe.execute()
-    assert fake_redis.hget("other", "done") == b"1"
+    assert fake_redis.hget(keys.batch(JOB, 3), "done") == b"1"
     assert deadletters.summary(fake_redis, JOB).by_reason == {"attentive_400": 2}
 
 

@@ -401,9 +401,7 @@ def test_a_change_cut_short_after_it_was_written_is_finished_by_the_sweep(
     assert world.dispatch.backfills == [(job.id, "@ops", 0.0)]
     world.step(job, "@ops")
     assert world.jobs.get(job.id).pending_ops == []
-    assert (
-        world.redis.zscore(keys.backfill_due(), f"{job.id}|winback") == T0 + backfill.OPS_GRACE_MS
-    )  # due now
+    assert world.redis.zscore(keys.backfill_due(job.id), "winback") == T0 + backfill.OPS_GRACE_MS  # due now
     world.run_to_end(job, "winback")
     assert world.lww(job, "m1@x.io", "winback") == T0 + backfill.OPS_GRACE_MS
 
@@ -450,7 +448,7 @@ def test_stop_with_teardown_sends_every_flag_false_then_stops(
     done = world.step(job, "@stop")
     assert done.finished and done.next_in is None
     assert world.jobs.get(job.id).state is JobState.STOPPED
-    assert world.redis.zscore(keys.backfill_due(), f"{job.id}|@stop") is None
+    assert world.redis.zscore(keys.backfill_due(job.id), "@stop") is None
 
 
 def test_a_job_paused_while_stopping_resumes_to_stopping(
@@ -498,7 +496,7 @@ def test_retry_now_redrives_a_halted_part_and_a_recovered_error_clears(
     world.dispatch.backfills.clear()
     assert ops.retry_now(world.redis, world.jobs, job.id, world.dispatch) == ["vip"]
     assert world.dispatch.backfills == [(job.id, "vip", 0.0)]
-    assert world.redis.zscore(keys.backfill_due(), f"{job.id}|vip") == T0 + backfill.STALL_MS
+    assert world.redis.zscore(keys.backfill_due(job.id), "vip") == T0 + backfill.STALL_MS
     world.run_to_end(job)
     vip = job_status(world.redis, job.id)["backfill"]["audiences"]["vip"]
     assert (vip["last_error"], vip["next_try_at_ms"], vip["errors"], vip["finished"]) == (None, None, 1, True)
@@ -530,5 +528,5 @@ def test_keep_removed_stops_the_removed_audiences_backfill_and_the_job_runs(
     assert applied.parts == [] and applied.job.state is JobState.RUNNING
     lapsed = world.part(job, "lapsed")
     assert lapsed["finished"] == "1" and lapsed["cancelled"] == "audience 'lapsed' was removed from the job"
-    assert world.redis.zscore(keys.backfill_due(), f"{job.id}|lapsed") is None
+    assert world.redis.zscore(keys.backfill_due(job.id), "lapsed") is None
     assert world.step(job, "lapsed").skipped == "already finished"

@@ -52,7 +52,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import redis
@@ -121,6 +121,8 @@ STOP_CHECK_SECONDS = 2.0
 #: A change's pending operations are turned into parts by the process that wrote it; if it died,
 #: the sweep does it this long after.
 OPS_GRACE_MS = 10_000
+#: Entries of the pre-cluster shared re-drive schedule each sweep moves to their jobs' own.
+LEGACY_DUE_STEP = 1000
 
 LyticsFactory = Callable[[str], LyticsClient]
 
@@ -168,10 +170,6 @@ class _PartRouter(JobStore):
         if self._teardown:
             return [job] if job.state in STEP_STATES else []
         return [job] if job.routed and audience in job.config.audiences else []
-
-
-def _due_member(job_id: str, part: str) -> str:
-    return f"{job_id}|{part}"
 
 
 def teardown_part(audience: str) -> str:
@@ -245,7 +243,7 @@ def start(
             },
         )
         pipe.sadd(keys.backfill_parts(job_id), part)
-        pipe.zadd(keys.backfill_due(), {_due_member(job_id, part): at + STALL_MS})
+        pipe.zadd(keys.backfill_due(job_id), {part: at + STALL_MS})
     pipe.execute()
     jobs.set_state(job_id, JobState.BACKFILLING)
     for part in parts:
@@ -309,12 +307,12 @@ def redrive(
     if errored_only:  # (only those waiting out an error)
         parts = [p for p in parts if client.hexists(keys.backfill_part(job_id, p), "last_error")]
     at = now if now is not None else now_ms()
-    due = {_due_member(job_id, part): at + STALL_MS for part in parts}
+    due = {part: at + STALL_MS for part in parts}
     stopping = jobs.get(job_id).state is JobState.STOPPING
     if stopping:
-        due[_due_member(job_id, STOP_PART)] = at + STALL_MS
+        due[STOP_PART] = at + STALL_MS
     if due:
-        client.zadd(keys.backfill_due(), due)
+        client.zadd(keys.backfill_due(job_id), due)
     for part in parts:
         # A part that finished since it was read: its step finds it finished and moves the job on.
         dispatcher.backfill(job_id, part)
@@ -347,12 +345,11 @@ def run_step(
     held; None: no limit. ``part`` may also be :data:`OPS_PART` (turn the job's pending operations
     into parts) or :data:`STOP_PART` (stop a stopping job once its teardown is delivered)."""
     report = StepReport()
-    due_member = _due_member(job_id, part)
     jobs = JobStore(client)
     try:
         job = jobs.get(job_id)
     except JobNotFound:
-        client.zrem(keys.backfill_due(), due_member)
+        client.zrem(keys.backfill_due(job_id), part)
         report.skipped = "job deleted"
         return report
     if part == OPS_PART:
@@ -364,11 +361,11 @@ def run_step(
         return report
     state = decode_hash(client.hgetall(keys.backfill_part(job_id, part)))
     if not state:
-        client.zrem(keys.backfill_due(), due_member)
+        client.zrem(keys.backfill_due(job_id), part)
         report.skipped = "no such backfill part"
         return report
     if state.get("finished") == "1":
-        client.zrem(keys.backfill_due(), due_member)
+        client.zrem(keys.backfill_due(job_id), part)
         report.finished = True
         report.skipped = "already finished"
         maybe_running(client, jobs, job_id)
@@ -559,9 +556,9 @@ def _save_page(
                 pipe.delete(consumed)
             if last:
                 pipe.hset(key, "finished_at_ms", now)
-                pipe.zrem(keys.backfill_due(), _due_member(job_id, part))
+                pipe.zrem(keys.backfill_due(job_id), part)
             else:
-                pipe.zadd(keys.backfill_due(), {_due_member(job_id, part): now + STALL_MS})
+                pipe.zadd(keys.backfill_due(job_id), {part: now + STALL_MS})
             pipe.execute()
             return True
         except WatchError:
@@ -650,7 +647,7 @@ def _file_step(
         pipe.hincrby(key, "members", len(lines))
         pipe.hset(key, "updated_at_ms", now_ms())
         pipe.hdel(key, "last_error", "last_error_at_ms")  # it recovered
-        pipe.zadd(keys.backfill_due(), {_due_member(job_id, part): now_ms() + STALL_MS})
+        pipe.zadd(keys.backfill_due(job_id), {part: now_ms() + STALL_MS})
         pipe.execute()
         if time.monotonic() > deadline:
             break
@@ -667,7 +664,7 @@ def _finish_file_part(client: redis.Redis, job_id: str, part: str) -> bool:
                 return False
             pipe.multi()
             pipe.hset(keys.backfill_part(job_id, part), mapping={"finished": 1, "finished_at_ms": now_ms()})
-            pipe.zrem(keys.backfill_due(), _due_member(job_id, part))
+            pipe.zrem(keys.backfill_due(job_id), part)
             pipe.execute()
             return True
         except WatchError:
@@ -680,9 +677,9 @@ def _record_error(client: redis.Redis, job_id: str, part: str, message: str, due
     pipe.hset(keys.backfill_part(job_id, part), mapping={"last_error": message, "last_error_at_ms": now})
     pipe.hincrby(keys.backfill_part(job_id, part), "errors", 1)
     if due_in_ms is None:
-        pipe.zrem(keys.backfill_due(), _due_member(job_id, part))
+        pipe.zrem(keys.backfill_due(job_id), part)
     else:
-        pipe.zadd(keys.backfill_due(), {_due_member(job_id, part): now + due_in_ms})
+        pipe.zadd(keys.backfill_due(job_id), {part: now + due_in_ms})
     pipe.execute()
 
 
@@ -729,7 +726,7 @@ def cancel_part(client: redis.Redis, job_id: str, part: str, reason: str) -> boo
             "run": secrets.token_hex(6),
         },
     )
-    pipe.zrem(keys.backfill_due(), _due_member(job_id, part))
+    pipe.zrem(keys.backfill_due(job_id), part)
     pipe.execute()
     _drop_chunks(client, job_id, state)
     if part == FILE_PART:
@@ -789,7 +786,7 @@ def _materialize(client: redis.Redis, job_id: str, op: dict[str, Any], now: int,
     pipe.delete(key)
     pipe.hset(key, mapping=fields)
     pipe.sadd(keys.backfill_parts(job_id), part)
-    pipe.zadd(keys.backfill_due(), {_due_member(job_id, part): due_at})
+    pipe.zadd(keys.backfill_due(job_id), {part: due_at})
     pipe.execute()
     return part
 
@@ -797,12 +794,12 @@ def _materialize(client: redis.Redis, job_id: str, op: dict[str, Any], now: int,
 def schedule_ops(client: redis.Redis, job_id: str) -> None:
     """Before writing a change with pending operations: the sweep turns them into parts if the
     writer dies before it does (a leftover entry with nothing pending just goes away)."""
-    client.zadd(keys.backfill_due(), {_due_member(job_id, OPS_PART): now_ms() + OPS_GRACE_MS})
+    client.zadd(keys.backfill_due(job_id), {OPS_PART: now_ms() + OPS_GRACE_MS})
 
 
 def schedule_stop_check(client: redis.Redis, job_id: str) -> None:
     """Before a job becomes stopping: the sweep checks it (:data:`STOP_PART`) even if no task does."""
-    client.zadd(keys.backfill_due(), {_due_member(job_id, STOP_PART): now_ms() + STALL_MS})
+    client.zadd(keys.backfill_due(job_id), {STOP_PART: now_ms() + STALL_MS})
 
 
 def activate_pending(
@@ -821,7 +818,7 @@ def activate_pending(
         try:
             job = jobs.get(job_id)
         except JobNotFound:
-            client.zrem(keys.backfill_due(), _due_member(job_id, OPS_PART))
+            client.zrem(keys.backfill_due(job_id), OPS_PART)
             return []
         ops = list(job.pending_ops)
         parts: list[str] = []
@@ -840,7 +837,7 @@ def activate_pending(
 
             with contextlib.suppress(JobNotFound):
                 jobs.modify(job_id, drop)
-        client.zrem(keys.backfill_due(), _due_member(job_id, OPS_PART))
+        client.zrem(keys.backfill_due(job_id), OPS_PART)
         if parts:
             jobs.set_state_if(job_id, JobState.BACKFILLING, only_from={JobState.RUNNING})
             if dispatcher is not None:
@@ -855,20 +852,19 @@ def activate_pending(
 def _stop_step(client: redis.Redis, jobs: JobStore, job: ExportJob, report: StepReport) -> None:
     """A stopping job becomes ``stopped`` once its teardown parts are finished and Attentive has
     completed every batch carrying them (nothing left open, queued, held or at Attentive)."""
-    due = _due_member(job.id, STOP_PART)
     if job.state is not JobState.STOPPING:
         if job.stop_after_teardown and job.state is JobState.PAUSED:
             # Paused (say a refused key): resuming goes back to stopping and re-drives this check.
-            client.zadd(keys.backfill_due(), {due: now_ms() + STALL_MS})
+            client.zadd(keys.backfill_due(job.id), {STOP_PART: now_ms() + STALL_MS})
             report.skipped = "paused while stopping"
         else:
-            client.zrem(keys.backfill_due(), due)
+            client.zrem(keys.backfill_due(job.id), STOP_PART)
             report.skipped = f"job is {job.state}"
         return
     if job.pending_ops:
         activate_pending(client, jobs, job.id)
     cancel_enter_parts(client, job.id, "the job is stopping: only its teardown is sent")
-    client.zadd(keys.backfill_due(), {due: now_ms() + STALL_MS})
+    client.zadd(keys.backfill_due(job.id), {STOP_PART: now_ms() + STALL_MS})
     report.next_in = STOP_CHECK_SECONDS
     if unfinished_parts(client, job.id):
         report.skipped = "teardown in progress"
@@ -880,7 +876,7 @@ def _stop_step(client: redis.Redis, jobs: JobStore, job: ExportJob, report: Step
         report.skipped = "waiting for the teardown to reach Attentive"
         return
     jobs.set_state_if(job.id, JobState.STOPPED, only_from={JobState.STOPPING})
-    client.zrem(keys.backfill_due(), due)
+    client.zrem(keys.backfill_due(job.id), STOP_PART)
     report.next_in = None
     report.finished = True
 
@@ -898,17 +894,50 @@ def _backlog_full(client: redis.Redis, job: ExportJob, max_queued_users: int) ->
 def redrive_stalled(
     client: redis.Redis, dispatcher: Dispatcher, now: int | None = None, limit: int = 100
 ) -> int:
-    """Dispatch a step for every part past its due time (its task was lost, or it is time to retry)."""
+    """Dispatch a step for every part past its due time (its task was lost, or it is time to retry).
+
+    Each job keeps its parts' schedule under its own hash tag (``keys.backfill_due``), written in
+    the same MULTI as the parts, so on a Redis Cluster it lives on the job's slot; this reads every
+    job's in one pipeline (one round trip per node). Up to ``limit`` parts per job.
+    """
     at = now if now is not None else now_ms()
-    due = [text(m) for m in client.zrangebyscore(keys.backfill_due(), "-inf", at, start=0, num=limit)]
+    job_ids = sorted(text(j) for j in client.hkeys(keys.jobs()))
+    _move_legacy_due(client, set(job_ids))
+    pipe = client.pipeline(transaction=False)
+    for job_id in job_ids:
+        pipe.zrangebyscore(keys.backfill_due(job_id), "-inf", at, start=0, num=limit)
+    due = {j: [text(p) for p in parts] for j, parts in zip(job_ids, pipe.execute(), strict=True) if parts}
     if not due:
         return 0
     # Push them forward first so the next sweep (a second later) does not dispatch them again.
-    client.zadd(keys.backfill_due(), dict.fromkeys(due, at + STALL_MS), xx=True)
-    for member in due:
-        job_id, _, part = member.partition("|")
-        dispatcher.backfill(job_id, part)
-    return len(due)
+    pipe = client.pipeline(transaction=False)
+    for job_id, parts in due.items():
+        pipe.zadd(keys.backfill_due(job_id), dict.fromkeys(parts, at + STALL_MS), xx=True)
+    pipe.execute()
+    for job_id, parts in due.items():
+        for part in parts:
+            dispatcher.backfill(job_id, part)
+    return sum(len(parts) for parts in due.values())
+
+
+def _move_legacy_due(client: redis.Redis, job_ids: set[str]) -> None:
+    """Move the entries of the one schedule all jobs shared before Redis Cluster support
+    (``keys.legacy_backfill_due``) into their jobs' own, keeping their times (entries of jobs no
+    longer in ``job_ids``, the job table, just go); added before removed, so a crash in between only
+    leaves an entry to move again. A no-op once it is gone."""
+    legacy = keys.legacy_backfill_due()
+    entries = cast(
+        "list[tuple[bytes, float]]", client.zrange(legacy, 0, LEGACY_DUE_STEP - 1, withscores=True)
+    )
+    if not entries:
+        return
+    pipe = client.pipeline(transaction=False)
+    for member, score in entries:
+        job_id, _, part = text(member).partition("|")
+        if job_id in job_ids:
+            pipe.zadd(keys.backfill_due(job_id), {part: score}, nx=True)
+    pipe.execute()
+    client.zrem(legacy, *(member for member, _score in entries))
 
 
 # --- file backfills ---------------------------------------------------------------------------------------
@@ -1032,7 +1061,7 @@ def enqueue_file(
     pipe.hsetnx(part_key, "started_at_ms", now)
     pipe.hset(part_key, mapping={"kind": FILE, "finished": 0, "updated_at_ms": now})
     pipe.sadd(keys.backfill_parts(job.id), FILE_PART)
-    pipe.zadd(keys.backfill_due(), {_due_member(job.id, FILE_PART): now + STALL_MS})
+    pipe.zadd(keys.backfill_due(job.id), {FILE_PART: now + STALL_MS})
     pipe.execute()
     dispatcher.backfill(job.id, FILE_PART)
 
@@ -1055,7 +1084,7 @@ def progress(client: redis.Redis, job_id: str) -> dict[str, Any] | None:
     pipe = client.pipeline(transaction=False)
     for part in parts:
         pipe.hgetall(keys.backfill_part(job_id, part))
-        pipe.zscore(keys.backfill_due(), _due_member(job_id, part))
+        pipe.zscore(keys.backfill_due(job_id), part)
     replies = pipe.execute()
     for n, part in enumerate(parts):
         state = decode_hash(replies[2 * n])

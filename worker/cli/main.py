@@ -41,6 +41,7 @@ from worker.setup.crypto import SecretKeyError, generate_secret_key
 from worker.setup.jobconfig import JobConfigError, JobState, load_job_config
 from worker.setup.jobs import ExportJob, JobError, JobStore
 from worker.store import keys
+from worker.store.connection import connect
 from worker.store.joberrors import BLOCKED_REASON
 from worker.store.replies import text as reply_text
 
@@ -55,8 +56,8 @@ class UserError(Exception):
 
 
 def _redis(settings: Settings) -> redis.Redis:
-    client = redis.Redis.from_url(settings.redis_url)
     try:
+        client = connect(settings.redis_url)
         client.ping()
     except redis.RedisError as exc:
         raise UserError(

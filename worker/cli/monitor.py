@@ -31,8 +31,8 @@ _CLEAR = "\x1b[H\x1b[2J"
 
 def _client(settings: Settings) -> redis.Redis | None:
     """A Redis client that answers, or None after one ``error:`` line on stderr."""
-    client = health.redis_client(settings.redis_url)
     try:
+        client = health.redis_client(settings.redis_url)  # (a cluster client connects at once)
         client.ping()
     except redis.RedisError as exc:
         print(f"error: cannot reach Redis at REDIS_URL={settings.redis_url}: {exc}", file=sys.stderr)
@@ -104,15 +104,20 @@ def _print_status(
 # --- health ------------------------------------------------------------------------------------------
 def cmd_health(args: argparse.Namespace, settings: Settings) -> int:
     """Run the checks of one component; print one line each; 0 when all pass, else 1."""
-    client = health.redis_client(settings.redis_url)
-    checks = health.run(
-        args.component,
-        client,
-        sweep_interval_seconds=settings.sweep_interval_seconds,
-        node=args.node,
-        max_age=args.max_age,
-        webhook_url=args.url,
-    )
+    try:
+        client = health.redis_client(settings.redis_url)
+    except redis.RedisError as exc:  # a Redis Cluster client asks for the cluster's layout at once
+        down = health.Check("redis", False, f"unreachable: {exc}")
+        checks = [health.check_webhook(args.url)] if args.component == "webhook" else [down]
+    else:
+        checks = health.run(
+            args.component,
+            client,
+            sweep_interval_seconds=settings.sweep_interval_seconds,
+            node=args.node,
+            max_age=args.max_age,
+            webhook_url=args.url,
+        )
     if not args.quiet:
         for check in checks:
             print(check.line())

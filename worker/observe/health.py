@@ -17,6 +17,7 @@ import httpx
 import redis
 
 from worker.observe import heartbeat
+from worker.store.connection import connect
 
 #: What ``attentive-export health`` can check, and the default (everything a deployment needs).
 COMPONENTS = ("service", "worker", "beat", "webhook")
@@ -36,7 +37,7 @@ class Check:
 
 def redis_client(url: str) -> redis.Redis:
     """A client that gives up quickly: a probe has a few seconds, not a minute."""
-    return redis.Redis.from_url(url, socket_connect_timeout=TIMEOUT_SECONDS, socket_timeout=TIMEOUT_SECONDS)
+    return connect(url, socket_connect_timeout=TIMEOUT_SECONDS, socket_timeout=TIMEOUT_SECONDS)
 
 
 def check_redis(client: redis.Redis) -> Check:

@@ -27,6 +27,7 @@ from celery.signals import after_task_publish, heartbeat_sent, worker_ready, wor
 from worker.dispatch import SWEEP_TASK
 from worker.observe import heartbeat
 from worker.settings import load_settings
+from worker.store.connection import connect
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def _redis() -> redis.Redis:
     global _client
     with _lock:
         if _client is None:
-            _client = redis.Redis.from_url(
+            _client = connect(
                 load_settings().redis_url,
                 socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
                 socket_timeout=REDIS_TIMEOUT_SECONDS,

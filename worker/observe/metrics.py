@@ -38,6 +38,7 @@ from worker.setup.authorizations import AuthorizationStore
 from worker.setup.jobconfig import JobState
 from worker.setup.jobs import ExportJob, JobStore
 from worker.store import keys
+from worker.store.connection import memory_info
 from worker.store.joberrors import BLOCKED_REASON, error_recovered
 from worker.store.ratelimit import DEFAULT_BURST
 from worker.store.replies import decode_hash, text
@@ -423,7 +424,7 @@ class ExportCollector(Collector):
             float(len(beats.workers_alive())),
         )
         try:
-            info = self._redis.info("memory")
+            info = memory_info(self._redis)
         except redis.ResponseError:  # INFO renamed or disabled (some managed Redis): no memory figures
             return
         used, maximum = _memory(info)

@@ -12,6 +12,7 @@ import redis
 
 from worker.observe import heartbeat
 from worker.store import keys
+from worker.store.connection import memory_info
 
 
 def service_status(
@@ -26,7 +27,7 @@ def service_status(
     beats = heartbeat.read(client, now)
     pending = client.zrange(keys.inbox_pending(), 0, 0, withscores=True)
     try:
-        memory = client.info("memory")
+        memory = memory_info(client)
     except redis.ResponseError:  # INFO disabled (some managed Redis)
         memory = {}
     return {

@@ -4,6 +4,11 @@ Producers (the webhook receiver, the CLI, backfill) write a chunk of raw JSON te
 ingest task with the chunk's id (DESIGN.md invariant 5: no personal data in broker messages). The
 chunk is deleted only after the ingest task has placed every transition in a job buffer, and the
 sweep re-drives chunks whose task was lost (invariant 1).
+
+A chunk and the pending set are written one after the other, never in one MULTI: on a Redis
+Cluster they live on different slots (chunks spread over the nodes by their ids). The order keeps
+what a crash in between leaves harmless: a pending entry comes before its chunk and goes after it,
+so at worst the sweep re-drives an id whose chunk is missing, which ingests nothing and drops it.
 """
 
 from __future__ import annotations
@@ -24,10 +29,8 @@ ORPHAN_AFTER_MS = 60_000
 def put_chunk(client: redis.Redis, lines: Sequence[str | bytes]) -> str:
     """Store raw JSON texts as one chunk and register it as pending; returns the chunk id."""
     chunk_id = f"{int(time.time() * 1000)}-{secrets.token_hex(6)}"
-    pipe = client.pipeline(transaction=True)
-    pipe.rpush(keys.inbox_chunk(chunk_id), *lines)
-    pipe.zadd(keys.inbox_pending(), {chunk_id: time.time() * 1000})
-    pipe.execute()
+    client.zadd(keys.inbox_pending(), {chunk_id: time.time() * 1000})
+    client.rpush(keys.inbox_chunk(chunk_id), *lines)
     return chunk_id
 
 
@@ -37,10 +40,8 @@ def read_chunk(client: redis.Redis, chunk_id: str) -> list[bytes | str]:
 
 def drop_chunk(client: redis.Redis, chunk_id: str) -> None:
     """Forget a chunk once every transition in it is in a buffer (or counted as rejected)."""
-    pipe = client.pipeline(transaction=True)
-    pipe.delete(keys.inbox_chunk(chunk_id))
-    pipe.zrem(keys.inbox_pending(), chunk_id)
-    pipe.execute()
+    client.delete(keys.inbox_chunk(chunk_id))
+    client.zrem(keys.inbox_pending(), chunk_id)
 
 
 def orphaned_chunks(client: redis.Redis, now_ms: int | None = None, limit: int = 100) -> list[str]:

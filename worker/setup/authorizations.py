@@ -271,7 +271,8 @@ class AuthorizationStore:
     # --- internals -------------------------------------------------------------------------------------
     def _transaction(self, body: Callable[[redis.client.Pipeline], _T]) -> _T:
         """Run ``body`` under WATCH on the hash and EXEC what it queued; retry if another writer won."""
-        with self._redis.pipeline() as pipe:
+        # transaction=True said out loud: a Redis Cluster client's pipelines default to no MULTI.
+        with self._redis.pipeline(transaction=True) as pipe:
             for _ in range(_MAX_TRANSACTION_ATTEMPTS):
                 try:
                     pipe.watch(self._key)  # type: ignore[no-untyped-call]

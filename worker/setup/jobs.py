@@ -402,7 +402,7 @@ class JobStore:
                 try:
                     pipe.watch(keys.jobs())  # type: ignore[no-untyped-call]
                     result = body(pipe)
-                    if pipe.explicit_transaction:
+                    if len(pipe):  # body queued writes after MULTI (on a cluster pipeline too)
                         pipe.execute()
                     return result
                 except redis.WatchError:

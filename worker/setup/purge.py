@@ -1,10 +1,12 @@
 """Removing every trace of an export job from Redis, for ``jobs delete``.
 
 A job's data lives in two places (``worker.store.keys``): keys under its hash tag ``{job:<id>}``
-(buffers, batches, schedules, counters, dead letters, backfill progress), and its members of
-global structures (the job table, the backfill re-drive schedule). The keys are found with SCAN
-on the hash tag, not from a list of names, so a per-job key added later is never left behind.
-Every step is idempotent: a purge interrupted half-way is finished by running it again.
+(buffers, batches, schedules, counters, dead letters, backfill progress and re-drives), and its
+members of global structures (the job table; the re-drive schedule all jobs shared before Redis
+Cluster support, until the sweep has moved it). The keys are found with SCAN on the hash tag, not
+from a list of names, so a per-job key added later is never left behind; on a Redis Cluster the
+client scans every master (they all sit on the one serving the job's slot). Every step is
+idempotent: a purge interrupted half-way is finished by running it again.
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ def purge_job_data(client: redis.Redis, job_id: str) -> Purged:
             batch.clear()
     if batch:
         purged.keys += int(client.unlink(*batch))
-    due = [m for m, _score in client.zscan_iter(keys.backfill_due(), match=keys.backfill_due_match(job_id))]
+    legacy = keys.legacy_backfill_due()
+    due = [m for m, _score in client.zscan_iter(legacy, match=keys.legacy_backfill_due_match(job_id))]
     if due:
-        purged.global_entries += int(client.zrem(keys.backfill_due(), *due))
+        purged.global_entries += int(client.zrem(legacy, *due))
     return purged

@@ -1,7 +1,20 @@
-"""Every Redis key this service writes, in one place.
+"""Every Redis key this service writes, in one place, and which keys share a Redis Cluster slot.
 
-All of a job's keys share the hash tag ``{job:<id>}`` so that the Lua scripts touching them run on one
-Redis Cluster slot. Global keys (registries, rate limiter) have their own tags.
+On a Redis Cluster (``worker.store.connection``) a script or a MULTI/EXEC may touch keys of one hash
+slot only. The keys that go together carry one hash tag (the part of a key name inside the first
+``{...}``, which alone decides its slot):
+
+* A job's keys: ``{job:<id>}``. Its buffer, batches, last-writer-wins buckets, schedules, counters,
+  dead letters and backfill progress live on one slot, so every buffer op is one script, and jobs
+  spread over the cluster's nodes by their ids.
+* An API key's rate limiter, 429 streak and poller: ``{rl:<key hash>}``.
+* The job table and its version counter: the counter's tag is the table's whole name, the slot a
+  key without a tag has, so a job change writes both in one MULTI (the table keeps its name).
+
+The rest are one key each, read or written alone or in pipelines without MULTI: the
+authorizations, the inbox chunks (spread by their ids) and its pending set, ingest counters,
+heartbeats and the sweep lock. None is on the hot path: they take a write per chunk or sweep,
+never one per change.
 """
 
 from __future__ import annotations
@@ -42,8 +55,12 @@ def jobs() -> str:
 
 
 def jobs_version() -> str:
-    """STRING: incremented on every job change, so processes know to reload their job table."""
-    return f"{PREFIX}:jobs:version"
+    """STRING: incremented on every job change, so processes know to reload their job table.
+
+    Its hash tag is :func:`jobs`'s whole name: on a Redis Cluster both share a slot, so a change
+    writes the table and the counter in one MULTI.
+    """
+    return f"{PREFIX}:{{{jobs()}}}:version"
 
 
 def ratelimit(key_hash: str) -> str:
@@ -274,13 +291,22 @@ def backfill_file_chunk(job_id: str, chunk_id: str) -> str:
     return _job(job_id, f"backfill:file:chunk:{chunk_id}")
 
 
-def backfill_due() -> str:
-    """ZSET: ``<job id>|<part>`` -> time (ms) after which the sweep re-drives the part if it made no progress."""
+def backfill_due(job_id: str) -> str:
+    """ZSET: part -> time (ms) after which the sweep re-drives the part if it made no progress.
+
+    Under the job's tag, so it is written in the same MULTI as the parts on a Redis Cluster too.
+    """
+    return _job(job_id, "backfill:due")
+
+
+def legacy_backfill_due() -> str:
+    """ZSET: ``<job id>|<part>`` -> time: every job's :func:`backfill_due` in one key, as releases
+    before Redis Cluster support kept it. The sweep moves its entries to their jobs and it goes."""
     return f"{PREFIX}:backfill:due"
 
 
-def backfill_due_match(job_id: str) -> str:
-    """ZSCAN ``MATCH`` pattern of one job's members of :func:`backfill_due`."""
+def legacy_backfill_due_match(job_id: str) -> str:
+    """ZSCAN ``MATCH`` pattern of one job's members of :func:`legacy_backfill_due`."""
     return f"{_glob_escape(job_id)}|*"
 
 

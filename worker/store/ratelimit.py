@@ -127,16 +127,15 @@ class RateLimiter:
         return int(wait_us) / _US
 
     def has_spare(self) -> bool:
-        """Whether a ``spare_only`` request would get a token now; takes nothing."""
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.time()
-        pipe.mget(self._keys)
-        (seconds, micros), (tat, backoff_until) = pipe.execute()
-        now = int(seconds) * _US + int(micros)
-        if int(backoff_until or 0) > now:
-            return False
-        # As in the script: allowed iff max(TAT, now) + T - T * (burst - reserve) <= now.
-        return int(tat or 0) <= now + self.interval_us * (min(self.burst, 2) - 1)
+        """Whether a ``spare_only`` request would get a token now; takes nothing.
+
+        Asked of the script itself (in look-only mode), so the answer uses the same rule and the same
+        clock as a grant: the Redis ``TIME`` of the node holding the schedule, whichever node of a
+        Redis Cluster this client would otherwise ask.
+        """
+        reserve = max(0, self.burst - 2)
+        wait_us, _now_us = self._acquire(keys=self._keys, args=[self.interval_us, self.burst, reserve, 1])
+        return int(wait_us) == 0
 
     def acquire(self, timeout: float, *, spare_only: bool = False) -> bool:
         """Block, sleeping the waits Redis hands out, until a token is taken or ``timeout`` seconds pass.

@@ -72,6 +72,7 @@ from worker.settings import (
     SettingsError,
     load_settings,
 )
+from worker.store.connection import connect
 
 log = logging.getLogger("worker.webhook.receiver")
 
@@ -509,7 +510,7 @@ def install_log_redaction(tokens: Iterable[str] = ()) -> None:
 # --- app -------------------------------------------------------------------------------------------
 def redis_client(url: str) -> redis.Redis:
     """Short timeouts: a hung Redis should turn into a 503 Lytics retries, not a hung request."""
-    return redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
+    return connect(url, socket_connect_timeout=2, socket_timeout=5)
 
 
 def create_app(

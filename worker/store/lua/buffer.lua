@@ -1,8 +1,18 @@
 -- One job's buffer, sealed batches and per-user ordering, as a single atomic script.
 --
 -- Every operation that changes which batch a user's change lives in runs here, so a worker killed at
--- any instruction leaves Redis either before or after the operation (DESIGN.md invariant 1). All keys
--- share the job's hash tag, so the script also runs on Redis Cluster.
+-- any instruction leaves Redis either before or after the operation (DESIGN.md invariant 1).
+--
+-- Redis Cluster: every key touched here carries the job's hash tag {job:<id>}, so all are on one slot,
+-- served by the node the call is routed to by its KEYS. Two kinds cannot be named before the script
+-- runs, so they are derived by appending to a name that holds the tag (same tag, same slot): batch
+-- keys, ARGV[3] .. bid (a seal takes the next id, a claim or reap finds ids in a list or set), and
+-- last-writer-wins buckets, KEYS[4] .. ':' .. n (the op itself may split buckets). Redis 7 runs such
+-- a script: one without a shebang may touch any key its node serves (a '#!lua' one, any of its
+-- declared keys' slot), and a key served by another node fails the call. The cluster test
+-- (tests/integration/test_redis_cluster.py) records every command this script runs on a 3-master
+-- cluster (MONITOR) and checks that each key touched is in the slot of the call's declared keys.
+-- Moving a job's slot to another node while workers run is not supported (README, Redis Cluster).
 --
 -- KEYS (same order for every op):
 --   1 open_entries HASH  user -> "|aud|aud|<TAB>[record,record]": audiences and records pending in the

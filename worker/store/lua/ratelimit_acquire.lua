@@ -7,6 +7,9 @@
 -- ARGV[3]  reserve r (optional, 0 <= r < b): burst slots this request may not use. With r = b - 2 a
 --          request goes only while the schedule runs at most one interval ahead of the clock, i.e.
 --          only on capacity nobody is queueing for (low-priority work such as job-status polls).
+-- ARGV[4]  '1' to only look: the answer a request would get now, with nothing taken (optional). On
+--          Redis TIME of the node holding KEYS, as every grant is (on a Redis Cluster another
+--          node's clock may differ).
 --
 -- Returns {wait_us, now_us}: wait_us = 0 means a token was taken at Redis time now_us; otherwise nothing
 -- was taken and wait_us (>= 1) is how long until the next token could be granted.
@@ -34,6 +37,9 @@ local new_tat = tat + interval
 local allow_at = new_tat - interval * burst
 if allow_at > now then
   return {allow_at - now, now}
+end
+if ARGV[4] == '1' then
+  return {0, now}
 end
 
 -- The key may expire once its TAT has passed: an absent TAT means "idle", which is what it means then.
