@@ -327,8 +327,8 @@ def test_a_batch_sealed_as_the_flush_stands_down_is_never_stranded(
         pipe.ingest(*(enter(e) for e in users(2)))
         request_flush(pipe.rt, job.id)
 
-    def claim_then_race(self: Any, lease_ms: int, now: int | None = None) -> Any:
-        got = claim(self, lease_ms, now)
+    def claim_then_race(self: Any, lease_ms: int, now: int | None = None, **hold: Any) -> Any:
+        got = claim(self, lease_ms, now, **hold)
         if got is None and not empty_claims:
             empty_claims.append(1)
             if sealed_before_standing_down:

@@ -98,6 +98,11 @@ class ClaimedBatch:
     #: Indices of users carried by Attentive jobs of an earlier send that are still unfinished: this
     #: send leaves them out, the poll follows those jobs.
     carried: frozenset[int] = frozenset()
+    #: The ``unknown:`` job the claim recorded for the send about to go out (every user neither
+    #: settled nor carried), '' for none: see :meth:`JobBuffer.claim`.
+    pending_send: str = ""
+    #: The hold (ms) that recorded send got, for the sends of a split that follow it.
+    hold_ms: int = 0
 
     @property
     def records(self) -> list[list[dict[str, Any]]]:
@@ -218,23 +223,29 @@ class JobBuffer:
         return [int(b) for b in self._run("seal_now")]
 
     # --- flush side -----------------------------------------------------------------------------
-    def claim(self, lease_ms: int, now: int | None = None) -> ClaimedBatch | None:
-        """Take the oldest sealed batch under a lease; None when nothing is ready."""
+    def claim(
+        self, lease_ms: int, now: int | None = None, hold_ms: int | None = None, slack_ms: int = 0
+    ) -> ClaimedBatch | None:
+        """Take the oldest sealed batch under a lease, with its entries; None when nothing is ready.
+
+        With ``hold_ms`` (the uncertain-send hold's floor) the send about to go out is recorded in the
+        same step as an ``unknown:`` job (:attr:`ClaimedBatch.pending_send`), held ``slack_ms`` longer
+        than :meth:`record_accepted` would hold it: one script call per batch instead of two.
+        """
         token = secrets.token_hex(8)
-        got = self._run("claim", token, lease_ms, now=now)
+        args: list[Any] = [token, lease_ms] if hold_ms is None else [token, lease_ms, hold_ms, slack_ms]
+        got = self._run("claim", *args, now=now)
         if got is None:
             return None
-        raw_bid, users_json, attempts, settled, left, carried = got
+        raw_bid, users_json, attempts, settled, left, carried, raw_entries, pending, hold = got
         bid = int(raw_bid)
         users: list[str] = orjson.loads(users_json)
-        try:
-            entries = self.entries(bid, users)
-        except LookupError:
-            # Never back to the front of the queue: it would be claimed again first, forever.
-            raise BatchDataMissing(bid, users) from None
-        except BaseException:
-            self._run("release", bid, token)
-            raise
+        entries: list[bytes] = []
+        for entry in raw_entries:
+            if entry is None:
+                # Never back to the front of the queue: it would be claimed again first, forever.
+                raise BatchDataMissing(bid, users)
+            entries.append(entry.encode() if isinstance(entry, str) else entry)
         return ClaimedBatch(
             bid,
             users,
@@ -244,6 +255,8 @@ class JobBuffer:
             frozenset(orjson.loads(settled)),
             int(left),
             frozenset(orjson.loads(carried)),
+            text(pending),
+            int(hold),
         )
 
     def release(self, batch: ClaimedBatch) -> bool:

@@ -121,7 +121,11 @@ def flush_job(rt: Runtime, job_id: str, budget_seconds: float = FLUSH_BUDGET_SEC
             log.info("job %s: worker shutting down; handing the flush over", job_id, extra={"job_id": job_id})
             break
         try:
-            batch = buffer.claim(int(rt.settings.lease_seconds * 1000))
+            batch = buffer.claim(
+                int(rt.settings.lease_seconds * 1000),
+                hold_ms=int(rt.settings.uncertain_send_hold_seconds * 1000),
+                slack_ms=int(TOKEN_WAIT_SECONDS * 1000),
+            )
         except BatchDataMissing as lost:
             _drop_lost_batch(rt, job, buffer, lost)
             continue
@@ -182,6 +186,7 @@ def _flush_batch(
     Only a send that achieved nothing is released back to the queue.
     """
     status_key = keys.job_status(job.id)
+    # The same users the claim recorded its pending send for (batch.pending_send).
     to_send = [i for i in range(len(batch.users)) if i not in batch.settled and i not in batch.carried]
     if not to_send:
         if batch.carried:  # an earlier send's jobs still carry the rest: follow them
@@ -192,13 +197,13 @@ def _flush_batch(
         client = rt.client_for(job)
         limiter = rt.limiter_for(job)
     except KEY_UNREADABLE as unreadable:  # deleted or saved with another key since this flush began
-        buffer.release(batch)
+        _unclaim(buffer, batch)
         return block_for_key(rt, job, unreadable)
     except BaseException:
-        buffer.release(batch)
+        _unclaim(buffer, batch)
         raise
     encoded = {i: entry_json(batch.entries[i]) for i in to_send}
-    hold_ms = _uncertain_hold_ms(rt, job.id)
+    hold_ms = batch.hold_ms or _uncertain_hold_ms(rt, job.id)
     sent = _submit_isolating(
         client,
         limiter,
@@ -208,6 +213,7 @@ def _flush_batch(
         record=lambda sub, replaces: buffer.record_accepted(batch.batch_id, sub, replaces),
         forget=lambda pending: buffer.forget_job(batch.batch_id, pending),
         uncertain_hold_ms=hold_ms,
+        recorded=batch.pending_send,
     )
     if sent.accepted:
         rt.redis.hincrby(status_key, "users_sent", sum(map(len, sent.accepted)))
@@ -261,6 +267,13 @@ def _flush_batch(
     raise exc
 
 
+def _unclaim(buffer: JobBuffer, batch: ClaimedBatch) -> None:
+    """Give a claimed batch back before anything was sent: its pending send never went out."""
+    if batch.pending_send:
+        buffer.forget_job(batch.batch_id, batch.pending_send)
+    buffer.release(batch)
+
+
 def _hand_to_poll(
     rt: Runtime, job: ExportJob, buffer: JobBuffer, batch: ClaimedBatch, refused: Mapping[int, str]
 ) -> bool:
@@ -309,6 +322,7 @@ def _submit_isolating(
     record: Callable[[dict[str, Any], str], bool],
     forget: Callable[[str], bool],
     uncertain_hold_ms: int,
+    recorded: str = "",
 ) -> _Sent:
     """POST ``users[i] for i in indices`` (JSON records); on a 400 split in halves until refused users
     are isolated.
@@ -318,17 +332,23 @@ def _submit_isolating(
     (``forget``) when refused or turned away. So a request whose answer never came, or whose worker
     died before the answer was recorded, still holds its users until any job it created has surely
     finished, and nothing that happens later (a 429 in the other half, a crash) can lose an
-    Attentive job id. The first other error ends the send and is returned, not raised.
+    Attentive job id. ``recorded`` names such an entry already written for the first request (all of
+    ``indices``: the claim writes it, :meth:`JobBuffer.claim`). The first other error ends the send
+    and is returned, not raised.
     """
     sent = _Sent()
     pending: list[list[int]] = [indices]
     try:
         while pending:
             idx = pending.pop()
+            unknown, recorded = recorded, ""
             if not limiter.acquire(TOKEN_WAIT_SECONDS):
+                if unknown:
+                    forget(unknown)  # it never went out
                 raise NoToken(limiter.next_wait)
-            unknown = f"unknown:{secrets.token_hex(8)}"
-            record({"id": unknown, "idx": idx, "until": now_ms() + uncertain_hold_ms}, "")
+            if not unknown:
+                unknown = f"unknown:{secrets.token_hex(8)}"
+                record({"id": unknown, "idx": idx, "until": now_ms() + uncertain_hold_ms}, "")
             started = time.monotonic()
             try:
                 job_id = client.submit_bulk_json([users[i] for i in idx])

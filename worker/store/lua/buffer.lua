@@ -687,10 +687,15 @@ elseif op == 'seal_now' then
     return sealed_now
 
 elseif op == 'claim' then
-    -- op args: owner token, lease (ms). Returns {bid, users, attempts, settled, sealed batches left,
-    -- indices carried by unfinished accepted jobs}
-    -- or nil; the caller reads the records from the batch's entries hash (immutable until the batch
-    -- completes).
+    -- op args: owner token, lease (ms), and optionally the uncertain-send hold's floor and slack (ms).
+    -- Returns {bid, users, attempts, settled, sealed batches left, indices carried by unfinished
+    -- accepted jobs, each user's entry (nil where missing), the pre-recorded send's id ('' for none),
+    -- its hold (ms)} or nil. Entries never change until the batch completes.
+    -- With a hold floor, the send about to go out (every user neither settled nor carried) is
+    -- recorded here as an "unknown:" job held max(floor, 2 x the longest Attentive job seen) + slack
+    -- from now (the slack covers the wait for a rate-limit token before the request leaves), the
+    -- step 'accepted' would otherwise take as a call of its own before each request: the flush
+    -- replaces it with Attentive's answer, and a worker dying in between leaves the users held.
     local token, lease = ARGV[5], tonumber(ARGV[6])
     while true do
         local bid = redis.call('LPOP', K_SEALED)
@@ -703,7 +708,34 @@ elseif op == 'claim' then
             redis.call('ZADD', K_LEASES, now + lease, bid)
             redis.call('HSET', K_STATUS, 'last_claim_at', now)
             local b = redis.call('HMGET', key, 'users', 'attempts', 'settled')
-            return {bid, b[1], b[2], b[3] or '[]', redis.call('LLEN', K_SEALED), carried_json(key)}
+            local carried = carried_json(key)
+            local users = cjson.decode(b[1])
+            local entries = hmget(key .. ':entries', users)
+            local unknown, hold = '', 0
+            if ARGV[7] then
+                local skip = {}
+                for _, i in ipairs(cjson.decode(b[3] or '[]')) do skip[i] = true end
+                for _, i in ipairs(cjson.decode(carried)) do skip[i] = true end
+                local idx = {}
+                for i = 0, #users - 1 do
+                    if not skip[i] then idx[#idx + 1] = i end
+                end
+                local longest = tonumber(redis.call('HGET', K_STATUS, 'longest_attentive_job_ms')) or 0
+                hold = math.max(tonumber(ARGV[7]), 2 * longest)
+                if #idx > 0 then
+                    unknown = 'unknown:' .. token
+                    local job = '{"id":"' .. unknown .. '","idx":[' .. table.concat(idx, ',') .. '],"until":'
+                        .. string.format('%d', now + hold + tonumber(ARGV[8])) .. '}'
+                    local raw = redis.call('HGET', key, 'attentive_jobs')
+                    if not raw or raw == '[]' then
+                        raw = '[' .. job .. ']'
+                    else
+                        raw = string.sub(raw, 1, -2) .. ',' .. job .. ']'
+                    end
+                    redis.call('HSET', key, 'attentive_jobs', raw)
+                end
+            end
+            return {bid, b[1], b[2], b[3] or '[]', redis.call('LLEN', K_SEALED), carried, entries, unknown, hold}
         end
         -- a stale id (batch already completed or re-queued twice) is dropped from the FIFO
     end
