@@ -83,6 +83,7 @@ _RULES = {
     "WEBHOOK_METHOD": f"must be one of {', '.join(WEBHOOK_METHODS)}",
     "DEADLETTER_CAP": f"must be a whole number of entries, at least 1 and at most {MAX_DEADLETTER_CAP}",
     "LOG_FORMAT": f"must be one of {', '.join(LOG_FORMATS)}",
+    "BACKFILL_FILE_MAX_STAGED_LINES": "must be a whole number of lines, at least 1",
 }
 #: Variables whose value never appears in an error message.
 _SECRETS = frozenset({"EXPORT_SECRET_KEY", "WEBHOOK_TOKEN"})
@@ -182,6 +183,12 @@ class Settings(BaseSettings):
     #: A backfill step waits while a job's sealed batches carry more users than this: a live change
     #: then waits behind at most this many (about 2 s of sending at full rate with the default).
     backfill_max_queued_users: int = Field(50_000, validation_alias="BACKFILL_MAX_QUEUED_USERS", ge=1)
+    #: A file backfill (``attentive-export backfill``) waits while this many of the job's file lines
+    #: are staged in Redis and not yet taken by a backfill step: at about 1 KB a line, 50,000 is
+    #: ~50 MB per job, yet ten steps of work ahead of the backfill (it never waits on the command).
+    backfill_file_max_staged_lines: int = Field(
+        50_000, validation_alias="BACKFILL_FILE_MAX_STAGED_LINES", ge=1
+    )
     #: How long a flush owns a claimed batch before the sweep hands it to another worker.
     lease_seconds: float = Field(60.0, validation_alias="FLUSH_LEASE_SECONDS", ge=1, allow_inf_nan=False)
     #: After a send whose answer never came (the connection dropped after the request went out),

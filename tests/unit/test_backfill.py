@@ -7,13 +7,22 @@ No Celery and no network: fakeredis, a recording dispatcher and a Lytics on ``ht
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import fakeredis
 import httpx
 import pytest
+import redis
 
+from tests.celeryproc import ROOT
+from tests.conftest import TEST_BROKER_URL, TEST_REDIS_URL
 from worker import shutdown
 from worker.backfill import steps as backfill
 from worker.backfill.steps import FILE_PART, FileBackfillError, FileReport, run_step
@@ -422,24 +431,6 @@ def test_file_lines_turn_profiles_into_enters_and_keep_transitions() -> None:
     assert (report.lines, report.profiles, report.transitions, report.skipped) == (5, 1, 1, 3)
 
 
-def test_a_profile_without_an_audience_is_refused_and_nothing_is_queued(world: World) -> None:
-    job = world.jobs.create(parse_job_config(config(backfill=None)), state=JobState.RUNNING)
-    report = FileReport()
-    lines = ['{"audience": "vip", "event": "enter", "at": 5, "user": {"email": "x@x.io"}}\n'] * 3 + [
-        '{"email": "p@x.io"}\n'
-    ]
-    with pytest.raises(FileBackfillError, match="line 4 is a profile"):
-        backfill.enqueue_file(
-            world.redis,
-            job,
-            backfill.file_lines(lines, ["vip"], None, T0, report),
-            report,
-            world.dispatch,
-            chunk_lines=2,
-        )
-    assert world.redis.keys("*backfill*") == [] and world.dispatch.backfills == []
-
-
 def test_file_backfill_is_chunked_stepped_and_finished(world: World) -> None:
     job = world.jobs.create(parse_job_config(config(backfill=None)), state=JobState.RUNNING)
     report = FileReport()
@@ -471,6 +462,250 @@ def test_file_backfill_is_chunked_stepped_and_finished(world: World) -> None:
     assert job_status(world.redis, job.id)["backfill"]["file"]["finished"] is False
     world.run_to_end(job, FILE_PART)
     assert world.lww(job, "f0@x.io", "lapsed") == T0 + 5
+
+
+def test_a_profile_without_an_audience_is_refused_and_nothing_is_queued(world: World) -> None:
+    """The whole file is read before anything is written: a bad line far past the first chunks
+    still leaves Redis as it was."""
+    job = world.jobs.create(parse_job_config(config(backfill=None)), state=JobState.RUNNING)
+    lines = ['{"audience": "vip", "event": "enter", "at": 5, "user": {"email": "x@x.io"}}\n'] * 25 + [
+        '{"email": "p@x.io"}\n'
+    ]
+    with pytest.raises(FileBackfillError, match="line 26 is a profile"):
+        backfill.backfill_file(
+            world.redis, job, lambda: lines, None, T0, world.dispatch, max_staged=None, chunk_lines=2
+        )
+    assert world.redis.keys("*backfill*") == [] and world.dispatch.backfills == []
+
+
+def file_job(world: World) -> ExportJob:
+    return world.jobs.create(parse_job_config(config(backfill=None)), state=JobState.RUNNING)
+
+
+def profiles(n: int, start: int = 0) -> list[str]:
+    return [json.dumps({"email": f"f{i}@x.io"}) for i in range(start, start + n)]
+
+
+def staged_lines(client: fakeredis.FakeRedis, job: ExportJob) -> int:
+    """The job's file lines in Redis right now: every queued chunk's length."""
+    queued = client.lrange(keys.backfill_file_queue(job.id), 0, -1)
+    return sum(int(client.llen(keys.backfill_file_chunk(job.id, c.decode()))) for c in queued)
+
+
+def test_a_file_is_streamed_under_the_cap_while_a_slow_backfill_takes_it(world: World) -> None:
+    """Invariant 8: however long the file, Redis holds at most the cap plus one chunk of it."""
+    job = file_job(world)
+    cap, chunk = 25, 10
+    samples: list[int] = []
+    seen: list[dict[str, Any]] = []
+
+    def slow_backfill(_seconds: float) -> None:
+        """Where the command sleeps: one step (one chunk: PAGES_PER_STEP is 1) per wait."""
+        samples.append(staged_lines(world.redis, job))
+        world.step(job, FILE_PART)
+        samples.append(staged_lines(world.redis, job))
+
+    report = backfill.backfill_file(
+        world.redis,
+        job,
+        lambda: profiles(200),
+        "lapsed",
+        T0,
+        world.dispatch,
+        max_staged=cap,
+        chunk_lines=chunk,
+        on_wait=lambda p: seen.append({"progress": p, **job_status(world.redis, job.id)["backfill"]["file"]}),
+        sleep=slow_backfill,
+    )
+    assert (report.staged, report.total, report.chunks, report.profiles) == (200, 200, 20, 200)
+    assert max(samples) <= cap + chunk and max(samples) >= cap  # it reached the cap and waited there
+    assert len(seen) >= 15 and world.dispatch.backfills == [(job.id, FILE_PART, 0.0)]  # dispatched once
+    first = seen[0]
+    assert first["progress"] == backfill.StreamProgress(30, 200, 30, cap, "running")
+    assert (first["lines_staged"], first["lines_total"], first["streaming"]) == (30, 200, True)
+    assert first["finished"] is False
+    world.run_to_end(job, FILE_PART)
+    file_part = job_status(world.redis, job.id)["backfill"]["file"]
+    assert (file_part["members"], file_part["finished"], file_part["last_error"]) == (200, True, None)
+    assert (file_part["lines_staged"], file_part["lines_waiting"], file_part["streaming"]) == (200, 0, False)
+    assert file_part["incomplete"] is False
+    assert all(world.lww(job, f"f{i}@x.io", "lapsed") == T0 for i in range(200))
+    assert world.redis.keys("*backfill:file:chunk*") == []
+
+
+def test_the_part_does_not_finish_while_the_command_is_still_streaming(world: World) -> None:
+    job = file_job(world)
+    checks: list[backfill.StepReport] = []
+
+    def lines() -> Iterator[bytes]:
+        report = FileReport()
+        yield from backfill.file_lines(profiles(10), ["lapsed"], "lapsed", T0, report)
+        # The first chunk is staged; the command reads on slowly. The backfill takes the chunk...
+        checks.append(world.step(job, FILE_PART))
+        # ...and finds nothing more, but the command's mark is live: the part stays open.
+        checks.append(world.step(job, FILE_PART))
+        yield from backfill.file_lines(profiles(10, 10), ["lapsed"], "lapsed", T0, report)
+
+    backfill.enqueue_file(world.redis, job, lines(), FileReport(total=20), world.dispatch, chunk_lines=10)
+    took, waited = checks
+    assert took.members == 10 and not took.finished
+    assert (waited.members, waited.finished, waited.next_in) == (0, False, backfill.PRODUCER_WAIT_SECONDS)
+    assert waited.skipped == "waiting for `attentive-export backfill` to stage more lines"
+    assert world.part(job, FILE_PART)["finished"] == "0"
+    world.run_to_end(job, FILE_PART)  # the command ended (its mark is gone): the rest, then finished
+    part = world.part(job, FILE_PART)
+    assert (part["members"], part["finished"], part.get("last_error")) == ("20", "1", None)
+
+
+def test_a_command_that_died_lets_the_part_finish_and_says_how_far_it_got(world: World) -> None:
+    """Its mark expires: the part finishes with what arrived and says how to send the rest."""
+    job = file_job(world)
+    at_ms = 1_790_000_000_123
+    finished: list[backfill.StepReport] = []
+
+    def lines() -> Iterator[bytes]:
+        report = FileReport()
+        yield from backfill.file_lines(profiles(10), ["lapsed"], "lapsed", at_ms, report)
+        time.sleep(0.3)  # frozen past its mark's life (as if killed): the backfill goes on
+        finished.extend(world.step(job, FILE_PART) for _ in range(2))
+        yield from backfill.file_lines(profiles(20, 10), ["lapsed"], "lapsed", at_ms, report)
+
+    with pytest.raises(backfill.FileStreamError, match="lost its producer mark") as info:
+        backfill.enqueue_file(
+            world.redis,
+            job,
+            lines(),
+            FileReport(total=30),
+            world.dispatch,
+            chunk_lines=10,
+            at_ms=at_ms,
+            at_defaulted=True,
+            mark_ttl=0.2,
+        )
+    assert "after 10 of 30 lines were staged" in str(info.value)
+    assert finished[0].members == 10 and finished[1].finished
+    file_part = job_status(world.redis, job.id)["backfill"]["file"]
+    assert (file_part["finished"], file_part["incomplete"], file_part["members"]) == (True, True, 10)
+    error = file_part["last_error"]
+    assert error.startswith(
+        "file backfill incomplete: the `attentive-export backfill` command stopped (killed, or cut off"
+    )
+    assert "after staging 10 of 30 lines (those are sent)" in error
+    assert "to send the rest, run the same command again with --at 2026-09-21T14:13:20.123Z (safe" in error
+    assert "stale duplicates" in error and "--at was not given" in error
+    assert world.redis.keys("*backfill:file:chunk*") == []  # the late chunk was never written
+
+
+def test_ctrl_c_ends_the_stream_where_it_is_and_the_part_finishes_with_what_was_staged(world: World) -> None:
+    job = file_job(world)
+    report = FileReport()
+
+    def interrupt(_seconds: float) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        backfill.backfill_file(
+            world.redis,
+            job,
+            lambda: profiles(50),
+            "lapsed",
+            T0,
+            world.dispatch,
+            max_staged=20,
+            chunk_lines=10,
+            sleep=interrupt,
+            report=report,
+        )
+    assert (report.staged, report.total) == (20, 50)
+    assert world.redis.keys("*backfill:file:producer*") == []  # the part need not wait out the mark
+    assert world.part(job, FILE_PART)["stream_state"] == "interrupted"
+    world.run_to_end(job, FILE_PART)
+    part = world.part(job, FILE_PART)
+    assert (part["members"], part["finished"]) == ("20", "1")
+    assert "command was interrupted after staging 20 of 50 lines" in part["last_error"]
+    assert "--at was not given" not in part["last_error"]
+
+
+def test_a_cancelled_file_part_stops_the_command(world: World) -> None:
+    job = file_job(world)
+
+    def cancel(_progress: backfill.StreamProgress) -> None:
+        backfill.cancel_part(world.redis, job.id, FILE_PART, "the job is stopping: only its teardown is sent")
+
+    with pytest.raises(backfill.FileStreamError, match=r"cancelled \(the job is stopping"):
+        backfill.backfill_file(
+            world.redis,
+            job,
+            lambda: profiles(50),
+            "lapsed",
+            T0,
+            world.dispatch,
+            max_staged=20,
+            chunk_lines=10,
+            on_wait=cancel,
+            sleep=lambda s: None,
+        )
+    assert world.redis.keys("*backfill:file:chunk*") == [] and world.redis.keys("*producer*") == []
+
+
+def test_one_command_streams_into_a_job_at_a_time(world: World) -> None:
+    job = file_job(world)
+    world.redis.set(keys.backfill_file_producer(job.id), "another", px=30_000)
+    with pytest.raises(backfill.FileStreamError, match="another `attentive-export backfill` is streaming"):
+        backfill.backfill_file(
+            world.redis, job, lambda: profiles(5), "lapsed", T0, world.dispatch, max_staged=None
+        )
+    assert world.redis.keys("*backfill:file:chunk*") == [] and world.dispatch.backfills == []
+
+
+def test_ctrl_c_in_the_command_is_one_line_saying_how_to_send_the_rest(
+    real_redis: redis.Redis, tmp_path: Path
+) -> None:
+    """The real command, interrupted with SIGINT while it waits for room: no traceback, exit 130."""
+    job = file_job_on(real_redis)
+    data = tmp_path / "members.jsonl"
+    data.write_text("\n".join(profiles(3000)) + "\n")
+    env = {
+        **os.environ,
+        "REDIS_URL": TEST_REDIS_URL,
+        "CELERY_BROKER_URL": TEST_BROKER_URL,
+        "BACKFILL_FILE_MAX_STAGED_LINES": "1000",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker.cli.main", "backfill", job.id, "--audience", "lapsed", str(data)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        waiting = proc.stderr.readline()  # no worker takes the lines: it waits at the cap
+        assert waiting.startswith(
+            "staged 1,000 of 3,000 lines; waiting for the backfill to catch up (1,000 staged"
+        )
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 130 and out == ""
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(
+        f"interrupted: staged 1,000 of 3,000 lines of {data} into job {job.id}; they will be sent"
+    )
+    assert "; to send the rest, run the same command again with --at " in err and "--at was not given" in err
+    assert not real_redis.exists(keys.backfill_file_producer(job.id))
+    while not run_step(real_redis, job.id, FILE_PART).finished:
+        pass
+    part = decode_hash(real_redis.hgetall(keys.backfill_part(job.id, FILE_PART)))
+    assert part["members"] == "1000" and "was interrupted after staging 1,000 of 3,000" in part["last_error"]
+    redis.Redis.from_url(TEST_BROKER_URL).flushdb()  # the step task the command queued
+
+
+def file_job_on(client: redis.Redis) -> ExportJob:
+    return JobStore(client).create(parse_job_config(config(backfill=None)), state=JobState.RUNNING)
 
 
 def test_status_shows_progress_per_audience(world: World) -> None:

@@ -56,6 +56,7 @@ VARIABLES = (
     "WEBHOOK_METHOD",
     "DEADLETTER_CAP",
     "BACKFILL_MAX_QUEUED_USERS",
+    "BACKFILL_FILE_MAX_STAGED_LINES",
     "LOG_FORMAT",
 )
 
@@ -77,6 +78,7 @@ DEFAULTS: dict[str, Any] = {
     "webhook_method": "POST",
     "deadletter_cap": 100_000,
     "backfill_max_queued_users": 50_000,
+    "backfill_file_max_staged_lines": 50_000,
     "log_format": "text",
 }
 
@@ -138,6 +140,7 @@ def test_every_readme_variable_is_a_setting() -> None:
         ("SWEEP_INTERVAL_SECONDS", "0.5", "sweep_interval_seconds", 0.5),
         ("WEBHOOK_MAX_BYTES", "2048", "webhook_max_bytes", 2048),
         ("WEBHOOK_METHOD", " put ", "webhook_method", "PUT"),
+        ("BACKFILL_FILE_MAX_STAGED_LINES", "5000", "backfill_file_max_staged_lines", 5000),
     ],
 )
 def test_each_variable_is_parsed(variable: str, raw: str, attribute: str, expected: Any) -> None:
@@ -264,6 +267,8 @@ def test_the_one_line_for_a_rate_that_is_not_a_number() -> None:
         ("WEBHOOK_MAX_BYTES", "5MB", "must be a whole number of bytes, at least 1 (got '5MB')"),
         ("WEBHOOK_MAX_BYTES", "0", "must be a whole number of bytes, at least 1 (got '0')"),
         ("WEBHOOK_METHOD", "OPTIONS", "must be one of POST, GET, PUT, PATCH, DELETE (got 'OPTIONS')"),
+        ("BACKFILL_FILE_MAX_STAGED_LINES", "0", "must be a whole number of lines, at least 1 (got '0')"),
+        ("BACKFILL_FILE_MAX_STAGED_LINES", "5k", "must be a whole number of lines, at least 1 (got '5k')"),
     ],
 )
 def test_a_bad_value_is_one_line_naming_the_variable(variable: str, raw: str, says: str) -> None:

@@ -36,6 +36,12 @@ describe the job's start, not a change at the source. A teardown's exits reach t
 the audience is no longer routed to it (it was removed, or the job is stopping): they are the
 job's own doing, not routing.
 
+A file (``@file``) is streamed, never staged whole (DESIGN.md invariant 8): the command reads it
+through once writing nothing (a bad file changes nothing), then again writing chunks the steps take
+at once, waiting while ``BACKFILL_FILE_MAX_STAGED_LINES`` of the job's lines are in Redis. Its
+producer mark keeps the part from finishing meanwhile; if the command dies, the mark expires and
+the part finishes with what arrived, recording how far it got (:func:`enqueue_file`).
+
 When every part is finished, a job still in ``backfilling`` becomes ``running``. A job paused
 meanwhile (for example by a refused Attentive key) keeps buffering its backfill like any other
 change and stays paused until an operator resumes it (:func:`resume`): back to ``backfilling``
@@ -46,12 +52,14 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import datetime as dt
 import os
 import secrets
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, cast
 
 import orjson
@@ -116,6 +124,15 @@ RETRY_SECONDS = 30.0
 HALT_RETRY_MS = 600_000
 #: Lines per file-backfill chunk (one step ingests up to PAGES_PER_STEP chunks).
 FILE_CHUNK_LINES = 1000
+#: A file stream's producer mark lives this long unless renewed: the command renews it with every
+#: chunk and every PRODUCER_RENEW_SECONDS while it waits, so a command that died lets its part
+#: finish this long after.
+PRODUCER_TTL_SECONDS = 30.0
+PRODUCER_RENEW_SECONDS = 5.0
+#: How often a command waiting for room looks whether the backfill took enough of its lines.
+PRODUCER_POLL_SECONDS = 0.25
+#: A step that took every staged chunk while the command still streams looks again after this.
+PRODUCER_WAIT_SECONDS = 1.0
 #: How often a stopping job checks whether its teardown reached Attentive.
 STOP_CHECK_SECONDS = 2.0
 #: A change's pending operations are turned into parts by the process that wrote it; if it died,
@@ -628,8 +645,16 @@ def _file_step(
             return
         head = client.lindex(queue, 0)
         if head is None:
-            if _finish_file_part(client, job_id, part):
+            outcome = _finish_file_part(client, job_id, part)
+            if outcome is _FileOutcome.FINISHED:
                 report.finished = True
+                return
+            if outcome is _FileOutcome.PRODUCING:
+                # Every staged chunk is taken but a command is still streaming the file: not finished.
+                client.zadd(keys.backfill_due(job_id), {part: now_ms() + STALL_MS})
+                if not report.pages:
+                    report.skipped = "waiting for `attentive-export backfill` to stage more lines"
+                report.next_in = PRODUCER_WAIT_SECONDS
                 return
             continue  # a chunk arrived meanwhile
         chunk_id = text(head)
@@ -645,6 +670,7 @@ def _file_step(
         pipe.delete(chunk_key)
         pipe.hincrby(key, "pages", 1)
         pipe.hincrby(key, "members", len(lines))
+        pipe.hincrby(key, LINES_WAITING, -len(lines))  # room for the streaming command
         pipe.hset(key, "updated_at_ms", now_ms())
         pipe.hdel(key, "last_error", "last_error_at_ms")  # it recovered
         pipe.zadd(keys.backfill_due(job_id), {part: now_ms() + STALL_MS})
@@ -654,21 +680,40 @@ def _file_step(
     report.next_in = 0.0
 
 
-def _finish_file_part(client: redis.Redis, job_id: str, part: str) -> bool:
-    """Mark the file part finished unless a producer appended a chunk meanwhile (checked atomically)."""
+class _FileOutcome(Enum):
+    FINISHED = "finished"
+    #: A chunk arrived meanwhile: take it.
+    ARRIVED = "arrived"
+    #: The queue is empty but a command still streams the file (its producer mark is live).
+    PRODUCING = "producing"
+
+
+def _finish_file_part(client: redis.Redis, job_id: str, part: str) -> _FileOutcome:
+    """Mark the file part finished unless a chunk arrived or a command is still streaming into it
+    (checked atomically). A stream that ended before staging its whole file (the command was
+    interrupted, or died and its mark expired) is recorded as the part's last error."""
     queue = keys.backfill_file_queue(job_id)
+    mark = keys.backfill_file_producer(job_id)
+    key = keys.backfill_part(job_id, part)
     with client.pipeline(transaction=True) as pipe:
         try:
-            pipe.watch(queue)  # type: ignore[no-untyped-call]
+            pipe.watch(queue, mark, key)  # type: ignore[no-untyped-call]
             if pipe.llen(queue):
-                return False
+                return _FileOutcome.ARRIVED
+            if pipe.exists(mark):
+                return _FileOutcome.PRODUCING
+            error = unfinished_stream(decode_hash(pipe.hgetall(key)))
+            now = now_ms()
             pipe.multi()
-            pipe.hset(keys.backfill_part(job_id, part), mapping={"finished": 1, "finished_at_ms": now_ms()})
+            pipe.hset(key, mapping={"finished": 1, "finished_at_ms": now, LINES_WAITING: 0})
+            if error:
+                pipe.hset(key, mapping={"last_error": error, "last_error_at_ms": now})
+                pipe.hincrby(key, "errors", 1)
             pipe.zrem(keys.backfill_due(job_id), part)
             pipe.execute()
-            return True
+            return _FileOutcome.FINISHED
         except WatchError:
-            return False
+            return _FileOutcome.ARRIVED
 
 
 def _record_error(client: redis.Redis, job_id: str, part: str, message: str, due_in_ms: int | None) -> None:
@@ -723,9 +768,12 @@ def cancel_part(client: redis.Redis, job_id: str, part: str, reason: str) -> boo
             "cancelled": reason,
             "finished_at_ms": now,
             "updated_at_ms": now,
+            # A new run: a step finishing a page saves nothing, a streaming command stops.
             "run": secrets.token_hex(6),
         },
     )
+    if part == FILE_PART:
+        pipe.hset(key, LINES_WAITING, 0)  # its chunks go below
     pipe.zrem(keys.backfill_due(job_id), part)
     pipe.execute()
     _drop_chunks(client, job_id, state)
@@ -944,6 +992,21 @@ def _move_legacy_due(client: redis.Redis, job_ids: set[str]) -> None:
 #: Why a backfill file line is left out (besides the reasons of ``worker.mapping.transitions``).
 AUDIENCE_NOT_EXPORTED = "audience_not_exported"
 
+#: Fields of the ``@file`` part about the file streamed into it (:func:`enqueue_file`). Lines staged
+#: in Redis and not yet taken by a step: what ``BACKFILL_FILE_MAX_STAGED_LINES`` caps.
+LINES_WAITING = "lines_waiting"
+#: The latest stream: lines it stages in all (blank if unknown), staged so far, its state, its time.
+STREAM_TOTAL = "stream_total"
+STREAM_STAGED = "stream_staged"
+STREAM_STATE = "stream_state"
+STREAM_AT_MS = "stream_at_ms"
+STREAM_AT_DEFAULTED = "stream_at_defaulted"
+#: Stream states: still ``streaming`` when the command died (its mark then expires).
+STREAMING = "streaming"
+STREAM_DONE = "done"
+STREAM_INTERRUPTED = "interrupted"
+STREAM_FAILED = "failed"
+
 
 @dataclass
 class FileReport:
@@ -955,10 +1018,30 @@ class FileReport:
     skipped: int = 0
     #: Why lines were left out: reason -> count (every skipped line has one).
     reasons: Counter[str] = field(default_factory=Counter)
+    #: Lines the whole input stages (known once it was read through) and lines staged so far.
+    total: int | None = None
+    staged: int = 0
 
     def skip(self, reason: str) -> None:
         self.skipped += 1
         self.reasons[reason] += 1
+
+
+class FileStreamError(RuntimeError):
+    """A file could not be streamed into the job, or stopped before every line was staged;
+    ``str(exc)`` says why and how far it got (what was staged is sent)."""
+
+
+@dataclass(frozen=True)
+class StreamProgress:
+    """Where a stream waiting for room is (for the command's progress line)."""
+
+    staged: int
+    total: int | None
+    #: The job's file lines in Redis not yet taken by the backfill, and their cap.
+    waiting: int
+    cap: int
+    job_state: str
 
 
 def file_lines(
@@ -1018,6 +1101,69 @@ def file_lines(
         yield prefix + line + b"}"
 
 
+def check_file(
+    lines: Iterable[str | bytes], audiences: Iterable[str], audience: str | None, at_ms: int
+) -> FileReport:
+    """Read a whole backfill file as :func:`file_lines` does, writing nothing: its counts (``total``:
+    the lines it would stage), or :class:`FileBackfillError`."""
+    report = FileReport()
+    for _ in file_lines(lines, audiences, audience, at_ms, report):
+        pass
+    report.total = report.profiles + report.transitions
+    return report
+
+
+def backfill_file(
+    client: redis.Redis,
+    job: ExportJob,
+    read: Callable[[], Iterable[str | bytes]],
+    audience: str | None,
+    at_ms: int,
+    dispatcher: Dispatcher,
+    *,
+    max_staged: int | None,
+    at_defaulted: bool = False,
+    chunk_lines: int = FILE_CHUNK_LINES,
+    on_wait: Callable[[StreamProgress], None] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    report: FileReport | None = None,
+) -> FileReport:
+    """Backfill a job from a file: all or nothing for a bad file, then streamed under a cap.
+
+    ``read()`` gives the file's lines from the start each time. It is read whole once writing
+    nothing, so a :class:`FileBackfillError` leaves Redis as it was; then read again and streamed
+    (:func:`enqueue_file`): Redis holds at most ``max_staged`` + one chunk of it at a time.
+    ``report`` (returned) is filled as it goes, so a caller interrupted meanwhile sees how far it got.
+    """
+    report = report if report is not None else FileReport()
+    checked = check_file(read(), job.config.audiences, audience, at_ms)
+    if not checked.total:  # nothing to stage (every line skipped, or none): the check's counts
+        for name in ("lines", "profiles", "transitions", "skipped", "reasons", "total"):
+            setattr(report, name, getattr(checked, name))
+        return report
+    report.total = checked.total
+    try:
+        enqueue_file(
+            client,
+            job,
+            file_lines(read(), job.config.audiences, audience, at_ms, report),
+            report,
+            dispatcher,
+            chunk_lines,
+            max_staged=max_staged,
+            at_ms=at_ms,
+            at_defaulted=at_defaulted,
+            on_wait=on_wait,
+            sleep=sleep,
+        )
+    except FileBackfillError as exc:  # it changed since it was checked
+        raise FileStreamError(
+            f"the input changed while it was read ({exc}) after {report.staged:,} of "
+            f"{checked.total:,} lines were staged"
+        ) from None
+    return report
+
+
 def enqueue_file(
     client: redis.Redis,
     job: ExportJob,
@@ -1025,45 +1171,261 @@ def enqueue_file(
     report: FileReport,
     dispatcher: Dispatcher,
     chunk_lines: int = FILE_CHUNK_LINES,
+    *,
+    max_staged: int | None = None,
+    at_ms: int | None = None,
+    at_defaulted: bool = False,
+    on_wait: Callable[[StreamProgress], None] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    mark_ttl: float = PRODUCER_TTL_SECONDS,
 ) -> None:
-    """Store the lines as chunks of the job's ``@file`` part and dispatch a step.
+    """Stream lines into the job's ``@file`` part as chunks, each taken by the backfill as soon as
+    it is written; the step is dispatched once, with the first chunk.
 
-    Nothing becomes visible to the backfill until the whole input was read: if reading fails
-    midway (a profile without an audience), the chunks written so far are deleted.
+    While ``max_staged`` or more of the job's file lines wait in Redis (None: no cap), this waits
+    (``sleep``, calling ``on_wait``), so Redis holds at most ``max_staged`` + one chunk of a file
+    however long it is. A producer mark (one stream per job at a time) keeps the part from finishing
+    while this runs; each chunk is written only while the mark is still this call's. If the process
+    dies, the mark expires after ``mark_ttl`` and the part finishes with what arrived, recording how
+    far the stream got (:func:`unfinished_stream`); on an exception (Ctrl-C too) the stream is marked
+    ended there and the exception goes on. Lines are not validated here: what was staged before a
+    bad line stays, so check the file first (:func:`backfill_file`). ``report.staged`` counts what
+    was staged, read back from Redis when the stream ended early.
     """
-    written: list[str] = []
+    stream = _FileStream(client, job.id, report, max_staged, mark_ttl, on_wait, sleep)
+    state = STREAM_FAILED
     batch: list[bytes] = []
-
-    def put() -> None:
-        chunk_id = f"{now_ms()}-{secrets.token_hex(4)}"
-        client.rpush(keys.backfill_file_chunk(job.id, chunk_id), *batch)
-        written.append(chunk_id)
-        batch.clear()
-
     try:
         for line in lines:
             batch.append(line)
             if len(batch) >= chunk_lines:
-                put()
+                stream.put(batch, dispatcher, at_ms, at_defaulted)
+                batch = []
         if batch:
-            put()
-    except BaseException:
-        if written:
-            client.delete(*(keys.backfill_file_chunk(job.id, c) for c in written))
+            stream.put(batch, dispatcher, at_ms, at_defaulted)
+        state = STREAM_DONE
+    except KeyboardInterrupt:
+        state = STREAM_INTERRUPTED
         raise
-    report.chunks = len(written)
-    if not written:
-        return
-    now = now_ms()
-    part_key = keys.backfill_part(job.id, FILE_PART)
-    pipe = client.pipeline(transaction=True)
-    pipe.rpush(keys.backfill_file_queue(job.id), *written)
-    pipe.hsetnx(part_key, "started_at_ms", now)
-    pipe.hset(part_key, mapping={"kind": FILE, "finished": 0, "updated_at_ms": now})
-    pipe.sadd(keys.backfill_parts(job.id), FILE_PART)
-    pipe.zadd(keys.backfill_due(job.id), {FILE_PART: now + STALL_MS})
-    pipe.execute()
-    dispatcher.backfill(job.id, FILE_PART)
+    finally:
+        stream.end(state)
+
+
+class _FileStream:
+    """One command's stream into a job's ``@file`` part: its producer mark, the cap, the chunks."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        job_id: str,
+        report: FileReport,
+        max_staged: int | None,
+        mark_ttl: float,
+        on_wait: Callable[[StreamProgress], None] | None,
+        sleep: Callable[[float], None],
+    ) -> None:
+        self.client = client
+        self.job_id = job_id
+        self.report = report
+        self.max_staged = max_staged
+        self.ttl_ms = max(1, int(mark_ttl * 1000))
+        self.on_wait = on_wait
+        self.sleep = sleep
+        self.jobs = JobStore(client)
+        self.part_key = keys.backfill_part(job_id, FILE_PART)
+        self.queue = keys.backfill_file_queue(job_id)
+        self.mark = keys.backfill_file_producer(job_id)
+        self.token = ""  # set once the mark is taken (the first chunk)
+        self.run = ""
+        self.renewed = 0.0
+
+    def _how_far(self) -> str:
+        total = f" of {self.report.total:,}" if self.report.total is not None else ""
+        return f"after {self.report.staged:,}{total} lines were staged"
+
+    def _open(self, at_ms: int | None, at_defaulted: bool) -> None:
+        """Take the producer mark and (re)open the part for this stream."""
+        token = secrets.token_hex(8)
+        if not self.client.set(self.mark, token, nx=True, px=self.ttl_ms):
+            raise FileStreamError(
+                f"another `attentive-export backfill` is streaming a file into job {self.job_id}: run "
+                f"this once it has ended (if it died, its mark expires within {self.ttl_ms / 1000:g} s)"
+            )
+        self.token, self.run, self.renewed = token, secrets.token_hex(6), time.monotonic()
+        now = now_ms()
+        fields: dict[Any, str | int] = {  # (redis-py types mapping keys invariantly)
+            "kind": FILE,
+            "finished": 0,
+            "updated_at_ms": now,
+            "run": self.run,  # cancel_part changes it: this stream then stops
+            STREAM_TOTAL: "" if self.report.total is None else self.report.total,
+            STREAM_STAGED: 0,
+            STREAM_STATE: STREAMING,
+            STREAM_AT_MS: "" if at_ms is None else at_ms,
+            STREAM_AT_DEFAULTED: int(at_defaulted),
+        }
+        with self.client.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(self.queue)  # type: ignore[no-untyped-call]
+                    if not pipe.llen(self.queue):
+                        fields[LINES_WAITING] = 0  # nothing staged: undo any drift of the counter
+                    pipe.multi()
+                    pipe.hsetnx(self.part_key, "started_at_ms", now)
+                    pipe.hdel(self.part_key, "cancelled", "finished_at_ms", "last_error", "last_error_at_ms")
+                    pipe.hset(self.part_key, mapping=fields)
+                    pipe.sadd(keys.backfill_parts(self.job_id), FILE_PART)
+                    pipe.zadd(keys.backfill_due(self.job_id), {FILE_PART: now + STALL_MS})
+                    pipe.execute()
+                    return
+                except WatchError:
+                    continue
+
+    def _check(self, pipe: Any) -> None:
+        """Under WATCH: the part is still this stream's and the mark still this command's."""
+        run = text(pipe.hget(self.part_key, "run") or b"")
+        if run != self.run:
+            reason = text(pipe.hget(self.part_key, "cancelled") or b"") or "it was restarted"
+            raise FileStreamError(f"the file backfill was cancelled ({reason}) {self._how_far()}")
+        if text(pipe.get(self.mark) or b"") != self.token:
+            raise FileStreamError(
+                f"this command lost its producer mark (paused or cut off from Redis for over "
+                f"{self.ttl_ms / 1000:g} s) {self._how_far()}; the backfill finished with those"
+            )
+
+    def _renew(self) -> None:
+        if time.monotonic() - self.renewed < PRODUCER_RENEW_SECONDS:
+            return
+        with self.client.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(self.part_key, self.mark)  # type: ignore[no-untyped-call]
+                    self._check(pipe)
+                    pipe.multi()
+                    pipe.pexpire(self.mark, self.ttl_ms)
+                    pipe.execute()
+                    break
+                except WatchError:
+                    continue
+        self.renewed = time.monotonic()
+
+    def _wait_for_room(self) -> None:
+        """Wait while the job's staged file lines are at the cap (the backfill takes them)."""
+        if self.max_staged is None:
+            return
+        while True:
+            self._renew()
+            waiting = max(0, int(self.client.hget(self.part_key, LINES_WAITING) or 0))
+            if waiting < self.max_staged:
+                return
+            try:
+                state = self.jobs.get(self.job_id).state
+            except JobNotFound:
+                raise FileStreamError(f"job {self.job_id} was deleted {self._how_far()}") from None
+            if state in (JobState.STOPPING, JobState.STOPPED):
+                raise FileStreamError(f"job {self.job_id} is {state}: it takes no changes; {self._how_far()}")
+            if self.on_wait is not None:
+                self.on_wait(
+                    StreamProgress(
+                        self.report.staged, self.report.total, waiting, self.max_staged, str(state)
+                    )
+                )
+            self.sleep(PRODUCER_POLL_SECONDS)
+
+    def put(self, batch: list[bytes], dispatcher: Dispatcher, at_ms: int | None, at_defaulted: bool) -> None:
+        """Stage one chunk once there is room; it is in the queue (taken by steps) at once."""
+        first = not self.token
+        if first:
+            self._open(at_ms, at_defaulted)
+        self._wait_for_room()  # (before the first chunk too: an earlier stream's may still wait)
+        chunk_id = f"{now_ms()}-{secrets.token_hex(4)}"
+        with self.client.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(self.part_key, self.mark)  # type: ignore[no-untyped-call]
+                    self._check(pipe)
+                    pipe.multi()
+                    pipe.rpush(keys.backfill_file_chunk(self.job_id, chunk_id), *batch)
+                    pipe.rpush(self.queue, chunk_id)
+                    pipe.hincrby(self.part_key, LINES_WAITING, len(batch))
+                    pipe.hincrby(self.part_key, STREAM_STAGED, len(batch))
+                    pipe.hset(self.part_key, "updated_at_ms", now_ms())
+                    pipe.pexpire(self.mark, self.ttl_ms)
+                    pipe.execute()
+                    break
+                except WatchError:  # a step took a chunk meanwhile
+                    continue
+        self.renewed = time.monotonic()
+        self.report.staged += len(batch)
+        self.report.chunks += 1
+        if first:
+            dispatcher.backfill(self.job_id, FILE_PART)
+
+    def end(self, state: str) -> None:
+        """Record how the stream ended and drop the mark, so the part can finish at once. Best
+        effort: if Redis is gone too, the mark expires and the part finishes just the same."""
+        if not self.token:
+            return
+        with contextlib.suppress(redis.RedisError), self.client.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(self.part_key, self.mark)  # type: ignore[no-untyped-call]
+                    ours = text(pipe.hget(self.part_key, "run") or b"") == self.run
+                    staged = int(pipe.hget(self.part_key, STREAM_STAGED) or 0)
+                    holding = text(pipe.get(self.mark) or b"") == self.token
+                    pipe.multi()
+                    if ours:
+                        pipe.hset(self.part_key, STREAM_STATE, state)
+                    if holding:
+                        pipe.delete(self.mark)
+                    pipe.execute()
+                    if ours:  # a chunk whose reply a Ctrl-C cut off is staged all the same
+                        self.report.staged = staged
+                    return
+                except WatchError:
+                    continue
+
+
+def _iso_ms(ms: int) -> str:
+    """Epoch ms as UTC ISO-8601 to the millisecond, as ``--at`` reads it back exactly."""
+    return (
+        dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    )
+
+
+def rerun_hint(at_ms: int | None, at_defaulted: bool) -> str:
+    """How to send the rest of a file whose stream stopped early (safe: last writer wins)."""
+    at = f"--at {_iso_ms(at_ms)}" if at_ms is not None else "the same --at"
+    hint = (
+        f"to send the rest, run the same command again with {at} (safe: lines already accepted come "
+        "again as stale duplicates, last writer wins by event time)"
+    )
+    if at_defaulted and at_ms is not None:
+        hint += (
+            "; --at was not given, so it defaulted to when that command started: give it as above, "
+            "since a rerun without --at takes a new time and its enters would win over exits made since"
+        )
+    return hint
+
+
+def unfinished_stream(state: Mapping[str, str]) -> str | None:
+    """Why the ``@file`` part's latest stream ended before staging its whole file (with how to send
+    the rest), or None: it staged everything (or nothing says otherwise)."""
+    how = {
+        STREAMING: "stopped (killed, or cut off from Redis: its mark expired)",
+        STREAM_INTERRUPTED: "was interrupted",
+        STREAM_FAILED: "stopped on an error",
+    }.get(state.get(STREAM_STATE) or STREAM_DONE)
+    total = _int(state.get(STREAM_TOTAL))
+    staged = int(state.get(STREAM_STAGED) or 0)
+    if how is None or (total is not None and staged >= total):
+        return None
+    of = f" of {total:,}" if total is not None else ""
+    return (
+        f"file backfill incomplete: the `attentive-export backfill` command {how} after staging "
+        f"{staged:,}{of} lines (those are sent); "
+        + rerun_hint(_int(state.get(STREAM_AT_MS)), state.get(STREAM_AT_DEFAULTED) == "1")
+    )
 
 
 # --- status -----------------------------------------------------------------------------------------------
@@ -1071,11 +1433,25 @@ def _int(value: str | None) -> int | None:
     return int(value) if value not in (None, "") else None
 
 
+def _stream_view(client: redis.Redis, job_id: str, state: dict[str, str], finished: bool) -> dict[str, Any]:
+    """The file part's latest stream: lines staged of the file's total, lines waiting in Redis for
+    the backfill, whether a command is streaming now, and whether it ended before staging them all."""
+    return {
+        "lines_staged": _int(state.get(STREAM_STAGED)),
+        "lines_total": _int(state.get(STREAM_TOTAL)),
+        "lines_waiting": max(0, int(state.get(LINES_WAITING) or 0)),
+        "streaming": bool(client.exists(keys.backfill_file_producer(job_id))),
+        "stream_state": state.get(STREAM_STATE) or None,
+        "incomplete": finished and unfinished_stream(state) is not None,
+    }
+
+
 def progress(client: redis.Redis, job_id: str) -> dict[str, Any] | None:
     """The backfill block of ``status``: per part (``<slug>`` sends an audience's current members as
     enters: a backfill or a resync; ``teardown:<slug>`` as exits) and for the file part: pages,
     members, finished, the last error and, while a part waits out an error, when it tries next
-    (``next_try_at_ms``; ``jobs backfill JOB --retry-now`` tries at once)."""
+    (``next_try_at_ms``; ``jobs backfill JOB --retry-now`` tries at once). The file part also shows
+    its stream (:func:`_stream_view`): ``lines_staged`` of ``lines_total`` while a command streams."""
     parts = sorted(text(p) for p in client.smembers(keys.backfill_parts(job_id)))
     if not parts:
         return None
@@ -1106,6 +1482,7 @@ def progress(client: redis.Redis, job_id: str) -> dict[str, Any] | None:
         }
         if part == FILE_PART:
             view["chunks_waiting"] = int(client.llen(keys.backfill_file_queue(job_id)))
+            view.update(_stream_view(client, job_id, state, finished))
             file_part = view
             continue
         view["op"] = state.get("op") or BACKFILL_OP

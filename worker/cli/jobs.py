@@ -330,13 +330,15 @@ def progress_lines(block: Mapping[str, Any] | None, now_ms: int) -> list[str]:
         else:
             state = "finished" if part.get("finished") else "in progress"
         waiting = f", {part['chunks_waiting']} chunks waiting" if part.get("chunks_waiting") else ""
+        if part.get("lines_total") is not None and (part.get("streaming") or part.get("incomplete")):
+            waiting += f", staged {part.get('lines_staged') or 0} of {part['lines_total']} lines"
         started = part.get("members_at_ms")
         at = f", changes at {iso(started)}" if started else ""
         lines.append(
             f"  {name}: {part.get('op', 'backfill')}, {part.get('pages', 0)} pages, {members} members"
             f"{waiting}, {state}{at}"
         )
-        if part.get("last_error") and not part.get("finished"):
+        if part.get("last_error") and (not part.get("finished") or part.get("incomplete")):
             lines.append(
                 f"    last error: {part['last_error']} ({when(part.get('last_error_at_ms'), now_ms)})"
             )

@@ -13,14 +13,17 @@ Commands that queue work check the Celery broker before they change anything
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import redis
 from kombu.exceptions import KombuError
@@ -347,8 +350,12 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> None:
     print(report.summary())
 
 
-def cmd_backfill(args: argparse.Namespace, settings: Settings) -> None:
-    """Backfill Existing Users of a started job from a JSONL file, as chunks for backfill tasks."""
+def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int | None:
+    """Backfill Existing Users of a started job from a JSONL file, as chunks for backfill tasks.
+
+    Streamed (worker.backfill.steps.backfill_file): at most BACKFILL_FILE_MAX_STAGED_LINES of the
+    job's lines wait in Redis, so the command waits for the backfill on a large file. Ctrl-C stops
+    it: what was staged is sent, and one line says how to send the rest (exit status 130)."""
     client = _redis(settings)
     job = JobStore(client).get(args.job)
     if not job.routed:  # not started, stopping or stopped
@@ -373,17 +380,100 @@ def cmd_backfill(args: argparse.Namespace, settings: Settings) -> None:
     dispatcher = _dispatcher()  # with the broker down: nothing is written
     report = backfill.FileReport()
     try:
-        with _open_input(args.input, binary=True) as lines:
-            converted = backfill.file_lines(lines, job.config.audiences, args.audience, at_ms, report)
-            backfill.enqueue_file(client, job, converted, report, dispatcher)
+        with _seekable_input(args.input) as (fh, start):
+
+            def read() -> BinaryIO:
+                fh.seek(start)
+                return fh
+
+            # Read through once writing nothing, then streamed under the cap (backfill_file).
+            backfill.backfill_file(
+                client,
+                job,
+                read,
+                args.audience,
+                at_ms,
+                dispatcher,
+                max_staged=settings.backfill_file_max_staged_lines,
+                at_defaulted=args.at is None,
+                on_wait=_StreamProgressLine(),
+                report=report,
+            )
     except backfill.FileBackfillError as exc:
         raise UserError(f"{args.input}: {exc}; nothing was queued") from None
+    except backfill.FileStreamError as exc:
+        raise UserError(f"{args.input}: {exc}{_to_send_the_rest(report, at_ms, args.at is None)}") from None
+    except KeyboardInterrupt:
+        print(
+            f"interrupted: {_interrupted(args.input, job.id, report, at_ms, args.at is None)}",
+            file=sys.stderr,
+        )
+        return 130
     reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(report.reasons.items()))
     skipped = f", {report.skipped} skipped ({reasons})"
     print(
         f"queued {report.profiles} profiles and {report.transitions} transitions in {report.chunks} chunks"
         f"{skipped if report.skipped else ''}; follow progress with `attentive-export status {job.id}`"
     )
+    return None
+
+
+#: The least time between two progress lines of a file backfill waiting for room.
+PROGRESS_SECONDS = 5.0
+
+
+class _StreamProgressLine:
+    """Say on stderr, at most every PROGRESS_SECONDS, that a file backfill waits for room."""
+
+    def __init__(self) -> None:
+        self._said = -PROGRESS_SECONDS
+
+    def __call__(self, p: backfill.StreamProgress) -> None:
+        now = time.monotonic()
+        if now - self._said < PROGRESS_SECONDS:
+            return
+        self._said = now
+        of = f" of {p.total:,}" if p.total is not None else ""
+        paused = "; the job is paused: `jobs resume` lets it go on" if p.job_state == JobState.PAUSED else ""
+        print(
+            f"staged {p.staged:,}{of} lines; waiting for the backfill to catch up "
+            f"({p.waiting:,} staged, cap {p.cap:,}){paused}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _to_send_the_rest(report: backfill.FileReport, at_ms: int, at_defaulted: bool) -> str:
+    return f"; {backfill.rerun_hint(at_ms, at_defaulted)}" if report.staged else "; nothing was queued"
+
+
+def _interrupted(
+    source: str, job_id: str, report: backfill.FileReport, at_ms: int, at_defaulted: bool
+) -> str:
+    source = "standard input" if source == "-" else source
+    if not report.staged:
+        return f"nothing of {source} was queued"
+    of = f" of {report.total:,}" if report.total is not None else ""
+    return (
+        f"staged {report.staged:,}{of} lines of {source} into job {job_id}; they will be sent; "
+        f"{backfill.rerun_hint(at_ms, at_defaulted)}"
+    )
+
+
+@contextlib.contextmanager
+def _seekable_input(path: str) -> Iterator[tuple[BinaryIO, int]]:
+    """The input as a binary file that can be read twice, and where it starts. Standard input
+    (``-``) or a pipe is first copied to a local temporary file: it costs local disk, never Redis."""
+    with _open_input(path, binary=True) as fh:
+        if fh.seekable():
+            yield fh, fh.tell()
+            return
+        with tempfile.TemporaryFile(prefix="attentive-export-backfill-") as spool:
+            try:
+                shutil.copyfileobj(fh, spool)
+            except OSError as exc:
+                raise UserError(f"cannot copy {path} to a temporary file: {exc.strerror or exc}") from None
+            yield spool, 0
 
 
 class _open_input:

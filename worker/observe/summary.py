@@ -274,6 +274,14 @@ def _deadletter_lines(block: Mapping[str, Any] | None) -> list[str]:
     return [_line("dead letters", _parts(_by_reason(by_reason) or None, extra))]
 
 
+def _staged(part: Mapping[str, Any]) -> str | None:
+    """A file part's stream: ``staged 120,000 of 10,000,000 lines`` while a command streams it, or
+    when it ended before staging them all."""
+    if part.get("lines_total") is None or not (part.get("streaming") or part.get("incomplete")):
+        return None
+    return f"staged {_n(part.get('lines_staged') or 0)} of {_n(part['lines_total'])} lines"
+
+
 def _backfill_lines(block: Mapping[str, Any] | None, now_ms: int) -> list[str]:
     if not block:
         return []
@@ -289,11 +297,16 @@ def _backfill_lines(block: Mapping[str, Any] | None, now_ms: int) -> list[str]:
             f"{members} members",
             "finished" if part.get("finished") else "in progress",
             f"{_n(part['chunks_waiting'])} chunks waiting" if part.get("chunks_waiting") else None,
+            _staged(part),
         )
         lines.append(_line("backfill", text))
         if part.get("last_error"):
             # A finished part got past its error: say so rather than show it as current.
-            label = "earlier error (recovered)" if part.get("finished") else "last error"
+            label = (
+                "earlier error (recovered)"
+                if part.get("finished") and not part.get("incomplete")
+                else "last error"
+            )
             lines.append(
                 _line("", f"{label}: {part['last_error']} ({when(part.get('last_error_at_ms'), now_ms)})")
             )

@@ -291,6 +291,12 @@ def backfill_file_chunk(job_id: str, chunk_id: str) -> str:
     return _job(job_id, f"backfill:file:chunk:{chunk_id}")
 
 
+def backfill_file_producer(job_id: str) -> str:
+    """STRING with a TTL: the token of the one ``attentive-export backfill`` streaming a file into the
+    job's ``@file`` part, refreshed while it runs; the part does not finish while it is set."""
+    return _job(job_id, "backfill:file:producer")
+
+
 def backfill_due(job_id: str) -> str:
     """ZSET: part -> time (ms) after which the sweep re-drives the part if it made no progress.
 
