@@ -1,8 +1,9 @@
 """End-to-end pipeline: transitions/s from ingest to accepted by the sandbox, and latency at low load.
 
-Real parts throughout: Redis on 127.0.0.1:6379 (data in db 8, broker in db 7, both emptied), the
-sandbox as its own process with Attentive's rate limit (100 requests/s per token), and real
-``celery worker`` processes (prefork, 1 or 2 processes) plus ``celery beat``.
+Real parts throughout: Redis on 127.0.0.1:6379, or on ``BENCH_REDIS_URL`` (data in db 8, broker in
+db 7, both emptied, so on a shared machine give it a Redis of your own), the sandbox as its own
+process with Attentive's rate limit (100 requests/s per token), and real ``celery worker`` processes
+(prefork, 1 or 2 processes) plus ``celery beat``.
 
 * Throughput: N users each enter one audience. All transitions are written to the inbox in chunks
   of 1,000 and their ingest tasks queued while the workers are idle; the clock runs from queueing to
@@ -28,8 +29,9 @@ import redis
 from tests.celeryproc import CeleryProcesses, wait_for
 from tests.sandboxproc import SandboxProcess, start_sandbox
 
-DATA_URL = "redis://127.0.0.1:6379/8"
-BROKER_URL = "redis://127.0.0.1:6379/7"
+REDIS_BASE = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379").rstrip("/")
+DATA_URL = f"{REDIS_BASE}/8"
+BROKER_URL = f"{REDIS_BASE}/7"
 TOKEN = "bench-key"
 USERS = 60_000
 REPETITIONS = 5
