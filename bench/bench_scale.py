@@ -998,8 +998,8 @@ def render(out: Outcome) -> str:
         f"{', '.join(f'{k} {mb(v)}' for k, v in sorted(f.rss_peak.items())) or 'n/a'} | |",
         "",
         "Milestones (seconds since the first real-time webhook): backfill command started "
-        f"{fmt(out.backfill_started)} and returned after {fmt(out.backfill_command_seconds)} s (it stages "
-        f"the file in Redis); file ingested {fmt(out.backfill_ingested)}; every backfilled flag accepted "
+        f"{fmt(out.backfill_started)} and returned after {fmt(out.backfill_command_seconds)} s (it streams "
+        f"the file into Redis, waiting while BACKFILL_FILE_MAX_STAGED_LINES are there); file ingested {fmt(out.backfill_ingested)}; every backfilled flag accepted "
         f"by the sandbox {fmt(out.backfill_accepted)}; every job carrying one confirmed complete "
         f"{fmt(out.backfill_confirmed)} ({out.backfill_jobs:,} Attentive jobs); real-time stopped "
         f"{fmt(out.realtime_stopped)}; nothing left at Attentive {fmt(out.settled)}; end {fmt(out.ended)}.",
