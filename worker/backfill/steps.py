@@ -1293,21 +1293,27 @@ class _FileStream:
                 f"{self.ttl_ms / 1000:g} s) {self._how_far()}; the backfill finished with those"
             )
 
-    def _renew(self) -> None:
-        if time.monotonic() - self.renewed < PRODUCER_RENEW_SECONDS:
-            return
+    def _checked_write(self, write: Callable[[Any], None]) -> None:
+        """Queue ``write`` and renew the mark in one MULTI, after :meth:`_check` under WATCH of the
+        part and the mark; retried when a step changed the part meanwhile."""
         with self.client.pipeline(transaction=True) as pipe:
             while True:
                 try:
                     pipe.watch(self.part_key, self.mark)  # type: ignore[no-untyped-call]
                     self._check(pipe)
                     pipe.multi()
+                    write(pipe)
                     pipe.pexpire(self.mark, self.ttl_ms)
                     pipe.execute()
                     break
-                except WatchError:
+                except WatchError:  # a step took a chunk meanwhile
                     continue
         self.renewed = time.monotonic()
+
+    def _renew(self) -> None:
+        if time.monotonic() - self.renewed < PRODUCER_RENEW_SECONDS:
+            return
+        self._checked_write(lambda pipe: None)
 
     def _wait_for_room(self) -> None:
         """Wait while the job's staged file lines are at the cap (the backfill takes them)."""
@@ -1339,23 +1345,15 @@ class _FileStream:
             self._open(at_ms, at_defaulted)
         self._wait_for_room()  # (before the first chunk too: an earlier stream's may still wait)
         chunk_id = f"{now_ms()}-{secrets.token_hex(4)}"
-        with self.client.pipeline(transaction=True) as pipe:
-            while True:
-                try:
-                    pipe.watch(self.part_key, self.mark)  # type: ignore[no-untyped-call]
-                    self._check(pipe)
-                    pipe.multi()
-                    pipe.rpush(keys.backfill_file_chunk(self.job_id, chunk_id), *batch)
-                    pipe.rpush(self.queue, chunk_id)
-                    pipe.hincrby(self.part_key, LINES_WAITING, len(batch))
-                    pipe.hincrby(self.part_key, STREAM_STAGED, len(batch))
-                    pipe.hset(self.part_key, "updated_at_ms", now_ms())
-                    pipe.pexpire(self.mark, self.ttl_ms)
-                    pipe.execute()
-                    break
-                except WatchError:  # a step took a chunk meanwhile
-                    continue
-        self.renewed = time.monotonic()
+
+        def stage(pipe: Any) -> None:
+            pipe.rpush(keys.backfill_file_chunk(self.job_id, chunk_id), *batch)
+            pipe.rpush(self.queue, chunk_id)
+            pipe.hincrby(self.part_key, LINES_WAITING, len(batch))
+            pipe.hincrby(self.part_key, STREAM_STAGED, len(batch))
+            pipe.hset(self.part_key, "updated_at_ms", now_ms())
+
+        self._checked_write(stage)
         self.report.staged += len(batch)
         self.report.chunks += 1
         if first:
