@@ -30,10 +30,8 @@ import redis
 
 from worker.pipeline import deadletters
 from worker.pipeline.buffer import Change, JobBuffer, identifier_list
+from worker.pipeline.ingest import SCRIPT_CHUNK
 from worker.store import keys
-
-#: Changes per buffer script call (as ingest).
-_CHUNK = 512
 
 
 @dataclass(slots=True)
@@ -96,8 +94,8 @@ def redrive(client: redis.Redis, job_id: str, batch_size: int, reason: str | Non
             changes.append(Change(entry["user"], aud, int(at), orjson.dumps(own), ids))
         taken[raw if isinstance(raw, bytes) else raw.encode()] += 1
     buffer = JobBuffer(client, job_id, batch_size)
-    for start in range(0, len(changes), _CHUNK):
-        placed = buffer.redrive(changes[start : start + _CHUNK])
+    for start in range(0, len(changes), SCRIPT_CHUNK):
+        placed = buffer.redrive(changes[start : start + SCRIPT_CHUNK])
         done.changes += placed.accepted + placed.merged + placed.queued
         done.superseded += placed.stale
     if taken:
