@@ -23,6 +23,7 @@ medians and ratios. Without ``--before`` only this checkout is measured.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -60,40 +61,16 @@ def reference_unit_ms(units: int = 15) -> float:
     return statistics.median(times)
 
 
-def _cpu_seconds(pids: list[int]) -> float:
-    """CPU seconds (user + system) used so far by ``pids`` (Linux /proc); gone processes count 0."""
-    hz = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])
-    return total / hz
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-
-
-def _line(i: int, audience: str, at: int) -> str:
-    user = {
-        "email": f"{audience}-user{i}@example.com",
-        "phone": f"+1415{5550000 + i % 10_000_000:07d}"[:12],
-        "user_id": f"{audience}-u{i}",
-        "first_name": "Ada",
-        "last_name": "Lovelace",
-        "city": "Oakland",
-        "birthday": "1990-07-04",
-        "ltv": i % 1000,
-        "tier": "gold",
-        "tags": ["a", "b"],
-    }
-    return json.dumps({"audience": audience, "event": "enter", "at": at, "user": user})
+def _pipeline_helpers() -> Any:
+    """``bench_pipeline`` beside this file: a tree measured with ``--before`` runs this harness with
+    its own code first on the path, and its ``bench`` package may predate these helpers."""
+    spec = importlib.util.spec_from_file_location(
+        "_bench_pipeline_helpers", HERE.parent / "bench_pipeline.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def measure_once(server: str, keys_n: int, users_per_key: int) -> dict[str, Any]:
@@ -109,6 +86,8 @@ def measure_once(server: str, keys_n: int, users_per_key: int) -> dict[str, Any]
     from worker.setup.jobconfig import parse_job_config
     from worker.setup.jobs import JobStore
     from worker.store import keys
+
+    helpers = _pipeline_helpers()
 
     data_url, broker_url = f"{server}/8", f"{server}/7"
     tokens = [f"bench-key-{k}" for k in range(keys_n)]
@@ -153,20 +132,20 @@ def measure_once(server: str, keys_n: int, users_per_key: int) -> dict[str, Any]
             now = int(time.time() * 1000)
             chunks = []
             for _job, audience in jobs:
-                lines = [_line(i, audience, now) for i in range(users_per_key)]
+                lines = [helpers._line(i, now, audience, f"{audience}-") for i in range(users_per_key)]
                 chunks += [inbox.put_chunk(data, lines[s : s + 1000]) for s in range(0, users_per_key, 1000)]
             # Interleave the jobs' chunks, as several producers would send them.
             per_job = len(chunks) // keys_n
             order = [chunks[j * per_job + c] for c in range(per_job) for j in range(keys_n)]
             main = procs.procs["bench"].pid
             groups = {
-                "pool": _children(main),
+                "pool": helpers._children(main),
                 "main": [main],
                 "beat": [procs.procs["beat"].pid],
                 "redis": [int(data.info("server")["process_id"])],
                 "sandbox": [sandbox.proc.pid],
             }
-            before = {name: _cpu_seconds(p) for name, p in groups.items()}
+            before = helpers._cpu_seconds(groups)
             dispatcher = CeleryDispatcher()
             start = time.monotonic()
             for chunk in order:
@@ -193,7 +172,7 @@ def measure_once(server: str, keys_n: int, users_per_key: int) -> dict[str, Any]
                 0.1,
             )
             completed = time.monotonic() - start
-            cpu = {name: _cpu_seconds(p) - before[name] for name, p in groups.items()}
+            cpu = {name: v - before[name] for name, v in helpers._cpu_seconds(groups).items()}
         finally:
             procs.stop()
     transitions = full * keys_n

@@ -82,11 +82,12 @@ def _setup(sandbox: SandboxProcess, flush_interval: int) -> tuple[redis.Redis, d
     return data, env, job.id
 
 
-def _line(i: int, at: int) -> str:
+def _line(i: int, at: int, audience: str = "vip", prefix: str = "") -> str:
+    """User ``i`` entering ``audience``; ``prefix`` keeps users of several jobs apart (bench_cpu)."""
     user = {
-        "email": f"user{i}@example.com",
+        "email": f"{prefix}user{i}@example.com",
         "phone": f"+1415{5550000 + i % 10_000_000:07d}"[:12],
-        "user_id": f"u{i}",
+        "user_id": f"{prefix}u{i}",
         "first_name": "Ada",
         "last_name": "Lovelace",
         "city": "Oakland",
@@ -95,7 +96,7 @@ def _line(i: int, at: int) -> str:
         "tier": "gold",
         "tags": ["a", "b"],
     }
-    return json.dumps({"audience": "vip", "event": "enter", "at": at, "user": user})
+    return json.dumps({"audience": audience, "event": "enter", "at": at, "user": user})
 
 
 def _cpu_seconds(pids: dict[str, list[int]]) -> dict[str, float]:
