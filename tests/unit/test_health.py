@@ -6,8 +6,14 @@ Logic on fakeredis; the command itself on the real test Redis (it builds its own
 from __future__ import annotations
 
 import http.server
+import json
+import logging
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from types import SimpleNamespace
 
 import fakeredis
@@ -198,3 +204,67 @@ def test_health_webhook_asks_the_receivers_healthz() -> None:
         server.shutdown()
         server.server_close()
     assert main(["health", "webhook", "--url", f"{base}/healthz"]) == 1  # nothing listens now
+
+
+# --- what a probe costs -------------------------------------------------------------------------------
+#: Modules `health` must not load: Kubernetes runs it every few seconds in every pod, and these
+#: (Celery, the pipeline, the backfill; httpx for worker and beat) cost most of a CPU-second.
+NOT_FOR_A_PROBE = (
+    "celery",
+    "kombu",
+    "httpx",
+    "worker.pipeline",
+    "worker.backfill",
+    "worker.mapping",
+    "worker.logs",
+)
+_LOADED = f"""
+import sys
+from worker.cli.main import main
+code = main(sys.argv[1:])
+print(code, [m for m in {NOT_FOR_A_PROBE!r} if m in sys.modules])
+"""
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])  # json: as deploy/kubernetes/base/config.yaml
+def test_health_worker_loads_no_celery_nor_the_pipeline(cli_env: redis.Redis, log_format: str) -> None:
+    heartbeat.worker_beat(cli_env, "w1@pod-a")
+    done = subprocess.run(
+        [sys.executable, "-c", _LOADED, "health", "worker", "--node", "w1@pod-a", "--quiet"],
+        cwd=Path(__file__).resolve().parents[2],
+        env={**os.environ, "REDIS_URL": TEST_REDIS_URL, "LOG_FORMAT": log_format},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (done.stdout, done.stderr) == ("0 []\n", "")
+
+
+@pytest.fixture
+def root_logging() -> Iterator[logging.Logger]:
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    yield root
+    root.handlers, root.level = saved
+
+
+def test_health_with_json_logs_still_writes_a_warning_as_a_json_line(
+    cli_env: redis.Redis,
+    root_logging: logging.Logger,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """worker.logs is loaded only when something logs (see main._JsonLogsOnFirstRecord), then the line
+    is the JSON line any other command writes."""
+
+    def run(*_args: object, **_kwargs: object) -> list[health.Check]:
+        logging.getLogger("redis.cluster").warning("node %s moved", "n1")
+        return [health.Check("redis", True, "answers")]
+
+    monkeypatch.setenv("LOG_FORMAT", "json")
+    monkeypatch.setattr(health, "run", run)
+    assert main(["health", "worker"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "ok   redis: answers\n"
+    line = json.loads(err)
+    assert (line["level"], line["logger"], line["message"]) == ("WARNING", "redis.cluster", "node n1 moved")

@@ -8,6 +8,11 @@ up in shell history).
 
 Commands that queue work check the Celery broker before they change anything
 (:func:`_dispatcher`), so with the broker down they refuse and leave every state as it was.
+
+Kubernetes probes run ``attentive-export health`` every few seconds in every pod, so this module
+imports at the top only what ``health`` needs: it parses with a parser of the monitoring commands
+alone (:func:`_parser`), and every other command imports its modules (Celery, the pipeline, the
+backfill...) when it runs. ``tests/unit/test_health.py`` checks that ``health`` loads no Celery.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import argparse
 import contextlib
 import getpass
 import json
+import logging
 import os
 import shutil
 import sys
@@ -23,30 +29,20 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import redis
-from kombu.exceptions import KombuError
-from kombu.utils.url import maybe_sanitize_url
 
-from worker.backfill import steps as backfill
-from worker.cli import deadletters as deadletters_cli
-from worker.cli import jobs as jobs_cli
 from worker.cli import monitor
-from worker.cli import trace as trace_cli
-from worker.dispatch import BrokerUnavailable, Dispatcher
-from worker.mapping.transitions import Rejected, Transition, parse_line, read_time_ms
-from worker.pipeline import inbox, ingest
 from worker.settings import Settings, SettingsError, load_settings
-from worker.setup.authorizations import AuthorizationError, AuthorizationStore
-from worker.setup.authusage import delete_authorization
-from worker.setup.crypto import SecretKeyError, generate_secret_key
-from worker.setup.jobconfig import JobConfigError, JobState, load_job_config
-from worker.setup.jobs import ExportJob, JobError, JobStore
-from worker.store import keys
 from worker.store.connection import connect
-from worker.store.joberrors import BLOCKED_REASON
-from worker.store.replies import text as reply_text
+
+if TYPE_CHECKING:
+    from worker.backfill import steps as backfill
+    from worker.dispatch import Dispatcher
+    from worker.mapping.transitions import Rejected
+    from worker.setup.jobconfig import JobState
+    from worker.setup.jobs import ExportJob
 
 #: Transitions per inbox chunk (one ingest task each) when ingesting a file.
 INGEST_CHUNK = 1000
@@ -59,6 +55,8 @@ class UserError(Exception):
 
 
 def _redis(settings: Settings) -> redis.Redis:
+    from kombu.utils.url import maybe_sanitize_url
+
     try:
         client = connect(settings.redis_url)
         client.ping()
@@ -87,6 +85,8 @@ def _print_json(data: Any) -> None:
 
 # --- authorizations ---------------------------------------------------------------------------------
 def cmd_auth_add(args: argparse.Namespace, settings: Settings) -> None:
+    from worker.setup.authorizations import AuthorizationStore
+
     api_key = os.environ.get(args.api_key_env, "") if args.api_key_env else ""
     if not api_key:
         if not sys.stdin.isatty():
@@ -105,6 +105,8 @@ def cmd_auth_add(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def cmd_auth_list(args: argparse.Namespace, settings: Settings) -> None:
+    from worker.setup.authorizations import AuthorizationStore
+
     store = AuthorizationStore(_redis(settings), settings.secret_key_value())
     rows = store.list()
     if args.json:
@@ -118,6 +120,8 @@ def cmd_auth_list(args: argparse.Namespace, settings: Settings) -> None:
 
 def cmd_auth_delete(args: argparse.Namespace, settings: Settings) -> None:
     """Refused while export jobs use it (they are listed); ``--force`` pauses the sending ones first."""
+    from worker.setup.authusage import delete_authorization
+
     done = delete_authorization(_redis(settings), settings.secret_key_value(), args.authorization, args.force)
     for job in done.paused:
         print(f"paused job {job.id} ({job.config.label}): its authorization is deleted")
@@ -127,11 +131,18 @@ def cmd_auth_delete(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def cmd_secret_key(_args: argparse.Namespace, _settings: Settings | None) -> None:
+    from worker.setup.crypto import generate_secret_key
+
     print(generate_secret_key())
 
 
 # --- jobs -------------------------------------------------------------------------------------------
 def cmd_jobs_create(args: argparse.Namespace, settings: Settings) -> None:
+    from worker.backfill import steps as backfill
+    from worker.setup.authorizations import AuthorizationStore
+    from worker.setup.jobconfig import JobState, load_job_config
+    from worker.setup.jobs import JobStore
+
     config = load_job_config(args.file)
     client = _redis(settings)
     AuthorizationStore(client, settings.secret_key_value()).get(config.authorization)
@@ -147,6 +158,9 @@ def cmd_jobs_create(args: argparse.Namespace, settings: Settings) -> None:
 
 def _backfill_notes(job: ExportJob) -> None:
     """Tell the operator which audiences are backfilled from Lytics and how to load the others."""
+    from worker.backfill import steps as backfill
+    from worker.setup.jobconfig import JobState
+
     if not job.config.existing_users or job.state is JobState.CREATED:
         return
     scanned = backfill.lytics_parts(job)
@@ -163,6 +177,11 @@ def _backfill_notes(job: ExportJob) -> None:
 
 
 def cmd_jobs_list(args: argparse.Namespace, settings: Settings) -> None:
+    from worker.setup.jobs import JobStore
+    from worker.store import keys
+    from worker.store.joberrors import BLOCKED_REASON
+    from worker.store.replies import text as reply_text
+
     client = _redis(settings)
     jobs = JobStore(client).list()
     if args.json:
@@ -179,21 +198,31 @@ def cmd_jobs_list(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def cmd_jobs_show(args: argparse.Namespace, settings: Settings) -> None:
+    from worker.setup.jobs import JobStore
+
     _print_json(json.loads(JobStore(_redis(settings)).get(args.job).to_json()))
 
 
 def _set_state(args: argparse.Namespace, settings: Settings, state: JobState, reason: str = "") -> None:
+    from worker.setup.jobs import JobStore
+
     client = _redis(settings)
     job = JobStore(client).set_state(args.job, state, reason)
     print(f"job {job.id} is now {job.state}")
 
 
 def cmd_jobs_pause(args: argparse.Namespace, settings: Settings) -> None:
+    from worker.setup.jobconfig import JobState
+
     _set_state(args, settings, JobState.PAUSED, "paused by an operator")
 
 
 def cmd_jobs_resume(args: argparse.Namespace, settings: Settings) -> None:
     """Start a created job, or resume one: backfilling while its backfill is unfinished, else running."""
+    from worker.backfill import steps as backfill
+    from worker.setup.jobconfig import JobState
+    from worker.setup.jobs import JobStore
+
     client = _redis(settings)
     store = JobStore(client)
     first_start = store.get(args.job).state is JobState.CREATED
@@ -211,6 +240,8 @@ def cmd_jobs_resume(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def cmd_jobs_delete(args: argparse.Namespace, settings: Settings) -> None:
+    from worker.cli import jobs as jobs_cli
+
     jobs_cli.delete(_redis(settings), args.job)
 
 
@@ -221,10 +252,14 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_trace(args: argparse.Namespace, settings: Settings) -> None:
     """Where one user's changes are, per audience (worker/cli/trace.py)."""
+    from worker.cli import trace as trace_cli
+
     trace_cli.run(args, _redis(settings))
 
 
 def cmd_deadletters(args: argparse.Namespace, settings: Settings) -> None:
+    from worker.cli import deadletters as deadletters_cli
+
     try:
         deadletters_cli.run(args, _redis(settings))
     except deadletters_cli.CommandError as exc:
@@ -234,6 +269,8 @@ def cmd_deadletters(args: argparse.Namespace, settings: Settings) -> None:
 def cmd_preview(args: argparse.Namespace, _settings: Settings) -> None:
     """Map transitions with a job file and print what would be sent, touching nothing."""
     from worker.mapping.mapper import Mapper
+    from worker.mapping.transitions import Rejected, parse_line
+    from worker.setup.jobconfig import load_job_config
 
     config = load_job_config(args.job_file)
     mapper = Mapper(config)
@@ -295,6 +332,8 @@ def _plural(n: int, noun: str) -> str:
 
 def _unusable(line: bytes) -> Rejected | None:
     """Why a line holds no usable transition (the reason ingest would count), or None."""
+    from worker.mapping.transitions import Rejected, Transition, parse_line
+
     first: Rejected | None = None
     for item in parse_line(line):
         if isinstance(item, Transition):
@@ -310,6 +349,8 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> None:
     UTF-8, not JSON, no audience...) is not queued but counted by reason in the summary, with the
     first few line numbers; a line with at least one goes whole (ingest counts the rest of it).
     """
+    from worker.pipeline import inbox, ingest
+
     client = _redis(settings)
     dispatcher = _dispatcher()  # with the broker down: nothing is written
     report = _IngestReport()
@@ -356,6 +397,11 @@ def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int | None:
     Streamed (worker.backfill.steps.backfill_file): at most BACKFILL_FILE_MAX_STAGED_LINES of the
     job's lines wait in Redis, so the command waits for the backfill on a large file. Ctrl-C stops
     it: what was staged is sent, and one line says how to send the rest (exit status 130)."""
+    from worker.backfill import steps as backfill
+    from worker.mapping.transitions import Rejected, read_time_ms
+    from worker.setup.jobconfig import JobState
+    from worker.setup.jobs import JobStore
+
     client = _redis(settings)
     job = JobStore(client).get(args.job)
     if not job.routed:  # not started, stopping or stopped
@@ -429,6 +475,8 @@ class _StreamProgressLine:
         self._said = -PROGRESS_SECONDS
 
     def __call__(self, p: backfill.StreamProgress) -> None:
+        from worker.setup.jobconfig import JobState
+
         now = time.monotonic()
         if now - self._said < PROGRESS_SECONDS:
             return
@@ -444,12 +492,16 @@ class _StreamProgressLine:
 
 
 def _to_send_the_rest(report: backfill.FileReport, at_ms: int, at_defaulted: bool) -> str:
+    from worker.backfill import steps as backfill
+
     return f"; {backfill.rerun_hint(at_ms, at_defaulted)}" if report.staged else "; nothing was queued"
 
 
 def _interrupted(
     source: str, job_id: str, report: backfill.FileReport, at_ms: int, at_defaulted: bool
 ) -> str:
+    from worker.backfill import steps as backfill
+
     source = "standard input" if source == "-" else source
     if not report.staged:
         return f"nothing of {source} was queued"
@@ -518,13 +570,22 @@ def cmd_demo(args: argparse.Namespace, _settings: Settings) -> None:
 
 
 # --- parser -----------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
+def _root_parser() -> tuple[argparse.ArgumentParser, Any]:
+    """``attentive-export`` and its (still empty) set of commands."""
     p = argparse.ArgumentParser(
         prog="attentive-export",
         description="Export audiences to Attentive in real time. Configuration comes from the environment: "
         "REDIS_URL, CELERY_BROKER_URL, ATTENTIVE_API_URL, EXPORT_SECRET_KEY, ATTENTIVE_RATE_LIMIT.",
     )
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    return p, p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from worker.cli import deadletters as deadletters_cli
+    from worker.cli import jobs as jobs_cli
+    from worker.cli import trace as trace_cli
+
+    p, sub = _root_parser()
 
     auth = sub.add_parser("auth", help="connect Attentive accounts (API keys)").add_subparsers(
         dest="auth_command", required=True, metavar="ACTION"
@@ -640,46 +701,90 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _parser(argv: Sequence[str]) -> argparse.ArgumentParser:
+    """The parser for ``argv``. For ``health``, one with the monitoring commands alone: it parses
+    ``health``, prints its help and its usage errors exactly as the full parser does, and imports
+    none of the modules of the other commands (see the module doc)."""
+    if argv[:1] != ["health"]:
+        return build_parser()
+    p, sub = _root_parser()
+    monitor.add_commands(sub)  # health, metrics
+    return p
+
+
+class _JsonLogsOnFirstRecord(logging.Handler):
+    """``health`` with ``LOG_FORMAT=json``: worker.logs, which loads Celery for its signal hooks, is
+    imported when a record is logged, not on every probe. It then sets up the JSON lines as any
+    other command does (replacing this handler) and passes them the record."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from worker.logs import configure_cli
+
+        configure_cli("json")
+        logging.getLogger().handle(record)
+
+
+def _configure_logs(args: argparse.Namespace, settings: Settings | None) -> None:
+    """With ``LOG_FORMAT=json``, warnings and errors as JSON lines on stderr."""
+    if settings is None or settings.log_format != "json":
+        return
+    if args.func is monitor.cmd_health:
+        logging.getLogger().handlers = [_JsonLogsOnFirstRecord()]
+        return
+    from worker.logs import configure_cli
+
+    configure_cli(settings.log_format)
+
+
+def _error_lines(exc: Exception) -> list[str] | None:
+    """What follows ``error:`` for a failure the user can fix (exit status 2), or None for a bug.
+
+    The classes are imported here, once something failed: ``health`` must not load their modules."""
+    from kombu.exceptions import KombuError
+
+    from worker.dispatch import BrokerUnavailable
+    from worker.setup.authorizations import AuthorizationError
+    from worker.setup.crypto import SecretKeyError
+    from worker.setup.jobconfig import JobConfigError
+    from worker.setup.jobs import JobError
+
+    if isinstance(exc, JobConfigError):  # every problem of a job file, each on its own line
+        return [str(problem) for problem in exc.problems]
+    if isinstance(
+        exc, SettingsError | UserError | JobError | AuthorizationError | SecretKeyError | BrokerUnavailable
+    ):
+        return [str(exc)]
+    if isinstance(exc, redis.RedisError):  # Redis went away mid-command (a first ping found it)
+        return [f"Redis: {type(exc).__name__}: {exc}"]
+    if isinstance(exc, KombuError):  # the broker went away after the command checked it
+        return [
+            f"the Celery broker stopped answering ({type(exc).__name__}: {exc}); "
+            "run the command again once it answers"
+        ]
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = _parser(argv).parse_args(argv)
     try:
         # Every command validates the whole environment first: a bad setting is one line, exit 2.
         # Except `secret-key`, which needs none: it makes the key a bad EXPORT_SECRET_KEY lacks.
         settings = load_settings() if args.func is not cmd_secret_key else None
-        if settings is not None and settings.log_format == "json":
-            from worker.logs import configure_cli
-
-            configure_cli(settings.log_format)  # warnings and errors as JSON lines on stderr
+        _configure_logs(args, settings)
         code = args.func(args, settings)  # None, or an exit status (health: 1 when unhealthy)
-    except JobConfigError as exc:
-        for problem in exc.problems:  # every problem of a job file, each on its own line
-            print(f"error: {problem}", file=sys.stderr)
-        return 2
-    except (
-        SettingsError,
-        UserError,
-        JobError,
-        AuthorizationError,
-        SecretKeyError,
-        BrokerUnavailable,
-    ) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except redis.RedisError as exc:  # Redis went away mid-command (a first ping found it)
-        print(f"error: Redis: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 2
-    except KombuError as exc:  # the broker went away after the command checked it
-        print(
-            f"error: the Celery broker stopped answering ({type(exc).__name__}: {exc}); "
-            "run the command again once it answers",
-            file=sys.stderr,
-        )
-        return 2
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except Exception as exc:
+        lines = _error_lines(exc)
+        if lines is None:
+            raise
+        for line in lines:
+            print(f"error: {line}", file=sys.stderr)
+        return 2
     return code if isinstance(code, int) else 0
 
 

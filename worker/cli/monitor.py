@@ -2,6 +2,10 @@
 
 Kept out of :mod:`worker.cli.main`, which only registers them. Exit statuses: 0 fine, 1 unhealthy
 (``health``), 2 a problem the operator can fix (as everywhere in the CLI), 130 interrupted.
+
+Probes run ``health`` every few seconds in every pod, and ``attentive-export health`` loads this
+module without the rest of the CLI: at the top it imports only what ``health`` needs (Redis, the
+settings, :mod:`worker.observe.health`); ``status`` and ``metrics`` import the rest when they run.
 """
 
 from __future__ import annotations
@@ -14,11 +18,8 @@ from typing import Any
 
 import redis
 
-from worker.observe import health, metrics, summary
-from worker.observe.service import service_status
-from worker.observe.status import ingest_status, job_status
+from worker.observe import health
 from worker.settings import Settings
-from worker.setup.jobs import JobStore
 
 #: Seconds between refreshes of ``status --watch`` without a value.
 DEFAULT_WATCH_SECONDS = 2.0
@@ -56,6 +57,10 @@ def add_status_arguments(parser: argparse.ArgumentParser) -> None:
 
 def snapshot(client: redis.Redis, job_id: str | None, sweep_interval_seconds: float = 1.0) -> dict[str, Any]:
     """What ``status --json`` prints: one job, or the service, ingest and every job."""
+    from worker.observe.service import service_status
+    from worker.observe.status import ingest_status, job_status
+    from worker.setup.jobs import JobStore
+
     if job_id:
         return job_status(client, job_id)
     return {
@@ -66,6 +71,8 @@ def snapshot(client: redis.Redis, job_id: str | None, sweep_interval_seconds: fl
 
 
 def render_status(data: dict[str, Any], job_id: str | None, now_ms: int) -> str:
+    from worker.observe import summary
+
     if job_id:
         return summary.render([data], now_ms)
     return summary.render(data["jobs"], now_ms, ingest=data["ingest"], service=data["service"])
@@ -128,6 +135,8 @@ def cmd_health(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_metrics(args: argparse.Namespace, settings: Settings) -> int:
     """Serve ``/metrics`` computed from Redis at each scrape, or print one scrape (``--once``)."""
     from prometheus_client import start_http_server
+
+    from worker.observe import metrics
 
     client = health.redis_client(settings.redis_url)
     reg = metrics.registry(
