@@ -208,6 +208,8 @@ class JobStore:
     def __init__(self, client: redis.Redis) -> None:
         self._redis = client
         self._cache: dict[str, ExportJob] = {}
+        #: audience -> :meth:`routes`, for the job table in ``_cache``
+        self._routes: dict[str, builtins.list[ExportJob]] = {}
         self._version: bytes | str | None = None
 
     def create(self, config: ExportJobConfig, state: JobState = JobState.RUNNING) -> ExportJob:
@@ -419,7 +421,12 @@ class JobStore:
 
     def routes(self, audience: str) -> builtins.list[ExportJob]:
         """Jobs that receive transitions for ``audience``, as of the last :meth:`refresh`."""
-        return [j for j in self._cache.values() if j.routed and audience in j.config.audiences]
+        # Per transition on the hot path: worked out once per audience and job table.
+        hit = self._routes.get(audience)
+        if hit is None:
+            hit = [j for j in self._cache.values() if j.routed and audience in j.config.audiences]
+            self._routes[audience] = hit
+        return hit
 
     def active(self) -> builtins.list[ExportJob]:
         """Jobs the sweep looks after (everything but created and stopped)."""
@@ -439,4 +446,5 @@ class JobStore:
                 job.config = old.config  # the same object, so its compiled mapping is found at once
             fresh[job.id] = job
         self._cache = fresh
+        self._routes = {}
         self._version = version

@@ -142,10 +142,27 @@ local function prefetch(users)
             if open_cache[u] == nil then open_cache[u] = entries[j] end
         end
     end
-    local owners, waits = hmget(K_OUTSTANDING, users), hmget(K_WAITING, users)
+    local owners = hmget(K_OUTSTANDING, users)
+    -- Held changes exist only for a user that is outstanding or in the open batch (append_waiting
+    -- and drain_waiting hold a change only then; a seal makes open users outstanding, and complete
+    -- drains a user's changes when it frees the user), so the others are known to hold none: in a
+    -- backfill of new users this skips the HMGET altogether.
+    local busy = {}
     for j, u in ipairs(users) do
         if out_cache[u] == nil then out_cache[u] = owners[j] end
-        if wait_cache[u] == nil then wait_cache[u] = waits[j] and true or false end
+        if wait_cache[u] == nil then
+            if out_cache[u] or open_cache[u] then
+                busy[#busy + 1] = u
+            else
+                wait_cache[u] = false
+            end
+        end
+    end
+    if #busy > 0 then
+        local waits = hmget(K_WAITING, busy)
+        for j, u in ipairs(busy) do
+            wait_cache[u] = waits[j] and true or false
+        end
     end
 end
 
