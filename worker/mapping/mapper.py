@@ -39,6 +39,7 @@ from worker.mapping.reasons import (
     MAPPING_ERROR,
     MAX_IDENTIFIER_CHARS,
     MAX_RECORD_BYTES,
+    MAX_VALUE_CHARS,
     NO_IDENTIFIER,
     RECORD_TOO_LARGE,
     WORST_BYTES_PER_CHAR,
@@ -79,6 +80,9 @@ class MapResult:
 
 #: Section marker of custom attributes in Mapper._all_attributes (never a real section name).
 _CUSTOM = "\x00custom"
+#: The largest JSON size of one attribute value: converters send numbers, booleans and strings of
+#: at most MAX_VALUE_CHARS characters (arrays are joined within that bound).
+_WORST_VALUE_BYTES: Final = MAX_VALUE_CHARS * WORST_BYTES_PER_CHAR + 2
 
 
 # --------------------------------------------------------------------------------------------------
@@ -93,6 +97,11 @@ def _accessor(path: str) -> tuple[str, tuple[str, ...] | None]:
     """(literal key, dotted segments or None). A flat key spelled with dots wins over nesting."""
     segments = tuple(path.split("."))
     return path, (segments if len(segments) > 1 else None)
+
+
+def _nested(profile: Mapping[str, Any], key: str, segments: tuple[str, ...]) -> Any:
+    """The value at a dotted path whose literal key is missing or null: a present null key wins."""
+    return _walk(profile, segments) if profile.get(key, _MISSING) is _MISSING else None
 
 
 def _walk(profile: Mapping[str, Any], segments: tuple[str, ...]) -> Any:
@@ -169,6 +178,8 @@ class Mapper:
         base += sum(16 + len(leaf) for _, _, _, leaf, _, _ in self._attributes)
         base += sum(8 + per_key * len(src) for _, _, src in self._custom)
         self._base_size = base
+        #: The most all attribute values together can add: when that fits, no value is measured.
+        self._attributes_worst = len(self._all_attributes) * _WORST_VALUE_BYTES
 
     def user_key(self, profile: Mapping[str, Any]) -> str | None:
         """The user's stable key: the ``user_key_field`` value normalised like its identifier."""
@@ -206,11 +217,13 @@ class Mapper:
         key_field = self._key_field
         user_key: str | None = None
         for key, segments, target, conv, src in self._identifiers:
-            value = get(key, _MISSING)
-            if value is _MISSING:
-                value = _walk(profile, segments) if segments is not None else None
-            if value is None:
-                continue
+            value = get(key)
+            if value is None:  # missing or null
+                if segments is None:
+                    continue
+                value = _nested(profile, key, segments)
+                if value is None:
+                    continue
             out = conv(value)
             if out is None:
                 continue
@@ -227,11 +240,13 @@ class Mapper:
         if self._extra:
             custom_ids = []
             for key, segments, src in self._extra:
-                value = get(key, _MISSING)
-                if value is _MISSING:
-                    value = _walk(profile, segments) if segments is not None else None
-                if value is None:
-                    continue
+                value = get(key)
+                if value is None:  # missing or null
+                    if segments is None:
+                        continue
+                    value = _nested(profile, key, segments)
+                    if value is None:
+                        continue
                 out = convert_other_id(value)
                 if out is None:
                     continue
@@ -253,28 +268,34 @@ class Mapper:
         attributes: dict[str, Any] = {}
         custom: dict[str, Any] = {}
         if include_attributes:
+            # Most jobs map few enough attributes that even their largest values fit in a record:
+            # then the running size bound is not kept (it was a fifth of the time of this loop).
+            measure = size + self._attributes_worst > MAX_RECORD_BYTES
             # One loop over typed and custom attributes with the value checks inline: this runs for
             # every transition, and a call per field cost about a fifth of mapping time.
             for key, segments, section, leaf, conv, src in self._all_attributes:
-                value = get(key, _MISSING)
-                if value is _MISSING:
-                    value = _walk(profile, segments) if segments is not None else None
-                if value is None:
-                    continue
+                value = get(key)
+                if value is None:  # missing or null
+                    if segments is None:
+                        continue
+                    value = _nested(profile, key, segments)
+                    if value is None:
+                        continue
                 out = conv(value)
                 if out is None:
                     continue
                 if type(out) is Drop:
                     dropped.append((src, out.code))
                     continue
-                worst = len(out) * WORST_BYTES_PER_CHAR + 2 if type(out) is str else 32
-                if size + worst <= MAX_RECORD_BYTES:
-                    size += worst
-                else:
-                    size, fits = self._fits(size, out)
-                    if not fits:
-                        dropped.append((src, RECORD_TOO_LARGE))
-                        continue
+                if measure:
+                    worst = len(out) * WORST_BYTES_PER_CHAR + 2 if type(out) is str else 32
+                    if size + worst <= MAX_RECORD_BYTES:
+                        size += worst
+                    else:
+                        size, fits = self._fits(size, out)
+                        if not fits:
+                            dropped.append((src, RECORD_TOO_LARGE))
+                            continue
                 if section is None:
                     attributes[leaf] = out
                 elif section is _CUSTOM:

@@ -66,8 +66,23 @@ def _compile_nanp() -> tuple[tuple[re.Pattern[str] | None, re.Pattern[str] | Non
     return tuple(regions)
 
 
+def _compile_first_region_e164(
+    leading: re.Pattern[str] | None, known: re.Pattern[str] | None
+) -> re.Pattern[str]:
+    """``+1`` numbers in E.164 that the first NANP region (the US) claims and knows, in one pattern.
+
+    :func:`nanp_valid` calls these valid at its first step, and they are most numbers: one match
+    spares the shape check, the slice and the walk over the regions.
+    """
+    if known is None:
+        return re.compile("(?!)")  # matches nothing: every number takes the general path
+    claims = f"(?={leading.pattern})" if leading is not None else ""
+    return re.compile(rf"\+1(?=[2-9][0-9]{{9}}\Z){claims}{known.pattern}", re.ASCII)
+
+
 _NANP = _compile_nanp()
 _NANP_REGIONS: Final = frozenset(phonenumbers.COUNTRY_CODE_TO_REGION_CODE[1])
+_FIRST_REGION_E164 = _compile_first_region_e164(*_NANP[0])
 
 
 def nanp_valid(nsn: str) -> bool:
@@ -83,8 +98,10 @@ def nanp_valid(nsn: str) -> bool:
 
 #: Characters of the phone shapes the fast path handles: digits and ( ) . - space, '+' first.
 _PHONE_FAST_SHAPE = re.compile(r"\+?[0-9 ().\-]{10,24}", re.ASCII)
-_PHONE_SEPARATORS = str.maketrans("", "", " ().-+")
+_PHONE_SEPARATORS = b" ().-+"
 _NSN_FIRST = frozenset("23456789")
+#: A NANP number in E.164, the shape most profiles carry.
+_NANP_E164 = re.compile(r"\+1[2-9][0-9]{9}", re.ASCII)
 
 
 @lru_cache(maxsize=131_072)
@@ -105,8 +122,16 @@ def normalize_phone(raw: str, region: str) -> str | None:
     Fast path for North American shapes (``+1 555 123 4567``, ``(555) 123-4567``, ``1-555-123-4567``
     in a NANP default region); everything else goes to :func:`phone_slow` (cached).
     """
+    if len(raw) == 12 and raw[0] == "+":
+        # E.164, the most common input: what the general fast path below would find, without its
+        # digit extraction.
+        if _FIRST_REGION_E164.fullmatch(raw) is not None:
+            return raw
+        if _NANP_E164.fullmatch(raw) is not None:
+            return raw if nanp_valid(raw[2:]) else None
     if len(raw) <= 24 and _PHONE_FAST_SHAPE.fullmatch(raw) is not None:
-        digits = raw.translate(_PHONE_SEPARATORS)
+        # The shape is ASCII, and bytes.translate deletes characters at half str.translate's cost.
+        digits = raw.encode().translate(None, _PHONE_SEPARATORS).decode()
         nsn = None
         if raw[0] == "+":
             if len(digits) == 11 and digits[0] == "1" and digits[1] in _NSN_FIRST:

@@ -24,6 +24,7 @@ Decisions (documented for users in the README's field reference):
 
 from __future__ import annotations
 
+import calendar
 import json
 import math
 import re
@@ -83,9 +84,20 @@ _D_CHARS = Drop(INVALID_CHARACTERS)
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def _bad_chars(s: str) -> bool:
-    """NUL and lone surrogates: JSON encoders and Attentive's storage choke on them."""
-    return "\x00" in s or (not s.isascii() and _SURROGATE.search(s) is not None)
+def _clean(value: str, max_chars: int, too_long: Drop) -> Any:
+    """``value`` trimmed; None when blank; ``too_long`` past ``max_chars``; the drop for NUL and
+    lone surrogates (JSON encoders and Attentive's storage choke on them).
+
+    Every string a converter sends ends here: it runs for most fields, so the checks are inline.
+    """
+    s = value.strip()
+    if not s:
+        return None
+    if len(s) > max_chars:
+        return too_long
+    if "\x00" in s or (not s.isascii() and _SURROGATE.search(s) is not None):
+        return _D_CHARS
+    return s
 
 
 # --------------------------------------------------------------------------------------------------
@@ -96,9 +108,7 @@ def _bad_chars(s: str) -> bool:
 def _id_text(value: Any, max_chars: int, too_long: Drop) -> Any:
     """A string identifier: trimmed strings, integers (and integral floats) as decimal strings."""
     t = type(value)
-    if t is str:
-        s = value.strip()
-    elif t is int:
+    if t is int:
         if value.bit_length() > 200:
             return _D_ID
         s = str(value)
@@ -109,25 +119,23 @@ def _id_text(value: Any, max_chars: int, too_long: Drop) -> Any:
     elif t is bool:
         return _D_ID
     elif isinstance(value, str):
-        s = str(value).strip()
+        s = str(value)
     elif isinstance(value, int) and not isinstance(value, bool):
         return _id_text(int(value), max_chars, too_long)
     else:
         return _D_ID
-    if not s:
-        return None
-    if len(s) > max_chars:
-        return too_long
-    if _bad_chars(s):
-        return _D_CHARS
-    return s
+    return _clean(s, max_chars, too_long)
 
 
 def convert_client_user_id(value: Any) -> Any:
+    if type(value) is str:  # the usual identifier: straight to _clean
+        return _clean(value, MAX_CLIENT_USER_ID_CHARS, _D_CUID_LONG)
     return _id_text(value, MAX_CLIENT_USER_ID_CHARS, _D_CUID_LONG)
 
 
 def convert_other_id(value: Any) -> Any:
+    if type(value) is str:  # the usual identifier: straight to _clean
+        return _clean(value, MAX_IDENTIFIER_CHARS, _D_ID_LONG)
     return _id_text(value, MAX_IDENTIFIER_CHARS, _D_ID_LONG)
 
 
@@ -172,23 +180,11 @@ def make_phone_converter(region: str) -> Converter:
 # --------------------------------------------------------------------------------------------------
 
 
-def _clean_text(value: str) -> Any:
-    """A trimmed string; None when blank; the drop for an over-long or unsafe one."""
-    s = value.strip()
-    if not s:
-        return None
-    if len(s) > MAX_VALUE_CHARS:
-        return _D_LONG
-    if _bad_chars(s):
-        return _D_CHARS
-    return s
-
-
 def convert_text(value: Any) -> Any:
     """A typed string attribute: trimmed strings; numbers as strings; no bools, arrays or maps."""
     t = type(value)
     if t is str:
-        return _clean_text(value)
+        return _clean(value, MAX_VALUE_CHARS, _D_LONG)
     if t is int:
         return str(value) if INT64_MIN <= value <= INT64_MAX else _D_RANGE
     if t is float:
@@ -230,26 +226,34 @@ _EPOCH = re.compile(r"-?\d{1,16}(?:\.\d{1,9})?", re.ASCII)
 _DAYS_IN_MONTH = (0, 31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
 _EPOCH_ORDINAL: Final = date(1970, 1, 1).toordinal()
 _MIN_ORDINAL: Final = date(MIN_BIRTH_YEAR, 1, 1).toordinal()
-_today_cache: list[float | int] = [0.0, 0]  # [valid until (epoch s), today's ordinal + 1 day of slack]
+#: Every ``MM-DD`` that exists in a leap year (the common ``YYYY-MM-DD`` shape is checked as text).
+_MONTH_DAYS: Final = frozenset(
+    f"{m:02d}-{d:02d}" for m in range(1, 13) for d in range(1, _DAYS_IN_MONTH[m] + 1)
+)
+_MIN_DATE_TEXT: Final = f"{MIN_BIRTH_YEAR:04d}-01-01"
+#: (valid until (epoch s), latest birth date accepted as an ordinal, the same as ``YYYY-MM-DD``):
+#: today (UTC) plus one day of slack. One tuple, replaced whole when the day changes.
+_latest_birth: list[tuple[float, int, str]] = [(0.0, 0, "")]
 
 
-def _max_birth_ordinal() -> int:
+def _latest_birth_day() -> tuple[float, int, str]:
+    latest = _latest_birth[0]
     now = time.time()
-    if now >= _today_cache[0]:
+    if now >= latest[0]:
         day = int(now // 86400)
-        _today_cache[0] = (day + 1) * 86400.0
-        _today_cache[1] = _EPOCH_ORDINAL + day + 1
-    return int(_today_cache[1])
+        ordinal = _EPOCH_ORDINAL + day + 1
+        latest = ((day + 1) * 86400.0, ordinal, date.fromordinal(ordinal).isoformat())
+        _latest_birth[0] = latest
+    return latest
 
 
 def _ymd(y: int, m: int, d: int) -> Any:
     if not (1 <= m <= 12 and 1 <= d <= _DAYS_IN_MONTH[m]) or y < MIN_BIRTH_YEAR or y > 9999:
         return _D_DATE
-    if m == 2 and d == 29 and not (y % 4 == 0 and (y % 100 != 0 or y % 400 == 0)):
+    if m == 2 and d == 29 and not calendar.isleap(y):
         return _D_DATE
-    if date(y, m, d).toordinal() > _max_birth_ordinal():
-        return _D_DATE
-    return f"{y:04d}-{m:02d}-{d:02d}"
+    text = f"{y:04d}-{m:02d}-{d:02d}"
+    return _D_DATE if text > _latest_birth_day()[2] else text  # ISO dates compare as the days they name
 
 
 def _epoch_date(seconds: float) -> Any:
@@ -258,7 +262,7 @@ def _epoch_date(seconds: float) -> Any:
     if abs(seconds) >= 1e11:
         seconds /= 1000.0
     ordinal = _EPOCH_ORDINAL + math.floor(seconds / 86400.0) if abs(seconds) < 1e13 else 0
-    if not (_MIN_ORDINAL <= ordinal <= _max_birth_ordinal()):
+    if not (_MIN_ORDINAL <= ordinal <= _latest_birth_day()[1]):
         return _D_DATE
     return date.fromordinal(ordinal).isoformat()
 
@@ -270,26 +274,16 @@ def convert_date(value: Any) -> Any:
         s = value.strip()
         if not s:
             return None
-        if len(s) > 40:
-            return _D_DATE
-        m = _ISO_DATE.fullmatch(s)
-        if m is not None:
-            hh, mm, ss = m.group(4), m.group(5), m.group(6)
-            if hh is not None and (int(hh) > 23 or int(mm) > 59 or (ss is not None and int(ss) > 60)):
+        if len(s) == 10 and s[4] == "-" and s.isascii() and s[:4].isdigit() and s[5:] in _MONTH_DAYS:
+            # Fast path for the common shape, YYYY-MM-DD with a month and day that exist: it is its
+            # own output, and ISO dates compare as text like the days they name, so _ymd's checks
+            # need no ints or date objects. (isascii: isdigit also accepts "²".)
+            if s < _MIN_DATE_TEXT or s > _latest_birth_day()[2]:
                 return _D_DATE
-            return _ymd(int(m.group(1)), int(m.group(2)), int(m.group(3)))
-        m = _SLASH_YMD.fullmatch(s)
-        if m is not None:
-            return _ymd(int(m.group(1)), int(m.group(2)), int(m.group(3)))
-        m = _US_MDY.fullmatch(s)
-        if m is not None:
-            return _ymd(int(m.group(3)), int(m.group(1)), int(m.group(2)))
-        m = _COMPACT_YMD.fullmatch(s)
-        if m is not None:
-            return _ymd(int(m.group(1)), int(m.group(2)), int(m.group(3)))
-        if _EPOCH.fullmatch(s) is not None:
-            return _epoch_date(float(s))
-        return _D_DATE
+            if s[5:] == "02-29" and not calendar.isleap(int(s[:4])):
+                return _D_DATE
+            return s
+        return _date_text(s)
     if t is int:
         return _epoch_date(float(value)) if abs(value) < 10**15 else _D_DATE
     if t is float:
@@ -308,6 +302,30 @@ def convert_date(value: Any) -> Any:
         return convert_date(int(value))
     if isinstance(value, float):
         return convert_date(float(value))
+    return _D_DATE
+
+
+def _date_text(s: str) -> Any:
+    """``dateOfBirth`` from a stripped, non-empty string, by the general patterns."""
+    if len(s) > 40:
+        return _D_DATE
+    m = _ISO_DATE.fullmatch(s)
+    if m is not None:
+        hh, mm, ss = m.group(4), m.group(5), m.group(6)
+        if hh is not None and (int(hh) > 23 or int(mm) > 59 or (ss is not None and int(ss) > 60)):
+            return _D_DATE
+        return _ymd(int(m.group(1)), int(m.group(2)), int(m.group(3)))
+    m = _SLASH_YMD.fullmatch(s)
+    if m is not None:
+        return _ymd(int(m.group(1)), int(m.group(2)), int(m.group(3)))
+    m = _US_MDY.fullmatch(s)
+    if m is not None:
+        return _ymd(int(m.group(3)), int(m.group(1)), int(m.group(2)))
+    m = _COMPACT_YMD.fullmatch(s)
+    if m is not None:
+        return _ymd(int(m.group(1)), int(m.group(2)), int(m.group(3)))
+    if _EPOCH.fullmatch(s) is not None:
+        return _epoch_date(float(s))
     return _D_DATE
 
 
@@ -404,15 +422,16 @@ def _array_text(items: list[Any] | tuple[Any, ...]) -> Any:
         parts.append(part)
     if not parts:
         return None
-    joined = ",".join(parts)
-    return _D_CHARS if _bad_chars(joined) else joined
+    # The parts are trimmed and not blank, and the total is within MAX_VALUE_CHARS: of _clean's
+    # checks, only the one for characters can fail.
+    return _clean(",".join(parts), MAX_VALUE_CHARS, _D_LONG)
 
 
 def convert_custom(value: Any) -> Any:
     """A custom attribute: primitives kept (strings trimmed), arrays joined with commas, maps refused."""
     t = type(value)
     if t is str:
-        return _clean_text(value)
+        return _clean(value, MAX_VALUE_CHARS, _D_LONG)
     if t is bool:
         return value
     if t is int:
