@@ -152,6 +152,9 @@ def test_submit_bulk_json_tolerates_extra_fields_in_202(make_client: Any) -> Non
         (b"{}", "sequence"),
         (['{"identifiers":{}}'], "records\\[0\\]"),
         ([b"{}", b'["not an object"]'], "records\\[1\\]"),
+        ([b"{}", b""], "records\\[1\\]"),
+        ([b"{}", b"{}", bytearray(b"{}")], "records\\[2\\]"),
+        ([b"{}", b"{"], "records\\[1\\]"),
     ],
 )
 def test_submit_bulk_json_refuses_locally(make_client: Any, records: Any, match: str) -> None:
@@ -806,6 +809,34 @@ def test_errors_pickle_round_trip() -> None:
     assert (copy.status_code, copy.retry_after, copy.limit, copy.remaining) == (429, 2.0, 100, 0)
     terr = TransportError("t", may_have_reached_server=False)
     assert pickle.loads(pickle.dumps(terr)).may_have_reached_server is False
+
+
+def test_bulk_post_carries_the_client_headers_and_its_own_length(make_client: Any) -> None:
+    """The bulk POST is prepared once per client (worker/clients/attentive/client.py, _send_direct):
+    every request still carries the key, the client's headers and the length of its own body."""
+    client, rec, _ = make_client(ACCEPTED)
+    for n in (1, 3):
+        client.submit_bulk_json(encoded([user(i) for i in range(n)]))
+    first, second = rec.requests
+    for req in (first, second):
+        assert req.url == httpx.URL(f"{BASE}/v2/bulk/user/attributes")
+        assert req.headers["Authorization"] == f"Bearer {KEY}"
+        assert req.headers["Accept"] == "application/json"
+        assert req.headers["User-Agent"].startswith("attentive-audience-export/")
+        assert req.headers["Content-Type"] == "application/json"
+        assert req.headers["Content-Length"] == str(len(req.content))
+        assert req.headers.get_list("Content-Length") == [str(len(req.content))]
+    assert len(json.loads(second.content)["users"]) == 3
+
+
+def test_bulk_post_after_close_is_refused_like_any_call(make_client: Any) -> None:
+    client, rec, _ = make_client(ACCEPTED)
+    client.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        client.submit_bulk_json(encoded([user()]))
+    with pytest.raises(RuntimeError, match="closed"):
+        client.me()
+    assert rec.requests == []
 
 
 def test_connections_are_reused() -> None:

@@ -242,6 +242,24 @@ def test_400_isolates_the_poisoned_user_by_bisection_and_delivers_the_rest(pipe:
     assert pipe.polled(job) == [bid]
 
 
+@pytest.mark.parametrize("poisoned", ["u0@x.io", "u1@x.io"])
+def test_a_split_ends_the_keys_429_streak_whichever_request_was_accepted(
+    pipe: Pipeline, poisoned: str
+) -> None:
+    """An accepted request resets the key's 429 streak: at once when more of the split follows, with
+    the send's own counters when it was the last request (one round trip fewer per batch)."""
+    job = pipe.create_job()
+    pipe.sealed_batch(job, users(2))
+    pipe.redis.set(keys.ratelimit_streak(KEY_HASH), 3)
+    pipe.attentive.refuse_containing(poisoned)
+
+    flush_job(pipe.rt, job.id)
+
+    assert len(pipe.attentive.posts()) == 3  # the pair, then each user alone
+    assert pipe.redis.get(keys.ratelimit_streak(KEY_HASH)) is None
+    assert pipe.status(job)["users_sent"] == "1"
+
+
 def test_batch_refused_entirely_completes_with_every_user_deadlettered(pipe: Pipeline) -> None:
     job = pipe.create_job()
     emails = users(4)

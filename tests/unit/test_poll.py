@@ -383,3 +383,51 @@ def test_results_lines_without_index_are_matched_by_position(pipe: Pipeline) -> 
     assert (status["users_delivered"], status["record_failures"]) == ("3", "1")
     [dead] = deadletters.read(pipe.redis, job.id)
     assert dead["user"] == "u2@x.io"
+
+
+def test_every_failure_shape_in_a_results_file_is_dead_lettered_and_nothing_else(
+    pipe: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The poll reads a results file skipping the lines that plainly report a 2xx: a failure in any
+    shape Attentive might write (the line format is undocumented) is still found, and an unreadable
+    line that ends like a success is still counted unreadable."""
+    import httpx
+
+    from worker.clients.attentive import AttentiveClient
+
+    from .pipeline_kit import BASE_URL, RESULTS_HOST
+
+    job = pipe.create_job()
+    emails = users(12)
+    bid, _ = submitted(pipe, job, emails)
+    odd = {
+        1: '{"index":1,"response":{"statusCode":400,"body":{"error":{"message":"bad phone"}}}}',
+        3: '{"index":3,"response":{"status":"413"}}',
+        5: '{"index":5,"code":500,"message":"boom"}',
+        7: '{"index":7,"response":"503 Service Unavailable"}',
+        9: '{"index":9,"response":{"statusCode":500},"score":NaN}',
+        10: '{"index":10,"response":{"statusCode":202,"statusCode":429}}',
+        11: '{"index":11,"request":{"email":},"response":{"statusCode":202,"body":{}}}',  # unreadable
+    }
+    body = "\n".join(
+        odd.get(i, json.dumps({"index": i, "request": {}, "response": {"statusCode": 202, "body": {}}}))
+        for i in range(len(emails))
+    )
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if f"{request.url.scheme}://{request.url.host}" == RESULTS_HOST:
+            return httpx.Response(200, text=body)
+        return pipe.attentive.handler(request)
+
+    client = AttentiveClient("test-key", BASE_URL, transport=httpx.MockTransport(handler), max_attempts=1)
+    monkeypatch.setattr(pipe.rt, "client_for", lambda job: client)
+
+    assert check(pipe, job, bid).done
+
+    dead = {d["user"]: d["reason"] for d in deadletters.read(pipe.redis, job.id)}
+    assert sorted(dead) == sorted(emails[i] for i in (1, 3, 5, 7, 9, 10))
+    assert dead[emails[1]] == "attentive_record_400: bad phone"
+    assert dead[emails[3]].startswith("attentive_record_413")
+    status = pipe.status(job)
+    assert (status["users_delivered"], status["record_failures"]) == ("6", "6")
+    assert status["results_unreadable_lines"] == "1"

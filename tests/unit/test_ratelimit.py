@@ -313,3 +313,90 @@ def test_acquire_works_on_real_time_too(
     assert all(grants[i + 1] - grants[i] >= 0.01 - 1e-6 for i in range(len(grants) - 1)), grants
     assert slept == [w for w in handed if w > 0]
     assert rl.total_wait == pytest.approx(sum(waits)) and rl.total_wait >= sum(slept) - 1e-6
+
+
+# --- the poller's token: lease renewal, poll share and the key's schedule in one call ------------------
+def test_poll_token_answers_as_the_three_calls_it_replaces(
+    fake_redis: fakeredis.FakeRedis, clock: FakeClock
+) -> None:
+    """Two Redis side by side on one clock, the same random traffic: on one the poller renews its lock,
+    takes a share token then a key token in three calls (as it used to), on the other it calls
+    ``poll_token``. Every answer is the same, and so is what senders get in between."""
+    rate, share = 50.0, 0.2
+    old_redis = fakeredis.FakeRedis()
+    key_hash = api_key_hash(API_KEY)
+    old_main, new_main = (RateLimiter(r, key_hash, rate) for r in (old_redis, fake_redis))
+    old_share = RateLimiter(old_redis, f"{key_hash}.polls", rate * share, burst=1)
+    old_lock = old_redis.lock(keys.poller_lock(key_hash), timeout=60.0, blocking=False)
+    new_lock = fake_redis.lock(keys.poller_lock(key_hash), timeout=60.0, blocking=False)
+    assert old_lock.acquire() and new_lock.acquire()
+    old_sender, new_sender = (RateLimiter(r, key_hash, rate) for r in (old_redis, fake_redis))
+    rng = random.Random(14)
+    answers = 0
+    for _ in range(2_000):
+        step = rng.random()
+        if step < 0.45:
+            sends_waiting = rng.random() < 0.5
+            old_lock.reacquire()
+            if sends_waiting and (wait := old_share.try_acquire()) > 0:
+                old = wait
+            else:
+                old = old_main.try_acquire(spare_only=not sends_waiting)
+            new = new_main.poll_token(new_lock, rate * share if sends_waiting else None)
+            assert new == old
+            answers += new == 0.0
+        elif step < 0.7:
+            assert new_sender.try_acquire() == old_sender.try_acquire()
+        elif step < 0.73:
+            delay = rng.choice([0.0, 0.05, 0.3])
+            old_sender.penalize(delay)
+            new_sender.penalize(delay)
+        else:
+            clock.advance(rng.choice([0.0, 0.001, 0.01, 0.02, 0.1, 0.5]))
+    assert answers > 100  # tokens were granted, not only refused
+
+
+def test_poll_token_renews_the_pollers_lock(fake_redis: fakeredis.FakeRedis, clock: FakeClock) -> None:
+    rl = limiter(fake_redis)
+    lock = fake_redis.lock(keys.poller_lock(rl.key_hash), timeout=60.0, blocking=False)
+    assert lock.acquire()
+    fake_redis.pexpire(keys.poller_lock(rl.key_hash), 1_000)  # about to expire
+    assert rl.poll_token(lock, None) == 0.0
+    assert fake_redis.pttl(keys.poller_lock(rl.key_hash)) > 59_000
+
+
+def test_poll_token_takes_nothing_once_another_poller_holds_the_lock(
+    fake_redis: fakeredis.FakeRedis, clock: FakeClock
+) -> None:
+    from redis.exceptions import LockNotOwnedError
+
+    rl = limiter(fake_redis)
+    lock = fake_redis.lock(keys.poller_lock(rl.key_hash), timeout=60.0, blocking=False)
+    assert lock.acquire()
+    fake_redis.set(keys.poller_lock(rl.key_hash), "the new poller")
+    for share in (None, 2.0):
+        with pytest.raises(LockNotOwnedError):
+            rl.poll_token(lock, share)
+    assert fake_redis.get(keys.poller_lock(rl.key_hash)) == b"the new poller"
+    assert not fake_redis.exists(keys.ratelimit(rl.key_hash), keys.poll_share(rl.key_hash))
+
+
+def test_poll_token_keeps_to_the_share_while_sends_wait(
+    fake_redis: fakeredis.FakeRedis, clock: FakeClock
+) -> None:
+    rl = limiter(fake_redis, rate=100.0, burst=5)
+    lock = fake_redis.lock(keys.poller_lock(rl.key_hash), timeout=60.0, blocking=False)
+    assert lock.acquire()
+    assert rl.poll_token(lock, 10.0) == 0.0
+    assert rl.poll_token(lock, 10.0) == pytest.approx(0.1)  # the share's burst is one
+    assert rl.try_acquire() == 0.0  # sends keep the key's burst
+    clock.advance(0.1)
+    assert rl.poll_token(lock, 10.0) == 0.0
+
+
+def test_the_pollers_keys_share_one_slot_for_redis_cluster() -> None:
+    from redis.crc import key_slot
+
+    h = api_key_hash(API_KEY)
+    names = [keys.ratelimit(h), keys.ratelimit_backoff(h), keys.poller_lock(h), keys.poll_share(h)]
+    assert len({key_slot(n.encode()) for n in names}) == 1

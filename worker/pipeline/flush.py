@@ -186,8 +186,10 @@ def _flush_batch(
     Only a send that achieved nothing is released back to the queue.
     """
     status_key = keys.job_status(job.id)
-    # The same users the claim recorded its pending send for (batch.pending_send).
-    to_send = [i for i in range(len(batch.users)) if i not in batch.settled and i not in batch.carried]
+    # The same users the claim recorded its pending send for (batch.pending_send): usually all.
+    skip = batch.settled | batch.carried
+    everyone = range(len(batch.users))
+    to_send = [i for i in everyone if i not in skip] if skip else list(everyone)
     if not to_send:
         if batch.carried:  # an earlier send's jobs still carry the rest: follow them
             return _hand_to_poll(rt, job, buffer, batch, {})
@@ -216,7 +218,11 @@ def _flush_batch(
         recorded=batch.pending_send,
     )
     if sent.accepted:
-        rt.redis.hincrby(status_key, "users_sent", sum(map(len, sent.accepted)))
+        pipe = rt.redis.pipeline(transaction=False)
+        pipe.hincrby(status_key, "users_sent", sum(map(len, sent.accepted)))
+        if sent.last_accepted:
+            limiter.note_success(pipe)  # the key's 429 streak ends, in the same round trip
+        pipe.execute()
     if sent.refused:
         refused = list(sent.refused)
         deadletters.record(
@@ -311,6 +317,9 @@ class _Sent:
     #: Users of a request whose answer never came (recorded as an "unknown:" job).
     uncertain: list[int] = field(default_factory=list)
     error: BaseException | None = None
+    #: The send ended with a request Attentive accepted: the caller resets the key's 429 streak
+    #: (:meth:`RateLimiter.note_success`) with its own writes; earlier accepted requests reset it at once.
+    last_accepted: bool = False
 
 
 def _submit_isolating(
@@ -376,7 +385,10 @@ def _submit_isolating(
             post_seconds.append(time.monotonic() - started)
             record({"id": job_id, "idx": idx}, unknown)
             sent.accepted.append(idx)
-            limiter.note_success()
+            if pending:
+                limiter.note_success()
+            else:
+                sent.last_accepted = True
     except Exception as exc:  # returned: the caller decides, knowing what was accepted before it
         sent.error = exc
     return sent

@@ -29,6 +29,7 @@ from worker.setup.jobs import ExportJob
 from worker.store import keys
 from worker.store.joberrors import note_error
 from worker.store.ratelimit import RateLimiter
+from worker.store.replies import decode_hash
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +106,11 @@ def check_batch(
     status_key = keys.job_status(job.id)
     statuses: list[str] = []
     next_due: list[int] = []  # holds of "unknown:" sends still running
+    fresh: dict[str, str] | None = None  # the batch as the last step's own write left it
     try:
         client = rt.client_for(job)
         for sub in _unfinished(batch):
+            fresh = None
             if sub["id"].startswith(UNKNOWN_PREFIX):
                 # A send whose answer never came: nothing to ask Attentive, only a hold to sit out.
                 until = int(sub.get("until") or 0)
@@ -127,27 +130,34 @@ def check_batch(
                     rt, buffer, batch_id, job.id, sub["id"], f"Attentive has no job {sub['id']} (404): lost"
                 )
                 continue
-            limiter.note_success()
             state = st.normalized_status
             statuses.append(state)
-            # Every status, terminal ones too: status must not keep showing IN_PROGRESS/NEEDS_REVIEW
-            # for a job whose batches have all completed since. The time shows an earlier poll
-            # error as recovered (worker.store.joberrors.error_recovered).
-            rt.redis.hset(status_key, mapping={"last_attentive_status": state, "last_poll_at": now_ms()})
+            running = state not in ("COMPLETED", "FAILED", "CANCELLED")
+            # This check's writes go in one round trip (no MULTI: the streak is another slot's key).
+            with rt.redis.pipeline(transaction=False) as pipe:
+                limiter.note_success(pipe)
+                # Every status, terminal ones too: status must not keep showing IN_PROGRESS/NEEDS_REVIEW
+                # for a job whose batches have all completed since. The time shows an earlier poll
+                # error as recovered (worker.store.joberrors.error_recovered).
+                pipe.hset(status_key, mapping={"last_attentive_status": state, "last_poll_at": now_ms()})
+                if running:
+                    batch_key = keys.batch(job.id, batch_id)
+                    # Still running at this moment: a lower bound on its time (_note_job_time).
+                    pipe.hset(batch_key, f"{SEEN_RUNNING}{sub['id']}", now_ms())
+                    if not st.is_known_status or state == "NEEDS_REVIEW":
+                        pipe.hincrby(status_key, f"polls_{state.lower()[:32]}", 1)
+                    pipe.hgetall(batch_key)  # the fresh read below, in this round trip
+                replies = pipe.execute()
+            if running:
+                fresh = decode_hash(replies[-1])
             if state == "COMPLETED":
-                _settle_results(rt, job, buffer, batch_id, batch, sub, client, st.url)
+                fresh = _settle_results(rt, job, buffer, batch_id, batch, sub, client, st.url)
                 _note_job_time(rt, job.id, batch, sub["id"])
             elif state in ("FAILED", "CANCELLED"):
                 _job_failed(
                     rt, buffer, batch_id, job.id, sub["id"], f"Attentive job {sub['id']} ended {state}"
                 )
-            else:
-                # Still running at this moment: a lower bound on its time (_note_job_time).
-                rt.redis.hset(keys.batch(job.id, batch_id), f"{SEEN_RUNNING}{sub['id']}", now_ms())
-            if state not in ("COMPLETED", "FAILED", "CANCELLED") and (
-                not st.is_known_status or state == "NEEDS_REVIEW"
-            ):
-                rt.redis.hincrby(status_key, f"polls_{state.lower()[:32]}", 1)
+            elif not st.is_known_status or state == "NEEDS_REVIEW":
                 log.warning(
                     "job %s batch %s: Attentive job %s status %s",
                     job.id,
@@ -170,15 +180,18 @@ def check_batch(
         note_error(rt.redis, job.id, f"poll: {type(exc).__name__}: {exc.message}")
         statuses.append("ERROR")
 
-    # Read again: a send that outlived its lease may have recorded one more job meanwhile.
-    fresh = buffer.batch(batch_id)
+    # Read again: a send that outlived its lease may have recorded one more job meanwhile. The last
+    # job's check read it already, after its own writes, when nothing of ours came after them.
+    if fresh is None:
+        fresh = buffer.batch(batch_id)
     if fresh.get("state") != "submitted":
         return Check(done=True, statuses=tuple(statuses))  # settled meanwhile
-    if _unfinished(fresh) or "ERROR" in statuses:
+    unfinished = _unfinished(fresh)
+    if unfinished or "ERROR" in statuses:
         age_s = (now_ms() - int(fresh.get("submitted_at") or now_ms())) / 1000
         review = "NEEDS_REVIEW" if "NEEDS_REVIEW" in statuses else ""
         due = now_ms() + int(1000 * next_check_in(rt.settings, age_s, at_attentive, sends_waiting, review))
-        if next_due and len(next_due) == len(_unfinished(fresh)):
+        if next_due and len(next_due) == len(unfinished):
             due = max(next_due)  # only holds left: nothing to ask Attentive until the last one ends
         buffer.schedule_check(batch_id, due)
         return Check(done=False, statuses=tuple(statuses))
@@ -191,7 +204,7 @@ UNKNOWN_PREFIX = "unknown:"
 
 def _unfinished(batch: dict[str, str]) -> list[dict[str, Any]]:
     """The batch's recorded Attentive jobs that have neither completed nor ended."""
-    subs: list[dict[str, Any]] = json.loads(batch.get("attentive_jobs") or "[]")
+    subs: list[dict[str, Any]] = orjson.loads(batch.get("attentive_jobs") or "[]")
     return [s for s in subs if f"done:{s['id']}" not in batch and f"ended:{s['id']}" not in batch]
 
 
@@ -206,8 +219,8 @@ def _finish(
     """Every recorded job has finished: complete the batch, or send its open users again (a job
     failed or was lost, a send's answer never came, a split stopped half way), or give them up
     after :data:`MAX_SEND_ATTEMPTS` failed jobs."""
-    users: list[str] = json.loads(batch["users"])
-    settled = set(json.loads(batch.get("settled") or "[]"))
+    users: list[str] = orjson.loads(batch["users"])
+    settled = set(orjson.loads(batch.get("settled") or "[]"))
     open_users = [u for i, u in enumerate(users) if i not in settled]
     if not open_users:
         # Summed over every send of the batch: a re-send carries only the users earlier sends left open.
@@ -276,13 +289,18 @@ def _settle_results(
     sub: dict[str, Any],
     client: Any,
     url: str | None,
-) -> None:
-    """Read one finished Attentive job's results and dead-letter the records it refused (once)."""
+) -> dict[str, str] | None:
+    """Read one finished Attentive job's results and dead-letter the records it refused (once).
+
+    Returns the batch as it stands right after this settlement (read in the same transaction), or
+    None when it settled nothing (a twin did, or the batch moved on meanwhile)."""
     idx: list[int] = sub["idx"]
     failures: dict[int, str] = {}
     unreadable = 0
     if url:
-        for line in client.iter_results(url):
+        # Lines that plainly report a 2xx (most of them) are skipped, read only as far as it takes
+        # to be sure they can neither fail a record nor be unreadable.
+        for line in client.iter_results(url).skipping_plain_successes():
             if line.unparseable:
                 unreadable += 1
                 continue
@@ -304,30 +322,30 @@ def _settle_results(
     with rt.redis.pipeline(transaction=True) as pipe:
         try:
             pipe.watch(batch_key)  # type: ignore[no-untyped-call]
-            if pipe.hget(batch_key, "state") not in (b"submitted", "submitted") or pipe.hexists(
-                batch_key, done_field
-            ):
-                return
+            state, done, settled_json = pipe.hmget(batch_key, ["state", done_field, "settled"])
+            if state not in (b"submitted", "submitted") or done is not None:
+                return None
             # Records are read only to dead-letter them. A batch completing meanwhile deletes its
             # entries and changes the watched hash, so a miss here means a twin settled it.
             records, stamps = buffer.records_for(batch_id, [users[i] for i in failures])
             entries = [
                 (users[i], reason, rec) for (i, reason), rec in zip(failures.items(), records, strict=True)
             ]
-            settled = set(json.loads(pipe.hget(batch_key, "settled") or "[]")).union(idx)
+            settled = set(orjson.loads(settled_json or "[]")).union(idx)
             pipe.multi()
             pipe.hset(
                 batch_key,
                 mapping={
                     done_field: len(idx) - len(failures),
                     f"failed:{sub['id']}": len(failures),
-                    "settled": json.dumps(sorted(settled)),
+                    "settled": orjson.dumps(sorted(settled)),
                 },
             )
             deadletters.queue(pipe, job.id, batch_id, entries, stamps=stamps)
             if failures:
                 sample = [f"{users[i]}: {reason}" for i, reason in list(failures.items())[:FAILURE_SAMPLE]]
                 pipe.hset(keys.job_status(job.id), "last_record_failures", json.dumps(sample))
-            pipe.execute()
+            pipe.hgetall(batch_key)  # the caller's fresh read, in the same round trip
+            return decode_hash(pipe.execute()[-1])
         except (redis.WatchError, LookupError):
-            return  # the batch changed meanwhile (a twin settled it): the caller re-checks and re-polls
+            return None  # the batch changed meanwhile (a twin settled it): the caller re-checks and re-polls

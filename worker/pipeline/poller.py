@@ -139,14 +139,15 @@ class _Tokens:
     def __init__(self, rt: Runtime, key_hash: str) -> None:
         rate = rt.settings.rate_limit_per_second
         self.main = RateLimiter(rt.redis, key_hash, rate)
-        self.share = RateLimiter(rt.redis, keys.poll_share(key_hash), rate * rt.settings.poll_share, burst=1)
+        self.share_rate = rate * rt.settings.poll_share
 
     def taker(self, sends_waiting: bool, lock: Lock) -> TakeToken:
+        share = self.share_rate if sends_waiting else None
+
         def take() -> float:
-            lock.reacquire()  # raises LockError (LockNotOwnedError) once another poller took over
-            if sends_waiting and (wait := self.share.try_acquire()) > 0:
-                return wait
-            return self.main.try_acquire(spare_only=not sends_waiting)
+            # Renews the lock and takes the share's and the key's tokens in one script call; raises
+            # LockError (LockNotOwnedError) once another poller took over.
+            return self.main.poll_token(lock, share)
 
         return take
 

@@ -87,9 +87,10 @@ def poller_queued(key_hash: str) -> str:
 
 
 def poll_share(key_hash: str) -> str:
-    """Name (passed as a limiter key hash) of the GCRA schedule that caps this key's status checks
-    at their share of its rate while sends wait."""
-    return f"{key_hash}.polls"
+    """String: GCRA TAT of the schedule that caps this key's status checks at their share of its
+    rate while sends wait; in the slot of the key's own schedule and poller lock, so one script
+    renews the lock and takes from both (``RateLimiter.poll_token``)."""
+    return f"{PREFIX}:{{rl:{key_hash}}}:polls:tat"
 
 
 def ratelimit_backoff(key_hash: str) -> str:

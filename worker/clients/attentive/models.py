@@ -7,9 +7,11 @@ time. Field names follow the wire format (camelCase) so they read like the contr
 
 from __future__ import annotations
 
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from worker import jsonio
@@ -146,6 +148,28 @@ class ResultLine:
             return cls(line_number=line_number, parse_error=f"not a JSON object: {type(obj).__name__}")
         return cls.from_obj(obj, line_number)
 
+    @staticmethod
+    def plainly_succeeded(line: bytes) -> bool:
+        """Whether :meth:`from_line` would certainly report a 2xx for this line; never raises.
+
+        True only for a JSON object (orjson reads it) whose ``response`` is an object with an
+        integer ``statusCode`` from 200 to 299: :meth:`from_obj` takes such a code as the line's
+        status whatever else the line holds, so it can neither fail a record nor be unreadable. A
+        caller looking for those skips such lines without building them (most of a results file,
+        and most of the cost of reading one). False for anything else, however close: those lines
+        get the full, lenient parse.
+        """
+        try:
+            obj = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            return False
+        if type(obj) is dict:
+            response = obj.get("response")
+            if type(response) is dict:
+                code = response.get("statusCode")
+                return type(code) is int and 200 <= code < 300
+        return False
+
     @classmethod
     def from_obj(cls, obj: dict[str, Any], line_number: int) -> ResultLine:
         """Build from a decoded line object; never raises.
@@ -184,6 +208,40 @@ class ResultLine:
             message=message,
             body=body,
         )
+
+
+class ResultLines(Iterator[ResultLine]):
+    """A results file's lines, read on demand: the download starts on the first ``next()``.
+
+    ``read(skip_plain_successes)`` opens the stream (``AttentiveClient._stream_results``).
+    """
+
+    def __init__(self, read: Callable[[bool], Generator[ResultLine, None, None]]) -> None:
+        self._read = read
+        self._skip = False
+        self._lines: Generator[ResultLine, None, None] | None = None
+
+    def skipping_plain_successes(self) -> ResultLines:
+        """Leave out the lines that plainly report a 2xx (:meth:`ResultLine.plainly_succeeded`):
+        they can neither fail a record nor be unreadable, and skipping them makes reading a file
+        cost little more than downloading it. Call before reading."""
+        if self._lines is not None:
+            raise RuntimeError("the results are being read already")
+        self._skip = True
+        return self
+
+    def __iter__(self) -> ResultLines:
+        return self
+
+    def __next__(self) -> ResultLine:
+        if self._lines is None:
+            self._lines = self._read(self._skip)
+        return next(self._lines)
+
+    def close(self) -> None:
+        """Stop reading (the download is closed), as a generator's ``close``."""
+        if self._lines is not None:
+            self._lines.close()
 
 
 def _as_int(value: Any) -> int | None:

@@ -11,37 +11,60 @@
 --          Redis TIME of the node holding KEYS, as every grant is (on a Redis Cluster another
 --          node's clock may differ).
 --
+-- The key's poller takes its tokens with more (one call a status check instead of three):
+-- KEYS[3]  its lease, a redis-py Lock: renewed first, as Lock.reacquire does; nothing is taken
+--          and {-1, now_us} comes back when another owner holds it
+-- ARGV[5]  the lease's owner token; ARGV[6] its time to live in milliseconds
+-- KEYS[4]  (optional) the TAT of a second schedule a token is taken from first, before KEYS[1]'s
+--          (the poll share while sends wait; it has no back-off of its own). Refused there, nothing
+--          else is taken.
+-- ARGV[7]  that schedule's emission interval in microseconds; ARGV[8] its burst
+--
 -- Returns {wait_us, now_us}: wait_us = 0 means a token was taken at Redis time now_us; otherwise nothing
--- was taken and wait_us (>= 1) is how long until the next token could be granted.
+-- was taken from the schedule that refused and wait_us (>= 1) is how long until it could grant one.
 --
 -- The clock is Redis TIME, never a worker's: workers on different hosts disagree about the time, the one
 -- Redis does not. A request is allowed at time t iff t >= TAT - (b - 1) * T; granting it moves the TAT to
 -- max(TAT, t) + T. Integers in microseconds stay exact in Lua's doubles (2^53 us is ~285 years).
 
-local interval = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2]) - tonumber(ARGV[3] or '0')
-
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+
+-- Takes a token from the schedule at tat_key unless look_only; returns 0, or the wait until one is due.
+local function take(tat_key, interval, burst, look_only)
+  local tat = tonumber(redis.call('GET', tat_key) or '0')
+  if tat < now then
+    tat = now
+  end
+  local new_tat = tat + interval
+  local allow_at = new_tat - interval * burst
+  if allow_at > now then
+    return allow_at - now
+  end
+  if not look_only then
+    -- The key may expire once its TAT has passed: an absent TAT means "idle", which is what it means then.
+    redis.call('SET', tat_key, string.format('%d', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)
+  end
+  return 0
+end
+
+if KEYS[3] then
+  if redis.call('GET', KEYS[3]) ~= ARGV[5] then
+    return {-1, now}
+  end
+  redis.call('PEXPIRE', KEYS[3], ARGV[6])
+  if KEYS[4] then
+    local wait = take(KEYS[4], tonumber(ARGV[7]), tonumber(ARGV[8]), false)
+    if wait > 0 then
+      return {wait, now}
+    end
+  end
+end
 
 local backoff_until = tonumber(redis.call('GET', KEYS[2]) or '0')
 if backoff_until > now then
   return {backoff_until - now, now}
 end
 
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tat < now then
-  tat = now
-end
-local new_tat = tat + interval
-local allow_at = new_tat - interval * burst
-if allow_at > now then
-  return {allow_at - now, now}
-end
-if ARGV[4] == '1' then
-  return {0, now}
-end
-
--- The key may expire once its TAT has passed: an absent TAT means "idle", which is what it means then.
-redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)
-return {0, now}
+local burst = tonumber(ARGV[2]) - tonumber(ARGV[3] or '0')
+return {take(KEYS[1], tonumber(ARGV[1]), burst, ARGV[4] == '1'), now}
