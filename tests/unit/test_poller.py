@@ -89,12 +89,34 @@ def test_while_sends_wait_checks_stay_within_their_share(
     while time.monotonic() - started < 1.0:
         report = run_poller(pipe.rt, KEY_HASH, budget_seconds=1.0)
         checked += report.checked
-        # Checks left: a successor is queued for when the next share token is due, never later.
-        assert report.again_in is not None and report.again_in <= 1 / (rate * share) + 0.01
+        # Checks left: a successor is queued for when the share's burst is due again, never later.
+        assert report.again_in is not None
+        assert report.again_in <= poller.POLL_SHARE_BURST / (rate * share) + 0.01
+        assert report.checked <= poller.POLL_SHARE_BURST  # then it hands over
     elapsed = time.monotonic() - started
 
     assert checked >= 1 and checked == len(pipe.attentive.status_gets())
-    assert checked <= 1 + rate * share * elapsed  # burst 1, then one per 50 ms at most
+    # The share's burst, then one per 50 ms at most.
+    assert checked <= poller.POLL_SHARE_BURST + rate * share * elapsed
+
+
+def test_with_nothing_to_send_one_poller_task_checks_on_spare_tokens_without_handing_over(
+    pipe: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rate = 200.0  # a spare token every 5 ms: each check finds the next one a few ms away
+    pipe = Pipeline(pipe.redis, monkeypatch, rate_limit_per_second=rate)
+    monkeypatch.setattr(pipe, "limiter", lambda: poller.RateLimiter(pipe.redis, KEY_HASH, rate))
+    job = pipe.create_job()
+    at_attentive(pipe, job, 30, "a")
+    slept: list[float] = []
+    real_sleep = time.sleep
+    monkeypatch.setattr(poller.time, "sleep", lambda s: (slept.append(s), real_sleep(s)))
+
+    report = run_poller(pipe.rt, KEY_HASH, budget_seconds=5.0)
+
+    # One task, not one per check: short waits for a token are waited out in the process.
+    assert (report.checked, report.settled) == (30, 30) and report.again_in is None
+    assert slept and max(slept) <= poller.SHORT_TOKEN_WAIT_SECONDS
 
 
 def test_no_long_sleep_for_a_token_the_poller_hands_over_with_a_countdown(

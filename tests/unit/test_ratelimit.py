@@ -320,8 +320,9 @@ def test_poll_token_answers_as_the_three_calls_it_replaces(
     fake_redis: fakeredis.FakeRedis, clock: FakeClock
 ) -> None:
     """Two Redis side by side on one clock, the same random traffic: on one the poller renews its lock,
-    takes a share token then a key token in three calls (as it used to), on the other it calls
-    ``poll_token``. Every answer is the same, and so is what senders get in between."""
+    looks for a share token, takes a key token, then the share token, in separate calls; on the
+    other it calls ``poll_token``. Every answer is the same, and so is what senders get in between
+    (a share token is taken only when the key's is, so a refusal by the key costs no share)."""
     rate, share = 50.0, 0.2
     old_redis = fakeredis.FakeRedis()
     key_hash = api_key_hash(API_KEY)
@@ -338,10 +339,13 @@ def test_poll_token_answers_as_the_three_calls_it_replaces(
         if step < 0.45:
             sends_waiting = rng.random() < 0.5
             old_lock.reacquire()
-            if sends_waiting and (wait := old_share.try_acquire()) > 0:
-                old = wait
+            share_args = [old_share.interval_us, 1, 0, 1]  # look only
+            if sends_waiting and (wait := int(old_share._acquire(keys=old_share._keys, args=share_args)[0])):
+                old = wait / 1_000_000
             else:
                 old = old_main.try_acquire(spare_only=not sends_waiting)
+                if old == 0.0 and sends_waiting:
+                    assert old_share.try_acquire() == 0.0
             new = new_main.poll_token(new_lock, rate * share if sends_waiting else None)
             assert new == old
             answers += new == 0.0
@@ -392,6 +396,23 @@ def test_poll_token_keeps_to_the_share_while_sends_wait(
     assert rl.try_acquire() == 0.0  # sends keep the key's burst
     clock.advance(0.1)
     assert rl.poll_token(lock, 10.0) == 0.0
+
+
+def test_poll_token_refused_by_the_key_costs_no_share_token(
+    fake_redis: fakeredis.FakeRedis, clock: FakeClock
+) -> None:
+    rl = limiter(fake_redis, rate=100.0, burst=2)
+    lock = fake_redis.lock(keys.poller_lock(rl.key_hash), timeout=60.0, blocking=False)
+    assert lock.acquire()
+    assert rl.try_acquire() == 0.0 and rl.try_acquire() == 0.0  # sends took the key's burst
+    assert rl.poll_token(lock, 10.0, share_burst=2) == pytest.approx(0.01)  # the key refuses
+    clock.advance(0.01)
+    # The share's burst of two is still whole: two checks go as the key's tokens come.
+    assert rl.poll_token(lock, 10.0, share_burst=2) == 0.0
+    clock.advance(0.01)
+    assert rl.poll_token(lock, 10.0, share_burst=2) == 0.0
+    clock.advance(0.01)
+    assert rl.poll_token(lock, 10.0, share_burst=2) == pytest.approx(0.08)  # the share is spent
 
 
 def test_the_pollers_keys_share_one_slot_for_redis_cluster() -> None:

@@ -14,10 +14,14 @@ task. So:
   schedule caps them); with nothing waiting they take spare tokens only, so a send arriving first
   still goes first. Each batch's next check moves out as it ages and as more batches are at
   Attentive (:func:`worker.pipeline.poll.next_check_in`), so the schedule fits inside that share;
-* a poller never sleeps, for a token or for the next check: it stops and its successor is queued
-  with that countdown. (It used to sleep up to a quarter second per token; at the poll share's
-  9 tokens/s that held a prefork process for the whole budget, and the pipeline benchmark fell
-  from 12,437 to about 3,000 transitions/s with one process, 22,259 to 11,393 with two.)
+* a poller never sleeps long, for a token or for the next check: it stops and its successor is
+  queued with that countdown. (It used to sleep up to a quarter second per token; at the poll
+  share's 9 tokens/s that held a prefork process for the whole budget, and the pipeline benchmark
+  fell from 12,437 to about 3,000 transitions/s with one process, 22,259 to 11,393 with two.)
+  It does wait out a token due within :data:`SHORT_TOKEN_WAIT_SECONDS` (while sends wait, only
+  the key's next token, never a share token), and while sends wait it takes up to
+  :data:`POLL_SHARE_BURST` share tokens in a row, then hands over until that many are due again: handing over after every check cost a Celery task per batch (one ``poll_key`` task per
+  check in the CPU benchmark, about a fifth of the CPU per transition).
 
 The sweep (:func:`request_pollers`) queues a poller for every key with a check due and none
 running; a poller also queues its own successor when it stops with work left.
@@ -50,8 +54,17 @@ POLLER_BUDGET_SECONDS = 10.0
 #: A poller's lock outlives one check (a status request's timeouts, a results file) with margin;
 #: it is renewed before every check. A poller killed with SIGKILL holds its key this long at most.
 POLLER_LOCK_SECONDS = 60.0
-#: A poller never sleeps for a token or a due check (kept for callers that bound sleeps by it).
-MAX_TOKEN_SLEEP_SECONDS = 0.0
+#: A token due within this long is waited for in the process (a check takes a few ms; the key's
+#: tokens come every 11 ms at 90/s): handing over instead costs a whole task per check.
+SHORT_TOKEN_WAIT_SECONDS = 0.05
+#: Short waits in a row for one token before the poller hands over instead.
+SHORT_WAITS_PER_TOKEN = 2
+#: The most a poller sleeps for one token.
+MAX_TOKEN_SLEEP_SECONDS = SHORT_TOKEN_WAIT_SECONDS * SHORT_WAITS_PER_TOKEN
+#: Share tokens a poller may take back to back while sends wait (the share schedule's GCRA burst:
+#: in any window of W seconds at most this many plus W x the share's rate). A poller refused one
+#: hands over until this many are due again, so one task makes several checks, not one.
+POLL_SHARE_BURST = 4
 #: A check due within this long is handed to a successor queued with that countdown; a later one
 #: is left to the sweep, which queues a poller when it comes due.
 HANDOVER_WITHIN_SECONDS = 1.0
@@ -137,19 +150,36 @@ class _Tokens:
     """Tokens for status checks: the key's shared limiter, capped at the poll share while sends wait."""
 
     def __init__(self, rt: Runtime, key_hash: str) -> None:
-        rate = rt.settings.rate_limit_per_second
+        self.rate = rate = rt.settings.rate_limit_per_second
         self.main = RateLimiter(rt.redis, key_hash, rate)
         self.share_rate = rate * rt.settings.poll_share
 
-    def taker(self, sends_waiting: bool, lock: Lock) -> TakeToken:
+    def taker(self, sends_waiting: bool, lock: Lock, deadline: float) -> TakeToken:
         share = self.share_rate if sends_waiting else None
+
+        # While sends wait, only a wait for the key's next token (at most one interval, as the
+        # flush's sends take them) is slept; a share token's wait is handed over (a process
+        # sleeping between share tokens is one fewer for ingest and flushes).
+        short = SHORT_TOKEN_WAIT_SECONDS if share is None else min(SHORT_TOKEN_WAIT_SECONDS, 1 / self.rate)
 
         def take() -> float:
             # Renews the lock and takes the share's and the key's tokens in one script call; raises
             # LockError (LockNotOwnedError) once another poller took over.
-            return self.main.poll_token(lock, share)
+            for _ in range(SHORT_WAITS_PER_TOKEN):
+                wait = self.main.poll_token(lock, share, share_burst=POLL_SHARE_BURST)
+                if wait == 0.0 or wait > short or time.monotonic() + wait >= deadline:
+                    return wait
+                time.sleep(wait)
+            return self.main.poll_token(lock, share, share_burst=POLL_SHARE_BURST)
 
         return take
+
+    def handover_in(self, wait: float, sends_waiting: bool) -> float:
+        """When a successor should start after a refused token: while sends wait, once the share's
+        whole burst is due again, so it makes :data:`POLL_SHARE_BURST` checks, not one."""
+        if sends_waiting:
+            return max(wait, POLL_SHARE_BURST / self.share_rate)
+        return wait
 
 
 def _run(rt: Runtime, key_hash: str, lock: Lock, deadline: float, report: PollerReport) -> None:
@@ -180,7 +210,7 @@ def _run(rt: Runtime, key_hash: str, lock: Lock, deadline: float, report: Poller
             return
         sends_waiting = any(b.sealed_count() > 0 for b in buffers.values())
         at_attentive = sum(b.at_attentive() for b in buffers.values())
-        take = tokens.taker(sends_waiting, lock)
+        take = tokens.taker(sends_waiting, lock, deadline)
         by_id = {j.id: j for j in jobs}
         for _, job_id, bid in due:
             if time.monotonic() >= deadline or shutdown.requested():
@@ -195,6 +225,6 @@ def _run(rt: Runtime, key_hash: str, lock: Lock, deadline: float, report: Poller
             report.settled += int(check.done)
             report.statuses.extend(check.statuses)
             if check.stop_for is not None:
-                report.again_in = check.stop_for
+                report.again_in = tokens.handover_in(check.stop_for, sends_waiting)
                 return
     report.again_in = 0.0  # budget spent (or this worker is stopping): a fresh task carries on

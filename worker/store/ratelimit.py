@@ -133,17 +133,17 @@ class RateLimiter:
             return 0.0
         return int(wait_us) / _US
 
-    def poll_token(self, lease: Lock, share_per_second: float | None) -> float:
+    def poll_token(self, lease: Lock, share_per_second: float | None, share_burst: int = 1) -> float:
         """A status check's token, for the key's poller, in one script call instead of three.
 
         Renews the poller's ``lease`` first (as ``Lock.reacquire`` does). With ``share_per_second``
         (sends are waiting) it then takes a token of the poll share's schedule (:func:`keys.poll_share`,
-        burst 1), and one of this key's schedule from its whole burst; without, one of this key's
+        burst ``share_burst``), and one of this key's schedule from its whole burst; without, one of this key's
         schedule from spare capacity only (``try_acquire(spare_only=True)``).
 
         Returns:
-            0.0 if a token was taken; otherwise the seconds to wait before trying again (nothing was
-            taken from the schedule that refused; a share token taken before a refusal stays taken).
+            0.0 if a token was taken (from both schedules); otherwise the seconds to wait before
+            trying again (nothing was taken from either).
 
         Raises:
             LockNotOwnedError: another poller took the lease over; nothing was taken.
@@ -163,7 +163,7 @@ class RateLimiter:
             args[2] = max(0, self.burst - 2)  # spare capacity only, as try_acquire(spare_only=True)
         else:
             lease_keys.append(keys.poll_share(self.key_hash))
-            args += [_interval_us(share_per_second), 1]
+            args += [_interval_us(share_per_second), share_burst]
         wait_us, now_us = self._acquire(keys=lease_keys, args=args)
         if int(wait_us) < 0:
             raise LockNotOwnedError("Cannot renew a lease that is no longer owned", lock_name=lease.name)

@@ -15,9 +15,9 @@
 -- KEYS[3]  its lease, a redis-py Lock: renewed first, as Lock.reacquire does; nothing is taken
 --          and {-1, now_us} comes back when another owner holds it
 -- ARGV[5]  the lease's owner token; ARGV[6] its time to live in milliseconds
--- KEYS[4]  (optional) the TAT of a second schedule a token is taken from first, before KEYS[1]'s
---          (the poll share while sends wait; it has no back-off of its own). Refused there, nothing
---          else is taken.
+-- KEYS[4]  (optional) the TAT of a second schedule a token is also taken from (the poll share
+--          while sends wait; it has no back-off of its own): both schedules grant, or neither is
+--          taken from (a share token taken and then refused by KEYS[1] would shrink the share).
 -- ARGV[7]  that schedule's emission interval in microseconds; ARGV[8] its burst
 --
 -- Returns {wait_us, now_us}: wait_us = 0 means a token was taken at Redis time now_us; otherwise nothing
@@ -54,7 +54,7 @@ if KEYS[3] then
   end
   redis.call('PEXPIRE', KEYS[3], ARGV[6])
   if KEYS[4] then
-    local wait = take(KEYS[4], tonumber(ARGV[7]), tonumber(ARGV[8]), false)
+    local wait = take(KEYS[4], tonumber(ARGV[7]), tonumber(ARGV[8]), true)
     if wait > 0 then
       return {wait, now}
     end
@@ -67,4 +67,8 @@ if backoff_until > now then
 end
 
 local burst = tonumber(ARGV[2]) - tonumber(ARGV[3] or '0')
-return {take(KEYS[1], tonumber(ARGV[1]), burst, ARGV[4] == '1'), now}
+local wait = take(KEYS[1], tonumber(ARGV[1]), burst, ARGV[4] == '1')
+if wait == 0 and KEYS[4] then
+  take(KEYS[4], tonumber(ARGV[7]), tonumber(ARGV[8]), false)
+end
+return {wait, now}
