@@ -114,6 +114,10 @@ local ids_all_cached = open_count == 0
 -- in one HSET at its end, other ops at once. A seal drops them with the index.
 local ids_unwritten, ids_unwritten_n = {}, 0
 local defer_ids = op == 'ingest' or op == 'redrive'
+-- Open entries (user, entry, ...) and users joining the open order not written yet: the ingest op
+-- writes them in one HSET and one RPUSH before a seal reads them and at its end (write_open),
+-- instead of two commands per change (each Lua-to-Redis call costs about a microsecond of setup).
+local open_unwritten, open_unwritten_n, order_unwritten = {}, 0, {}
 -- Seals this op made because two users shared an identifier.
 local shared_seals = 0
 
@@ -193,10 +197,22 @@ local function has_waiting(user)
     return v
 end
 
+local function write_open()
+    if open_unwritten_n > 0 then
+        sliced('HSET', K_OPEN, open_unwritten)
+        open_unwritten, open_unwritten_n = {}, 0
+    end
+    if #order_unwritten > 0 then
+        sliced('RPUSH', K_ORDER, order_unwritten)
+        order_unwritten = {}
+    end
+end
+
 local function seal()
     if open_count == 0 then
         return
     end
+    write_open()
     local users = redis.call('LRANGE', K_ORDER, 0, -1)
     local bid = redis.call('INCR', K_SEQ)
     local owner = tostring(bid)
@@ -226,7 +242,13 @@ local function seal()
 end
 
 local function set_entry(user, entry)
-    redis.call('HSET', K_OPEN, user, entry)
+    if defer_ids then
+        open_unwritten[open_unwritten_n + 1] = user
+        open_unwritten[open_unwritten_n + 2] = entry
+        open_unwritten_n = open_unwritten_n + 2
+    else
+        redis.call('HSET', K_OPEN, user, entry)
+    end
     open_cache[user] = entry
 end
 
@@ -293,7 +315,11 @@ local function add_to_open(user, aud, rec, t, i, j)
         redis.call('SET', K_SINCE, now)
     end
     set_entry(user, '|' .. aud .. '|\t[' .. rec .. ']')
-    redis.call('RPUSH', K_ORDER, user)
+    if defer_ids then
+        order_unwritten[#order_unwritten + 1] = user
+    else
+        redis.call('RPUSH', K_ORDER, user)
+    end
     open_count = open_count + 1
     index_identifiers(user, t, i, j)
     if open_count >= batch_size then
@@ -678,6 +704,7 @@ if op == 'ingest' or op == 'redrive' then
         end
     end
     lww_write(newest_text)
+    write_open()
     sliced('HSET', K_IDS, ids_unwritten)
     if redrive then
         redis.call('HINCRBY', K_STATUS, 'redriven', accepted + merged + queued)
