@@ -240,11 +240,11 @@ class JobBuffer:
         got = self._run("claim", *args, now=now)
         if got is None:
             return None
-        raw_bid, users_json, attempts, settled, left, carried, raw_entries, pending, hold = got
+        raw_bid, users_json, attempts, settled, left, carried, pending, hold = got
         bid = int(raw_bid)
         users: list[str] = orjson.loads(users_json)
         entries: list[bytes] = []
-        for entry in raw_entries:
+        for entry in self._redis.hmget(f"{self._batch_prefix}{bid}:entries", users):
             if entry is None:
                 # Never back to the front of the queue: it would be claimed again first, forever.
                 raise BatchDataMissing(bid, users)
