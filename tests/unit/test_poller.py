@@ -149,3 +149,28 @@ def test_a_paused_jobs_checks_wait_in_the_schedule(pipe: Pipeline) -> None:
     assert report.checked == 0 and pipe.attentive.status_gets() == [] and pipe.polled(job) == bids
     pipe.rt.jobs.set_state(job.id, JobState.RUNNING)
     assert run_poller(pipe.rt, KEY_HASH, budget_seconds=5.0).settled == 2
+
+
+def test_a_poller_on_spare_tokens_turns_to_the_share_soon_after_sends_start_waiting(
+    pipe: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rate = 200.0
+    pipe = Pipeline(pipe.redis, monkeypatch, rate_limit_per_second=rate)
+    monkeypatch.setattr(pipe, "limiter", lambda: poller.RateLimiter(pipe.redis, KEY_HASH, rate))
+    job = pipe.create_job()
+    at_attentive(pipe, job, 30, "a")
+    original, asked = pipe.http.job_status, []
+
+    def status_then_a_batch_waits(job_id: str) -> object:
+        asked.append(job_id)
+        if len(asked) == 2:
+            pipe.sealed_batch(job, ["waiting@x.io"])  # from now on a send waits for the key
+        return original(job_id)
+
+    monkeypatch.setattr(pipe.http, "job_status", status_then_a_batch_waits)
+    report = run_poller(pipe.rt, KEY_HASH, budget_seconds=5.0)
+
+    # The spare round ends within SPARE_ROUND_CHECKS checks; the next round sees the waiting send
+    # and takes share tokens only: its burst, then it hands over until they are due again.
+    assert report.checked <= poller.SPARE_ROUND_CHECKS + poller.POLL_SHARE_BURST, report
+    assert report.again_in is not None and report.again_in > 0

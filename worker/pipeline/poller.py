@@ -72,6 +72,9 @@ HANDOVER_WITHIN_SECONDS = 1.0
 POLLER_QUEUED_TTL_MS = 30_000
 #: Due checks read per job and round.
 DUE_PAGE = 64
+#: Checks per round on spare tokens: then the round ends and whether sends wait is asked again (a
+#: poller that kept taking spare tokens for a whole page went past the share once sends queued).
+SPARE_ROUND_CHECKS = 8
 
 
 @dataclass
@@ -209,6 +212,8 @@ def _run(rt: Runtime, key_hash: str, lock: Lock, deadline: float, report: Poller
                 report.again_in = wait
             return
         sends_waiting = any(b.sealed_count() > 0 for b in buffers.values())
+        if not sends_waiting:
+            due = due[:SPARE_ROUND_CHECKS]
         at_attentive = sum(b.at_attentive() for b in buffers.values())
         take = tokens.taker(sends_waiting, lock, deadline)
         by_id = {j.id: j for j in jobs}
