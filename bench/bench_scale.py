@@ -85,6 +85,8 @@ GET = "GET /v2/bulk/job/{bulkJobId}"
 #: Attentive's limit per key on each of the bulk and job-status endpoints; the workers' default target.
 ATTENTIVE_LIMIT = 100
 DEFAULT_RATE_LIMIT = 90.0
+#: The workers' target as a share of the sandbox's limit (90 of 100), kept when --rate-limit scales it.
+WORKER_RATE_SHARE = DEFAULT_RATE_LIMIT / ATTENTIVE_LIMIT
 DEFAULT_POLL_SHARE = 0.1
 #: Targets from the issue: sends while batches wait, real-time latency over the flush interval.
 TARGET_SENDS = 85.0
@@ -124,6 +126,8 @@ class ScaleConfig:
     #: Bound on the whole run (setup included); figures so far are reported when it is reached.
     minutes: float = 120.0
     poll_share: float | None = None
+    #: Requests/s per key the sandbox allows (Attentive: 100); the workers target 90% of it.
+    rate_limit: int = ATTENTIVE_LIMIT
     seed: int = 1
     workdir: Path | None = None
     keep: bool = False
@@ -133,6 +137,15 @@ class ScaleConfig:
     @property
     def pairs(self) -> int:
         return self.users * len(AUDIENCES)
+
+    @property
+    def worker_rate(self) -> float:
+        return self.rate_limit * WORKER_RATE_SHARE
+
+    @property
+    def target_sends(self) -> float:
+        """The sends target (85 of Attentive's 100/s), scaled with --rate-limit."""
+        return TARGET_SENDS * self.rate_limit / ATTENTIVE_LIMIT
 
 
 # --- what a run produces ------------------------------------------------------------------------------------
@@ -443,6 +456,8 @@ class ScaleRun:
         share = cfg.poll_share if cfg.poll_share is not None else os.environ.get("ATTENTIVE_POLL_SHARE")
         if share not in (None, ""):
             self.out.env_poll["ATTENTIVE_POLL_SHARE"] = str(share)
+        if cfg.rate_limit != ATTENTIVE_LIMIT:
+            self.out.env_poll["ATTENTIVE_RATE_LIMIT"] = f"{cfg.worker_rate:g}"
         inherited = {
             k: v
             for k, v in os.environ.items()
@@ -462,7 +477,10 @@ class ScaleRun:
         }
         self.fleet = Fleet(self.workdir / "logs", self.env)
         python = [sys.executable, "-m"]
-        sandbox = f"sandbox --port {self.sandbox_port} --token {API_KEY} --seed {cfg.seed}"
+        sandbox = (
+            f"sandbox --port {self.sandbox_port} --token {API_KEY} --seed {cfg.seed} "
+            f"--rate-limit {cfg.rate_limit}"
+        )
         model = f"--processing-delay {cfg.processing_delay} --processing-spread {cfg.processing_spread}"
         self.fleet.spawn("sandbox", [*python, *sandbox.split(), *model.split()])
         serve = f"worker.cli.main serve --host 127.0.0.1 --port {self.webhook_port} --no-access-log"
@@ -856,6 +874,18 @@ def waiting_flags(out: Outcome) -> dict[int, bool]:
     return flags
 
 
+def _rate_scaled(cfg: ScaleConfig) -> str:
+    """The report's words for a run with the key's rate scaled down (``--rate-limit``), else ''."""
+    if cfg.rate_limit == ATTENTIVE_LIMIT:
+        return ""
+    return (
+        f" (scaled down from Attentive's {ATTENTIVE_LIMIT} with `--rate-limit {cfg.rate_limit}`, the "
+        f"workers' `ATTENTIVE_RATE_LIMIT` with it to {cfg.worker_rate:g}: on a machine too small for "
+        "ingest to outpace Attentive's limit, this is how a backlog forms and the sender becomes the "
+        f"bound, as ingest on more cores makes it at 100/s; the sends target scales to {cfg.target_sends:g})"
+    )
+
+
 def figures(out: Outcome) -> Figures:
     cfg = out.cfg
     flags = waiting_flags(out)
@@ -889,7 +919,7 @@ def figures(out: Outcome) -> Figures:
         latency_p99=percentile(lat, 99),
         latency_max=max(lat) if lat else math.nan,
         latency_p99_backfill=percentile(during, 99),
-        poll_budget=share * DEFAULT_RATE_LIMIT,
+        poll_budget=share * cfg.worker_rate,
         sends_peak_10s=peak,
         rss_peak=rss_peak,
         memory_peak_sampled=max((s.used_memory for s in out.samples), default=0),
@@ -958,7 +988,7 @@ def render(out: Outcome) -> str:
         f"{cfg.users:,} users backfilled from a file into a job with {len(AUDIENCES)} audiences (each user "
         f"in all three: {cfg.pairs:,} (user, audience) pairs), while new users enter at "
         f"{cfg.realtime_rate:g}/s through the webhook receiver on the same API key. The sandbox enforces "
-        f"{ATTENTIVE_LIMIT} requests/s per key per endpoint and completes each Attentive job after a "
+        f"{cfg.rate_limit} requests/s per key per endpoint{_rate_scaled(cfg)} and completes each Attentive job after a "
         f"lognormal delay (median {cfg.processing_delay:g} s, sigma {cfg.processing_spread:g}, seed {cfg.seed}); "
         f"time is compressed {cfg.time_compression:g}x (the median stands for {real_delay:.1f} h), and the "
         f"workers' poll settings with it: {', '.join(f'`{k}={v}`' for k, v in out.env_poll.items())}"
@@ -979,7 +1009,7 @@ def render(out: Outcome) -> str:
         "| figure | value | target |",
         "|---|---:|---|",
         f"| sends/s while batches wait (median, p10; {f.waiting_seconds} s{few}) | {fmt(f.sends_waiting)}, "
-        f"{fmt(f.sends_waiting_p10)} | median >= {TARGET_SENDS:g} |",
+        f"{fmt(f.sends_waiting_p10)} | median >= {cfg.target_sends:g} |",
         f"| sends/s, best 10 s | {fmt(f.sends_peak_10s)} | |",
         f"| polls/s while batches wait (median, p99) | {fmt(f.polls_waiting)}, {fmt(f.polls_waiting_p99)} "
         f"| within their share: {f.poll_budget:g}/s |",
@@ -1050,6 +1080,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help=f"{QUICK_USERS:,} users, a 30-minute bound")
     p.add_argument("--realtime-rate", type=float, default=d.realtime_rate, help="real-time changes/s")
     p.add_argument(
+        "--rate-limit",
+        type=int,
+        default=d.rate_limit,
+        help="requests/s per key the sandbox allows (the workers target 90%% of it; sends target 85%%)",
+    )
+    p.add_argument(
         "--processing-delay", type=float, default=d.processing_delay, help="sandbox seconds (median)"
     )
     p.add_argument("--processing-spread", type=float, default=d.processing_spread, help="lognormal sigma")
@@ -1088,8 +1124,11 @@ def config_from(argv: Sequence[str]) -> ScaleConfig:
     minutes = args.minutes or (30.0 if args.quick else ScaleConfig.minutes)
     if users < 1 or args.workers < 1 or args.concurrency < 1 or args.time_compression <= 0:
         raise SystemExit("--users, --workers, --concurrency and --time-compression must be positive")
+    if not 0 < args.rate_limit <= ATTENTIVE_LIMIT:
+        raise SystemExit(f"--rate-limit must be from 1 to {ATTENTIVE_LIMIT}")
     return ScaleConfig(
         users=users,
+        rate_limit=args.rate_limit,
         realtime_rate=args.realtime_rate,
         processing_delay=args.processing_delay,
         processing_spread=args.processing_spread,
