@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import fakeredis
 import pytest
 from fakeredis.commands_mixins import server_mixin
+from redis.lock import Lock
 
 from worker.store import keys, ratelimit
 from worker.store.ratelimit import RateLimiter, api_key_hash
@@ -316,6 +317,13 @@ def test_acquire_works_on_real_time_too(
 
 
 # --- the poller's token: lease renewal, poll share and the key's schedule in one call ------------------
+def held_poller_lock(fake_redis: fakeredis.FakeRedis, rl: RateLimiter) -> Lock:
+    """The key's poller lock, acquired, as the poller holds it while it takes tokens."""
+    lock = fake_redis.lock(keys.poller_lock(rl.key_hash), timeout=60.0, blocking=False)
+    assert lock.acquire()
+    return lock
+
+
 def test_poll_token_answers_as_the_three_calls_it_replaces(
     fake_redis: fakeredis.FakeRedis, clock: FakeClock
 ) -> None:
@@ -362,8 +370,7 @@ def test_poll_token_answers_as_the_three_calls_it_replaces(
 
 def test_poll_token_renews_the_pollers_lock(fake_redis: fakeredis.FakeRedis, clock: FakeClock) -> None:
     rl = limiter(fake_redis)
-    lock = fake_redis.lock(keys.poller_lock(rl.key_hash), timeout=60.0, blocking=False)
-    assert lock.acquire()
+    lock = held_poller_lock(fake_redis, rl)
     fake_redis.pexpire(keys.poller_lock(rl.key_hash), 1_000)  # about to expire
     assert rl.poll_token(lock, None) == 0.0
     assert fake_redis.pttl(keys.poller_lock(rl.key_hash)) > 59_000
@@ -375,8 +382,7 @@ def test_poll_token_takes_nothing_once_another_poller_holds_the_lock(
     from redis.exceptions import LockNotOwnedError
 
     rl = limiter(fake_redis)
-    lock = fake_redis.lock(keys.poller_lock(rl.key_hash), timeout=60.0, blocking=False)
-    assert lock.acquire()
+    lock = held_poller_lock(fake_redis, rl)
     fake_redis.set(keys.poller_lock(rl.key_hash), "the new poller")
     for share in (None, 2.0):
         with pytest.raises(LockNotOwnedError):
@@ -389,8 +395,7 @@ def test_poll_token_keeps_to_the_share_while_sends_wait(
     fake_redis: fakeredis.FakeRedis, clock: FakeClock
 ) -> None:
     rl = limiter(fake_redis, rate=100.0, burst=5)
-    lock = fake_redis.lock(keys.poller_lock(rl.key_hash), timeout=60.0, blocking=False)
-    assert lock.acquire()
+    lock = held_poller_lock(fake_redis, rl)
     assert rl.poll_token(lock, 10.0) == 0.0
     assert rl.poll_token(lock, 10.0) == pytest.approx(0.1)  # the share's burst is one
     assert rl.try_acquire() == 0.0  # sends keep the key's burst
@@ -402,8 +407,7 @@ def test_poll_token_refused_by_the_key_costs_no_share_token(
     fake_redis: fakeredis.FakeRedis, clock: FakeClock
 ) -> None:
     rl = limiter(fake_redis, rate=100.0, burst=2)
-    lock = fake_redis.lock(keys.poller_lock(rl.key_hash), timeout=60.0, blocking=False)
-    assert lock.acquire()
+    lock = held_poller_lock(fake_redis, rl)
     assert rl.try_acquire() == 0.0 and rl.try_acquire() == 0.0  # sends took the key's burst
     assert rl.poll_token(lock, 10.0, share_burst=2) == pytest.approx(0.01)  # the key refuses
     clock.advance(0.01)

@@ -20,8 +20,9 @@ task. So:
   fell from 12,437 to about 3,000 transitions/s with one process, 22,259 to 11,393 with two.)
   It does wait out a token due within :data:`SHORT_TOKEN_WAIT_SECONDS` (while sends wait, only
   the key's next token, never a share token), and while sends wait it takes up to
-  :data:`POLL_SHARE_BURST` share tokens in a row, then hands over until that many are due again: handing over after every check cost a Celery task per batch (one ``poll_key`` task per
-  check in the CPU benchmark, about a fifth of the CPU per transition).
+  :data:`POLL_SHARE_BURST` share tokens in a row, then hands over until that many are due again:
+  handing over after every check cost a Celery task per batch (one ``poll_key`` task per check in
+  the CPU benchmark, about a fifth of the CPU per transition).
 
 The sweep (:func:`request_pollers`) queues a poller for every key with a check due and none
 running; a poller also queues its own successor when it stops with work left.
@@ -168,12 +169,15 @@ class _Tokens:
         def take() -> float:
             # Renews the lock and takes the share's and the key's tokens in one script call; raises
             # LockError (LockNotOwnedError) once another poller took over.
-            for _ in range(SHORT_WAITS_PER_TOKEN):
+            sleeps = 0
+            while True:
                 wait = self.main.poll_token(lock, share, share_burst=POLL_SHARE_BURST)
-                if wait == 0.0 or wait > short or time.monotonic() + wait >= deadline:
+                if wait == 0.0 or wait > short or sleeps == SHORT_WAITS_PER_TOKEN:
+                    return wait
+                if time.monotonic() + wait >= deadline:
                     return wait
                 time.sleep(wait)
-            return self.main.poll_token(lock, share, share_burst=POLL_SHARE_BURST)
+                sleeps += 1
 
         return take
 

@@ -138,8 +138,8 @@ class RateLimiter:
 
         Renews the poller's ``lease`` first (as ``Lock.reacquire`` does). With ``share_per_second``
         (sends are waiting) it then takes a token of the poll share's schedule (:func:`keys.poll_share`,
-        burst ``share_burst``), and one of this key's schedule from its whole burst; without, one of this key's
-        schedule from spare capacity only (``try_acquire(spare_only=True)``).
+        burst ``share_burst``), and one of this key's schedule from its whole burst; without, one of
+        this key's schedule from spare capacity only (``try_acquire(spare_only=True)``).
 
         Returns:
             0.0 if a token was taken (from both schedules); otherwise the seconds to wait before

@@ -110,10 +110,10 @@ local open_all_cached = open_count == 0
 -- The same for the open batch's identifier index (identifier -> user); empty with the open batch.
 local ids_cache = {}
 local ids_all_cached = open_count == 0
--- Index entries not written yet (identifier, user, identifier, user, ...): the ingest op writes them
--- in one HSET at its end, other ops at once. A seal drops them with the index.
+-- Index entries not written yet (identifier, user, identifier, user, ...): the ingest op (defer_writes)
+-- writes them in one HSET at its end, other ops at once. A seal drops them with the index.
 local ids_unwritten, ids_unwritten_n = {}, 0
-local defer_ids = op == 'ingest' or op == 'redrive'
+local defer_writes = op == 'ingest' or op == 'redrive'
 -- Open entries (user, entry, ...) and users joining the open order not written yet: the ingest op
 -- writes them in one HSET and one RPUSH before a seal reads them and at its end (write_open),
 -- instead of two commands per change (each Lua-to-Redis call costs about a microsecond of setup).
@@ -242,7 +242,7 @@ local function seal()
 end
 
 local function set_entry(user, entry)
-    if defer_ids then
+    if defer_writes then
         open_unwritten[open_unwritten_n + 1] = user
         open_unwritten[open_unwritten_n + 2] = entry
         open_unwritten_n = open_unwritten_n + 2
@@ -289,7 +289,7 @@ local function shares_identifier(user, t, i, j)
 end
 
 local function index_identifiers(user, t, i, j)
-    if defer_ids then
+    if defer_writes then
         for x = i, j do
             local id = t[x]
             if ids_cache[id] ~= user then
@@ -315,7 +315,7 @@ local function add_to_open(user, aud, rec, t, i, j)
         redis.call('SET', K_SINCE, now)
     end
     set_entry(user, '|' .. aud .. '|\t[' .. rec .. ']')
-    if defer_ids then
+    if defer_writes then
         order_unwritten[#order_unwritten + 1] = user
     else
         redis.call('RPUSH', K_ORDER, user)
