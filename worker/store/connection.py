@@ -25,6 +25,7 @@ from redis.cluster import RedisCluster
 from redis.exceptions import RedisClusterException
 
 from worker.settings import REDIS_CLUSTER_SCHEMES, is_cluster_url
+from worker.store.packing import HiredisPacker
 
 __all__ = ["connect", "is_cluster", "is_cluster_url", "memory_info"]
 
@@ -41,10 +42,16 @@ def connect(url: str, **options: Any) -> redis.Redis:
     connections on a cluster. Connecting is lazy for one server. A cluster client asks the node for
     the cluster's layout at once: when it cannot, this raises :class:`redis.ConnectionError` (with
     redis-py's reason), the error every caller already treats as Redis being down (tasks retry it).
+
+    One server's connections pack commands with :class:`~worker.store.packing.HiredisPacker`; a
+    cluster client takes no packer option (redis-py drops it), so its nodes pack as redis-py does.
     """
     parts = urlsplit(url)
     plain = REDIS_CLUSTER_SCHEMES.get(parts.scheme.lower())
     if plain is None:
+        if "command_packer" not in options:
+            encoding = options.get("encoding", "utf-8"), options.get("encoding_errors", "strict")
+            options = {**options, "command_packer": HiredisPacker(*encoding)}
         return redis.Redis.from_url(url, **options)
     node_url = urlunsplit(parts._replace(scheme=plain, path=""))
     kept = {k: v for k, v in options.items() if k not in _SINGLE_SERVER_ONLY}
