@@ -10,6 +10,7 @@ import redis
 
 from worker.pipeline import poller
 from worker.pipeline.flush import flush_job
+from worker.pipeline.buffer import CheckSchedule, check_schedules
 from worker.pipeline.poller import run_poller
 from worker.setup.jobconfig import JobState
 from worker.store import keys
@@ -178,3 +179,22 @@ def test_a_poller_on_spare_tokens_turns_to_the_share_soon_after_sends_start_wait
     # and takes share tokens only: its burst, then it hands over until they are due again.
     assert report.checked <= poller.SPARE_ROUND_CHECKS + poller.POLL_SHARE_BURST, report
     assert report.again_in is not None and report.again_in > 0
+
+
+def test_one_read_gives_each_jobs_due_checks_earliest_check_waiting_sends_and_batches_out(
+    pipe: Pipeline,
+) -> None:
+    busy, idle, empty = pipe.create_job(), pipe.create_job(label="b"), pipe.create_job(label="c")
+    at_attentive(pipe, busy, 3, "a", due_ms=5)
+    pipe.redis.zadd(keys.polls(busy.id), {"99": 7})  # type: ignore[attr-defined]
+    far = at_attentive(pipe, idle, 1, "b", due_ms=10**15)
+    pipe.sealed_batch(idle, users(2, prefix="w"))  # waiting to be sent
+
+    got = check_schedules(pipe.redis, [busy.id, idle.id, empty.id], now_ms=6, limit=2)  # type: ignore[attr-defined]
+
+    assert got[busy.id].due == [(5, b) for b in sorted(pipe.polled(busy))[:2]]  # due by 6, two asked for
+    assert (got[busy.id].next_at, got[busy.id].sealed, got[busy.id].at_attentive) == (5, 0, 4)
+    assert (got[idle.id].due, got[idle.id].next_at, got[idle.id].sealed) == ([], 10**15, 1)
+    assert got[idle.id].at_attentive == len(far) == 1
+    assert got[empty.id] == CheckSchedule(due=[], next_at=None, sealed=0, at_attentive=0)
+    assert check_schedules(pipe.redis, [], now_ms=6, limit=2) == {}

@@ -55,6 +55,45 @@ class IngestOutcome:
     sealed_for_shared_identifier: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class CheckSchedule:
+    """One job's status checks as the key's poller reads them each round (:func:`check_schedules`)."""
+
+    #: Up to the limit asked for: (due ms, batch id) of checks due, soonest first.
+    due: list[tuple[int, int]]
+    #: When the earliest check is due (ms); None when nothing is at Attentive.
+    next_at: int | None
+    #: Sealed batches waiting to be sent.
+    sealed: int
+    #: Batches at Attentive (submitted, not yet completed).
+    at_attentive: int
+
+
+def check_schedules(
+    client: redis.Redis, job_ids: Sequence[str], now_ms: int, limit: int
+) -> dict[str, CheckSchedule]:
+    """Each job's :class:`CheckSchedule`, all in one round trip: the poller reads them every round,
+    often once per check, and a round trip costs a worker about 50 µs of CPU (bench/RESULTS.md)."""
+    pipe = client.pipeline(transaction=False)
+    for job_id in job_ids:
+        polls = keys.polls(job_id)
+        pipe.zrangebyscore(polls, "-inf", now_ms, start=0, num=limit, withscores=True)
+        pipe.zrange(polls, 0, 0, withscores=True)
+        pipe.llen(keys.sealed(job_id))
+        pipe.zcard(polls)
+    replies = pipe.execute() if job_ids else []
+    out: dict[str, CheckSchedule] = {}
+    for n, job_id in enumerate(job_ids):
+        due, first, sealed, at_attentive = replies[4 * n : 4 * n + 4]
+        out[job_id] = CheckSchedule(
+            due=[(int(at), int(bid)) for bid, at in due],
+            next_at=int(first[0][1]) if first else None,
+            sealed=int(sealed),
+            at_attentive=int(at_attentive),
+        )
+    return out
+
+
 def identifier_list(identifiers: Mapping[str, Any]) -> str:
     """A record's identifiers as the buffer compares them: ``type:value`` strings joined by tabs.
 
@@ -340,17 +379,6 @@ class JobBuffer:
             ),
         )
         return [(int(at), int(bid)) for bid, at in got]
-
-    def next_check_at(self) -> int | None:
-        """When the job's earliest status check is due (ms), or None when nothing is at Attentive."""
-        got = cast(
-            "list[tuple[bytes, float]]", self._redis.zrange(keys.polls(self.job_id), 0, 0, withscores=True)
-        )
-        return int(got[0][1]) if got else None
-
-    def at_attentive(self) -> int:
-        """How many batches are at Attentive (submitted, not yet completed)."""
-        return int(self._redis.zcard(keys.polls(self.job_id)))
 
     # --- reads ----------------------------------------------------------------------------------
     def batch(self, batch_id: int) -> dict[str, str]:

@@ -41,7 +41,7 @@ from redis.lock import Lock
 
 from worker import shutdown
 from worker.pipeline.attentive_calls import block_for_key, key_blocked, key_usable
-from worker.pipeline.buffer import JobBuffer, now_ms
+from worker.pipeline.buffer import JobBuffer, check_schedules, now_ms
 from worker.pipeline.poll import TakeToken, check_batch
 from worker.runtime import KEY_UNREADABLE, REDIS_DOWN, Runtime
 from worker.setup.jobs import ExportJob
@@ -202,23 +202,21 @@ def _run(rt: Runtime, key_hash: str, lock: Lock, deadline: float, report: Poller
             and key_hash_of(rt, j) == key_hash
             and key_usable(rt, j)
         ]
-        buffers = {j.id: JobBuffer(rt.redis, j.id, j.config.batch_size) for j in jobs}
         now = now_ms()
-        due = sorted(
-            (at, job.id, bid) for job in jobs for at, bid in buffers[job.id].due_checks(now, DUE_PAGE)
-        )[:DUE_PAGE]
+        schedules = check_schedules(rt.redis, [j.id for j in jobs], now, DUE_PAGE)
+        due = sorted((at, job_id, bid) for job_id, s in schedules.items() for at, bid in s.due)[:DUE_PAGE]
         if not due:
-            soon = [t for b in buffers.values() if (t := b.next_check_at()) is not None]
+            soon = [s.next_at for s in schedules.values() if s.next_at is not None]
             if not soon:
                 return  # nothing at Attentive
             wait = max((min(soon) - now) / 1000, 0.0)
             if wait <= HANDOVER_WITHIN_SECONDS:
                 report.again_in = wait
             return
-        sends_waiting = any(b.sealed_count() > 0 for b in buffers.values())
+        sends_waiting = any(s.sealed > 0 for s in schedules.values())
         if not sends_waiting:
             due = due[:SPARE_ROUND_CHECKS]
-        at_attentive = sum(b.at_attentive() for b in buffers.values())
+        at_attentive = sum(s.at_attentive for s in schedules.values())
         take = tokens.taker(sends_waiting, lock, deadline)
         by_id = {j.id: j for j in jobs}
         for _, job_id, bid in due:
