@@ -9,8 +9,9 @@ import pytest
 import redis
 
 from worker.pipeline import poller
-from worker.pipeline.flush import flush_job
 from worker.pipeline.buffer import CheckSchedule, check_schedules
+from worker.pipeline.flush import flush_job
+from worker.pipeline.poll import check_batch
 from worker.pipeline.poller import run_poller
 from worker.setup.jobconfig import JobState
 from worker.store import keys
@@ -198,3 +199,87 @@ def test_one_read_gives_each_jobs_due_checks_earliest_check_waiting_sends_and_ba
     assert got[idle.id].at_attentive == len(far) == 1
     assert got[empty.id] == CheckSchedule(due=[], next_at=None, sealed=0, at_attentive=0)
     assert check_schedules(pipe.redis, [], now_ms=6, limit=2) == {}
+
+
+def _scheduled(pipe: Pipeline, job: object) -> dict[int, int]:
+    got = pipe.redis.zrange(keys.polls(job.id), 0, -1, withscores=True)  # type: ignore[attr-defined]
+    return {int(b): int(at) for b, at in got}
+
+
+def test_checks_move_forward_to_their_floors_one_spare_interval_apart_and_only_earlier(
+    pipe: Pipeline,
+) -> None:
+    job = pipe.create_job()
+    passed, ahead, no_floor, near = at_attentive(pipe, job, 4, "a")
+    buffer = pipe.buffer(job)
+    now = 1_000_000
+    buffer.schedule_check(passed, now + 900_000, floor_ms=now - 5)  # spread far out, floor passed
+    buffer.schedule_check(ahead, now + 950_000, floor_ms=now + 40_000)  # floor still ahead
+    buffer.schedule_check(no_floor, now + 10)  # put where it must stay (a 429 hold, a token wait)
+    buffer.schedule_check(near, now + 20_000, floor_ms=now - 1)
+
+    assert buffer.pull_checks_forward(now, interval_ms=100.0, limit=64) == 3
+
+    # Soonest first, each in the next free slot: no_floor holds the first, near and passed take the
+    # next two, ahead goes to its floor.
+    assert _scheduled(pipe, job) == {
+        no_floor: now + 10,
+        near: now + 110,
+        passed: now + 210,
+        ahead: now + 40_000,
+    }
+    assert buffer.pull_checks_forward(now, interval_ms=100.0, limit=64) == 0  # nothing left to gain
+    buffer.schedule_check(passed, now + 500_000)  # rescheduled without a floor: stays put
+    assert buffer.pull_checks_forward(now + 1, interval_ms=100.0, limit=64) == 0
+    assert _scheduled(pipe, job)[passed] == now + 500_000
+
+
+def test_a_floor_is_never_later_than_its_check_and_a_new_send_drops_the_old_floor(pipe: Pipeline) -> None:
+    job = pipe.create_job()
+    (bid,) = at_attentive(pipe, job, 1, "a")
+    buffer = pipe.buffer(job)
+    buffer.schedule_check(bid, 5_000, floor_ms=9_000)
+    assert int(buffer.batch(bid)["check_floor"]) == 5_000
+    buffer.schedule_check(bid, 6_000)
+    assert "check_floor" not in buffer.batch(bid)
+
+
+def test_with_nothing_to_send_the_poller_brings_far_checks_forward_and_makes_them(pipe: Pipeline) -> None:
+    job = pipe.create_job()
+    far, stays = at_attentive(pipe, job, 2, "a")
+    now = int(time.time() * 1000)
+    pipe.buffer(job).schedule_check(far, now + 3_600_000, floor_ms=now - 1_000)  # spread while sends waited
+    pipe.buffer(job).schedule_check(stays, now + 3_600_000)  # no floor: not brought forward
+
+    report = run_poller(pipe.rt, KEY_HASH, budget_seconds=5.0)
+
+    assert report.pulled_forward and (report.checked, report.settled) == (1, 1)
+    assert pipe.polled(job) == [stays]
+
+
+def test_while_sends_wait_far_checks_stay_where_the_share_put_them(pipe: Pipeline) -> None:
+    job = pipe.create_job()
+    (far,) = at_attentive(pipe, job, 1, "a")
+    now = int(time.time() * 1000)
+    pipe.buffer(job).schedule_check(far, now + 3_600_000, floor_ms=now - 1_000)
+    pipe.sealed_batch(job, users(1, prefix="waiting"))  # a batch waits to be sent
+
+    report = run_poller(pipe.rt, KEY_HASH, budget_seconds=5.0)
+
+    assert not report.pulled_forward and report.checked == 0
+    assert _scheduled(pipe, job)[far] == now + 3_600_000
+
+
+def test_a_check_of_a_running_job_leaves_its_age_floor_beside_the_spread_due_time(pipe: Pipeline) -> None:
+    job = pipe.create_job()
+    (bid,) = at_attentive(pipe, job, 1, "a")
+    pipe.attentive.statuses["aj-1"] = ["IN_PROGRESS"]
+    before = int(time.time() * 1000)
+
+    check = check_batch(pipe.rt, job, bid, lambda: 0.0, pipe.limiter(), 39_000, True)
+
+    assert not check.done and check.statuses == ("IN_PROGRESS",)
+    due, floor = _scheduled(pipe, job)[bid], int(pipe.buffer(job).batch(bid)["check_floor"])
+    first = pipe.rt.settings.first_poll_seconds
+    assert before + 0.8 * first * 1000 <= floor <= int(time.time() * 1000) + first * 1000
+    assert due >= before + 0.8 * 39_000 / (pipe.rt.settings.rate_limit_per_second * 0.1) * 1000 > floor

@@ -345,10 +345,48 @@ class JobBuffer:
             )
         )
 
-    def schedule_check(self, batch_id: int, due_ms: int) -> bool:
+    def schedule_check(self, batch_id: int, due_ms: int, floor_ms: int | None = None) -> bool:
         """Set when the batch's next status check is due; False (and off the schedule) if it is no
-        longer at Attentive (sent again or completed meanwhile)."""
-        return bool(self._run("poll_due", batch_id, due_ms))
+        longer at Attentive (sent again or completed meanwhile).
+
+        ``floor_ms``: the earliest the check may be brought forward to when the key has requests to
+        spare (:meth:`pull_checks_forward`); without it the check stays at ``due_ms``.
+        """
+        if floor_ms is None:
+            return bool(self._run("poll_due", batch_id, due_ms))
+        return bool(self._run("poll_due", batch_id, due_ms, min(floor_ms, due_ms)))
+
+    def pull_checks_forward(self, now_ms: int, interval_ms: float, limit: int) -> int:
+        """Bring the earliest ``limit`` scheduled checks forward, one every ``interval_ms`` from
+        ``now_ms`` on, each no earlier than its floor (:meth:`schedule_check`); returns how many moved.
+
+        For a key with requests to spare: a check put far out to keep status traffic inside the poll
+        share while sends waited stays there after the sends stop, and the users of its batch wait
+        for it (a change behind an unfinished batch is held until the batch is confirmed). A check
+        only ever moves earlier (``ZADD XX LT``), and one completed or sent again meanwhile is not
+        put back.
+        """
+        polls = keys.polls(self.job_id)
+        head = cast("list[tuple[bytes, float]]", self._redis.zrange(polls, 0, limit - 1, withscores=True))
+        if not head:
+            return 0
+        pipe = self._redis.pipeline(transaction=False)
+        for bid, _due in head:
+            pipe.hget(keys.batch(self.job_id, text(bid)), "check_floor")
+        floors = pipe.execute()
+        slot = float(now_ms)  # the next free slot: a check already there (moved or not) takes it
+        moved: dict[bytes, int] = {}
+        for (bid, due), floor in zip(head, floors, strict=True):
+            at = due if floor is None else max(slot, float(floor))
+            if at + interval_ms <= due:
+                moved[bid] = int(at)
+            else:
+                at = due
+            if at < slot + interval_ms:
+                slot = max(slot, at) + interval_ms
+        if moved:
+            self._redis.zadd(polls, moved, xx=True, lt=True)
+        return len(moved)
 
     def resend(self, batch_id: int, reason: str) -> bool:
         """Put a submitted batch whose jobs have all finished, with users still open, back at the front

@@ -69,21 +69,32 @@ class Check:
 TakeToken = Callable[[], float]
 
 
+def check_floor_in(settings: Settings, age_s: float, status: str = "") -> float:
+    """Seconds until a batch at Attentive for ``age_s`` is worth checking again, however many
+    batches are out: a quarter of its age, between ``ATTENTIVE_FIRST_POLL_SECONDS`` and
+    ``ATTENTIVE_POLL_CAP_SECONDS``, and at least :data:`NEEDS_REVIEW_CHECK_SECONDS` for a job
+    parked for review. No jitter: the floor a check may be brought forward to."""
+    wait = min(max(age_s * AGE_FACTOR, settings.first_poll_seconds), settings.poll_cap_seconds)
+    if status == "NEEDS_REVIEW":
+        wait = max(wait, NEEDS_REVIEW_CHECK_SECONDS)
+    return wait
+
+
 def next_check_in(
     settings: Settings, age_s: float, at_attentive: int, sends_waiting: bool, status: str = ""
 ) -> float:
     """Seconds until a batch at Attentive for ``age_s`` is checked again.
 
-    A quarter of its age, between ``ATTENTIVE_FIRST_POLL_SECONDS`` and ``ATTENTIVE_POLL_CAP_SECONDS``,
-    but never sooner than spreading all ``at_attentive`` batches of the key over its poll share
-    allows: total status traffic stays inside the share however many batches are outstanding (at
-    the default 9 checks/s, 39,000 batches are each checked about every 72 minutes).
+    Its :func:`check_floor_in`, but never sooner than spreading all ``at_attentive`` batches of the
+    key over its poll share allows: total status traffic stays inside the share however many
+    batches are outstanding (at the default 9 checks/s, 39,000 batches are each checked about every
+    72 minutes). With nothing waiting to be sent the spread is over :data:`SPARE_SHARE`, and the
+    poller may bring a check forward to its floor when requests are spare
+    (:meth:`worker.pipeline.buffer.JobBuffer.pull_checks_forward`).
     """
     share = settings.poll_share if sends_waiting else SPARE_SHARE
     spread = at_attentive / (settings.rate_limit_per_second * share)
-    wait = max(min(max(age_s * AGE_FACTOR, settings.first_poll_seconds), settings.poll_cap_seconds), spread)
-    if status == "NEEDS_REVIEW":
-        wait = max(wait, NEEDS_REVIEW_CHECK_SECONDS)
+    wait = max(check_floor_in(settings, age_s, status), spread)
     return wait * random.uniform(*POLL_JITTER)
 
 
@@ -190,10 +201,13 @@ def check_batch(
     if unfinished or "ERROR" in statuses:
         age_s = (now_ms() - int(fresh.get("submitted_at") or now_ms())) / 1000
         review = "NEEDS_REVIEW" if "NEEDS_REVIEW" in statuses else ""
-        due = now_ms() + int(1000 * next_check_in(rt.settings, age_s, at_attentive, sends_waiting, review))
+        now = now_ms()
+        due = now + int(1000 * next_check_in(rt.settings, age_s, at_attentive, sends_waiting, review))
+        floor: int | None = now + int(1000 * check_floor_in(rt.settings, age_s, review) * POLL_JITTER[0])
         if next_due and len(next_due) == len(unfinished):
             due = max(next_due)  # only holds left: nothing to ask Attentive until the last one ends
-        buffer.schedule_check(batch_id, due)
+            floor = None
+        buffer.schedule_check(batch_id, due, floor)
         return Check(done=False, statuses=tuple(statuses))
     return _finish(rt, job, buffer, batch_id, fresh, tuple(statuses))
 

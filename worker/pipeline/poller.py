@@ -14,6 +14,8 @@ task. So:
   schedule caps them); with nothing waiting they take spare tokens only, so a send arriving first
   still goes first. Each batch's next check moves out as it ages and as more batches are at
   Attentive (:func:`worker.pipeline.poll.next_check_in`), so the schedule fits inside that share;
+  once nothing waits to be sent, checks put far out that way are brought forward into the spare
+  requests, never sooner than their batch's age allows (:func:`_pull_forward`);
 * a poller never sleeps long, for a token or for the next check: it stops and its successor is
   queued with that countdown. (It used to sleep up to a quarter second per token; at the poll
   share's 9 tokens/s that held a prefork process for the whole budget, and the pipeline benchmark
@@ -41,8 +43,8 @@ from redis.lock import Lock
 
 from worker import shutdown
 from worker.pipeline.attentive_calls import block_for_key, key_blocked, key_usable
-from worker.pipeline.buffer import JobBuffer, check_schedules, now_ms
-from worker.pipeline.poll import TakeToken, check_batch
+from worker.pipeline.buffer import CheckSchedule, JobBuffer, check_schedules, now_ms
+from worker.pipeline.poll import SPARE_SHARE, TakeToken, check_batch
 from worker.runtime import KEY_UNREADABLE, REDIS_DOWN, Runtime
 from worker.setup.jobs import ExportJob
 from worker.store import keys
@@ -87,6 +89,8 @@ class PollerReport:
     skipped: bool = False
     #: Set when work is left: queue a successor after this many seconds.
     again_in: float | None = None
+    #: Checks were brought forward into spare requests (:func:`_pull_forward`).
+    pulled_forward: bool = False
 
 
 def key_hash_of(rt: Runtime, job: ExportJob) -> str | None:
@@ -150,6 +154,26 @@ def run_poller(rt: Runtime, key_hash: str, budget_seconds: float = POLLER_BUDGET
     return report
 
 
+def _pull_forward(
+    rt: Runtime, jobs: list[ExportJob], schedules: dict[str, CheckSchedule], rate: float, now: int
+) -> int:
+    """With nothing due, nothing waiting to be sent and the next check over
+    :data:`HANDOVER_WITHIN_SECONDS` away, bring each job's earliest checks forward into the spare
+    requests (:data:`worker.pipeline.poll.SPARE_SHARE` of the key's rate), no earlier than each
+    one's floor; returns how many moved.
+
+    A check put far out while sends waited (spread over the poll share) would otherwise keep that
+    spread after the sends stop, and the users its batch holds back would wait for it (a change
+    behind an unfinished batch is held until the batch is confirmed complete).
+    """
+    interval_ms = 1000.0 / (rate * SPARE_SHARE)
+    return sum(
+        JobBuffer(rt.redis, job.id, job.config.batch_size).pull_checks_forward(now, interval_ms, DUE_PAGE)
+        for job in jobs
+        if schedules[job.id].at_attentive
+    )
+
+
 class _Tokens:
     """Tokens for status checks: the key's shared limiter, capped at the poll share while sends wait."""
 
@@ -205,6 +229,7 @@ def _run(rt: Runtime, key_hash: str, lock: Lock, deadline: float, report: Poller
         now = now_ms()
         schedules = check_schedules(rt.redis, [j.id for j in jobs], now, DUE_PAGE)
         due = sorted((at, job_id, bid) for job_id, s in schedules.items() for at, bid in s.due)[:DUE_PAGE]
+        sends_waiting = any(s.sealed > 0 for s in schedules.values())
         if not due:
             soon = [s.next_at for s in schedules.values() if s.next_at is not None]
             if not soon:
@@ -212,8 +237,11 @@ def _run(rt: Runtime, key_hash: str, lock: Lock, deadline: float, report: Poller
             wait = max((min(soon) - now) / 1000, 0.0)
             if wait <= HANDOVER_WITHIN_SECONDS:
                 report.again_in = wait
+                return
+            if not sends_waiting and _pull_forward(rt, jobs, schedules, tokens.rate, now):
+                report.pulled_forward = True
+                continue  # checks brought forward are due now
             return
-        sends_waiting = any(s.sealed > 0 for s in schedules.values())
         if not sends_waiting:
             due = due[:SPARE_ROUND_CHECKS]
         at_attentive = sum(s.at_attentive for s in schedules.values())

@@ -852,6 +852,7 @@ elseif op == 'submitted' then
         return 0
     end
     redis.call('HSET', key, 'state', 'submitted', 'owner', '', 'submitted_at', now, 'settled', ARGV[8])
+    redis.call('HDEL', key, 'check_floor') -- a floor left from an earlier send is not this one's
     redis.call('ZREM', K_LEASES, bid)
     redis.call('ZADD', K_POLLS, tonumber(ARGV[7]), bid)
     redis.call('ZADD', K_INFLIGHT, 'NX', now, bid)
@@ -860,10 +861,19 @@ elseif op == 'submitted' then
     return 1
 
 elseif op == 'poll_due' then
-    -- op args: bid, when its next status check is due (ms). Only while the batch is at Attentive:
-    -- one sent again or completed meanwhile is dropped from the schedule instead.
-    if redis.call('HGET', batch_prefix .. ARGV[5], 'state') == 'submitted' then
+    -- op args: bid, when its next status check is due (ms), optionally the earliest it may be
+    -- brought forward to (ms; the batch field 'check_floor', read by the poller when the key has
+    -- spare requests: worker.pipeline.buffer.JobBuffer.pull_checks_forward). Without one, the check
+    -- stays where it is put. Only while the batch is at Attentive: one sent again or completed
+    -- meanwhile is dropped from the schedule instead.
+    local key = batch_prefix .. ARGV[5]
+    if redis.call('HGET', key, 'state') == 'submitted' then
         redis.call('ZADD', K_POLLS, tonumber(ARGV[6]), ARGV[5])
+        if ARGV[7] then
+            redis.call('HSET', key, 'check_floor', ARGV[7])
+        else
+            redis.call('HDEL', key, 'check_floor')
+        end
         return 1
     end
     redis.call('ZREM', K_POLLS, ARGV[5])
