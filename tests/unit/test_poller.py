@@ -283,3 +283,16 @@ def test_a_check_of_a_running_job_leaves_its_age_floor_beside_the_spread_due_tim
     first = pipe.rt.settings.first_poll_seconds
     assert before + 0.8 * first * 1000 <= floor <= int(time.time() * 1000) + first * 1000
     assert due >= before + 0.8 * 39_000 / (pipe.rt.settings.rate_limit_per_second * 0.1) * 1000 > floor
+
+
+def test_a_check_due_soon_does_not_keep_far_checks_from_filling_the_gap_before_it(pipe: Pipeline) -> None:
+    job = pipe.create_job()
+    soon, far = at_attentive(pipe, job, 2, "a")
+    now = int(time.time() * 1000)
+    pipe.buffer(job).schedule_check(soon, now + 800)  # a real-time batch's next check, under a second away
+    pipe.buffer(job).schedule_check(far, now + 3_600_000, floor_ms=now - 1_000)
+
+    report = run_poller(pipe.rt, KEY_HASH, budget_seconds=0.5)
+
+    assert report.pulled_forward and report.checked >= 1
+    assert far not in pipe.polled(job)  # checked (and completed) in the gap

@@ -157,10 +157,11 @@ def run_poller(rt: Runtime, key_hash: str, budget_seconds: float = POLLER_BUDGET
 def _pull_forward(
     rt: Runtime, jobs: list[ExportJob], schedules: dict[str, CheckSchedule], rate: float, now: int
 ) -> int:
-    """With nothing due, nothing waiting to be sent and the next check over
-    :data:`HANDOVER_WITHIN_SECONDS` away, bring each job's earliest checks forward into the spare
-    requests (:data:`worker.pipeline.poll.SPARE_SHARE` of the key's rate), no earlier than each
-    one's floor; returns how many moved.
+    """With nothing due and nothing waiting to be sent, bring each job's earliest checks forward into
+    the spare requests (:data:`worker.pipeline.poll.SPARE_SHARE` of the key's rate), no earlier than
+    each one's floor; returns how many moved. Checks already due soon keep their slots, so this only
+    fills gaps in the schedule (a steady real-time flow keeps some check due every few seconds:
+    waiting for a gap of a whole second first left the far checks where they were).
 
     A check put far out while sends waited (spread over the poll share) would otherwise keep that
     spread after the sends stop, and the users its batch holds back would wait for it (a change
@@ -231,16 +232,15 @@ def _run(rt: Runtime, key_hash: str, lock: Lock, deadline: float, report: Poller
         due = sorted((at, job_id, bid) for job_id, s in schedules.items() for at, bid in s.due)[:DUE_PAGE]
         sends_waiting = any(s.sealed > 0 for s in schedules.values())
         if not due:
+            if not sends_waiting and _pull_forward(rt, jobs, schedules, tokens.rate, now):
+                report.pulled_forward = True
+                continue  # the first check brought forward is due now (or at its floor)
             soon = [s.next_at for s in schedules.values() if s.next_at is not None]
             if not soon:
                 return  # nothing at Attentive
             wait = max((min(soon) - now) / 1000, 0.0)
             if wait <= HANDOVER_WITHIN_SECONDS:
                 report.again_in = wait
-                return
-            if not sends_waiting and _pull_forward(rt, jobs, schedules, tokens.rate, now):
-                report.pulled_forward = True
-                continue  # checks brought forward are due now
             return
         if not sends_waiting:
             due = due[:SPARE_ROUND_CHECKS]
