@@ -69,6 +69,7 @@ from typing import Any
 
 import httpx
 import redis
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_fixed
 
 from tests.chaos.procs import AofRedis, Fleet, children, tree_rss, wait_http, wait_until
 from worker.cli.localredis import free_port
@@ -408,7 +409,16 @@ class ScaleRun:
         return redis.Redis.from_url(self.redis_server.url(0), socket_timeout=30, socket_connect_timeout=5)
 
     def sandbox(self, path: str, **params: Any) -> Any:
-        response = self.http.get(f"{self.sandbox_url}/_sandbox/{path}", params=params)
+        """GET one of the sandbox's read-only views. Retried on a dropped connection: a kept-alive
+        connection the server closed just as it was reused ended a 1 M-user run after 7 minutes."""
+        for attempt in Retrying(
+            retry=retry_if_exception_type(httpx.TransportError),
+            stop=stop_after_attempt(3),
+            wait=wait_fixed(0.5),
+            reraise=True,
+        ):
+            with attempt:
+                response = self.http.get(f"{self.sandbox_url}/_sandbox/{path}", params=params)
         response.raise_for_status()
         return response.json()
 
