@@ -199,9 +199,9 @@ def check_batch(
         return Check(done=True, statuses=tuple(statuses))  # settled meanwhile
     unfinished = _unfinished(fresh)
     if unfinished or "ERROR" in statuses:
-        age_s = (now_ms() - int(fresh.get("submitted_at") or now_ms())) / 1000
-        review = "NEEDS_REVIEW" if "NEEDS_REVIEW" in statuses else ""
         now = now_ms()
+        age_s = (now - int(fresh.get("submitted_at") or now)) / 1000
+        review = "NEEDS_REVIEW" if "NEEDS_REVIEW" in statuses else ""
         due = now + int(1000 * next_check_in(rt.settings, age_s, at_attentive, sends_waiting, review))
         floor: int | None = now + int(1000 * check_floor_in(rt.settings, age_s, review) * POLL_JITTER[0])
         if next_due and len(next_due) == len(unfinished):
