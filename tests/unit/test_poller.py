@@ -206,42 +206,76 @@ def _scheduled(pipe: Pipeline, job: object) -> dict[int, int]:
     return {int(b): int(at) for b, at in got}
 
 
-def test_checks_move_forward_to_their_floors_one_spare_interval_apart_and_only_earlier(
-    pipe: Pipeline,
-) -> None:
+def _floors(pipe: Pipeline, job: object) -> dict[int, int]:
+    got = pipe.redis.zrange(keys.check_floors(job.id), 0, -1, withscores=True)  # type: ignore[attr-defined]
+    return {int(b): int(at) for b, at in got}
+
+
+def test_checks_move_forward_into_free_spare_slots_longest_past_their_floor_first(pipe: Pipeline) -> None:
     job = pipe.create_job()
-    passed, ahead, no_floor, near = at_attentive(pipe, job, 4, "a")
+    passed, ahead, no_floor, near, later = at_attentive(pipe, job, 5, "a")
     buffer = pipe.buffer(job)
     now = 1_000_000
     buffer.schedule_check(passed, now + 900_000, floor_ms=now - 5)  # spread far out, floor passed
-    buffer.schedule_check(ahead, now + 950_000, floor_ms=now + 40_000)  # floor still ahead
+    buffer.schedule_check(ahead, now + 950_000, floor_ms=now + 250)  # floor still ahead, within reach
     buffer.schedule_check(no_floor, now + 10)  # put where it must stay (a 429 hold, a token wait)
     buffer.schedule_check(near, now + 20_000, floor_ms=now - 1)
+    buffer.schedule_check(later, now + 990_000, floor_ms=now + 40_000)  # floor beyond 64 slots
 
     assert buffer.pull_checks_forward(now, interval_ms=100.0, limit=64) == 3
 
-    # Soonest first, each in the next free slot: no_floor holds the first, near and passed take the
-    # next two, ahead goes to its floor.
+    # no_floor holds slot 0; passed (its floor the oldest) and near take slots 1 and 2; ahead goes
+    # to the first slot at or after its floor; later waits until its floor comes within reach.
     assert _scheduled(pipe, job) == {
         no_floor: now + 10,
-        near: now + 110,
-        passed: now + 210,
-        ahead: now + 40_000,
+        passed: now + 100,
+        near: now + 200,
+        ahead: now + 300,
+        later: now + 990_000,
     }
     assert buffer.pull_checks_forward(now, interval_ms=100.0, limit=64) == 0  # nothing left to gain
+    assert buffer.pull_checks_forward(now + 39_990, interval_ms=100.0, limit=64) == 1
+    assert _scheduled(pipe, job)[later] == now + 40_090  # its floor rounded up to a slot
     buffer.schedule_check(passed, now + 500_000)  # rescheduled without a floor: stays put
-    assert buffer.pull_checks_forward(now + 1, interval_ms=100.0, limit=64) == 0
+    assert buffer.pull_checks_forward(now + 50_000, interval_ms=100.0, limit=64) == 0
     assert _scheduled(pipe, job)[passed] == now + 500_000
 
 
-def test_a_floor_is_never_later_than_its_check_and_a_new_send_drops_the_old_floor(pipe: Pipeline) -> None:
+def test_a_far_check_behind_more_than_a_page_of_near_ones_is_still_pulled(pipe: Pipeline) -> None:
+    # The 1 M-user run's case: 14 backfill checks far out behind ~100 real-time ones; reading only
+    # the schedule's first page never reached them.
     job = pipe.create_job()
-    (bid,) = at_attentive(pipe, job, 1, "a")
+    *near, far = at_attentive(pipe, job, 101, "a")
+    buffer = pipe.buffer(job)
+    now = 1_000_000
+    for n, bid in enumerate(near):
+        buffer.schedule_check(bid, now + 10_000 + 100 * n, floor_ms=now + 8_000)  # beyond 64 slots
+    buffer.schedule_check(far, now + 500_000, floor_ms=now - 1_150_000)
+
+    assert buffer.pull_checks_forward(now, interval_ms=100.0, limit=64) == 1
+    assert _scheduled(pipe, job)[far] == now
+
+
+def test_a_floor_is_kept_only_while_earlier_than_its_check_and_a_send_or_completion_drops_it(
+    pipe: Pipeline,
+) -> None:
+    job = pipe.create_job()
+    bid, other = at_attentive(pipe, job, 2, "a")
     buffer = pipe.buffer(job)
     buffer.schedule_check(bid, 5_000, floor_ms=9_000)
-    assert int(buffer.batch(bid)["check_floor"]) == 5_000
+    assert _floors(pipe, job) == {}  # a floor at the due time gains nothing
+    buffer.schedule_check(bid, 5_000, floor_ms=1_000)
+    buffer.schedule_check(other, 5_000, floor_ms=2_000)
+    assert _floors(pipe, job) == {bid: 1_000, other: 2_000}
     buffer.schedule_check(bid, 6_000)
-    assert "check_floor" not in buffer.batch(bid)
+    assert _floors(pipe, job) == {other: 2_000}
+    buffer.complete(other)
+    assert _floors(pipe, job) == {}
+    buffer.schedule_check(bid, 5_000, floor_ms=1_000)
+    assert buffer.resend(bid, "lost")
+    assert _floors(pipe, job) == {}
+    assert not buffer.schedule_check(bid, 5_000, floor_ms=1_000)  # no longer at Attentive
+    assert _floors(pipe, job) == {}
 
 
 def test_with_nothing_to_send_the_poller_brings_far_checks_forward_and_makes_them(pipe: Pipeline) -> None:
@@ -279,7 +313,7 @@ def test_a_check_of_a_running_job_leaves_its_age_floor_beside_the_spread_due_tim
     check = check_batch(pipe.rt, job, bid, lambda: 0.0, pipe.limiter(), 39_000, True)
 
     assert not check.done and check.statuses == ("IN_PROGRESS",)
-    due, floor = _scheduled(pipe, job)[bid], int(pipe.buffer(job).batch(bid)["check_floor"])
+    due, floor = _scheduled(pipe, job)[bid], _floors(pipe, job)[bid]
     first = pipe.rt.settings.first_poll_seconds
     assert before + 0.8 * first * 1000 <= floor <= int(time.time() * 1000) + first * 1000
     assert due >= before + 0.8 * 39_000 / (pipe.rt.settings.rate_limit_per_second * 0.1) * 1000 > floor

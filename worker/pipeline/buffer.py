@@ -8,6 +8,7 @@ finished (:meth:`JobBuffer.complete`), so a worker killed anywhere loses nothing
 from __future__ import annotations
 
 import json
+import math
 import secrets
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -174,6 +175,7 @@ class JobBuffer:
             keys.open_identifiers(job_id),
             keys.in_flight(job_id),
             keys.last_writer_meta(job_id),
+            keys.check_floors(job_id),
         ]
         self._batch_prefix = keys.batch(job_id, "")
 
@@ -357,33 +359,38 @@ class JobBuffer:
         return bool(self._run("poll_due", batch_id, due_ms, min(floor_ms, due_ms)))
 
     def pull_checks_forward(self, now_ms: int, interval_ms: float, limit: int) -> int:
-        """Bring the earliest ``limit`` scheduled checks forward, one every ``interval_ms`` from
-        ``now_ms`` on, each no earlier than its floor (:meth:`schedule_check`); returns how many moved.
+        """Bring up to ``limit`` checks forward into the free slots of the next ``limit`` spare
+        intervals (``interval_ms`` apart from ``now_ms`` on), the longest past their floor first, each
+        no earlier than its floor (:meth:`schedule_check`); returns how many moved.
 
         For a key with requests to spare: a check put far out to keep status traffic inside the poll
         share while sends waited stays there after the sends stop, and the users of its batch wait
-        for it (a change behind an unfinished batch is held until the batch is confirmed). A check
-        only ever moves earlier (``ZADD XX LT``), and one completed or sent again meanwhile is not
-        put back.
+        for it (a change behind an unfinished batch is held until the batch is confirmed). The
+        candidates come from the floors' own ZSET, not from the head of the schedule: a 1 M-user run
+        left far backfill checks behind a hundred real-time ones, out of reach of a head-only read
+        (bench/RESULTS.md, scale-backlog). A slot a check already holds stays its own; a check only
+        ever moves earlier (``ZADD XX LT``), and one completed or sent again meanwhile is not put back.
         """
-        polls = keys.polls(self.job_id)
-        head = cast("list[tuple[bytes, float]]", self._redis.zrange(polls, 0, limit - 1, withscores=True))
-        if not head:
-            return 0
+        polls, floors = keys.polls(self.job_id), keys.check_floors(self.job_id)
+        horizon = now_ms + limit * interval_ms
         pipe = self._redis.pipeline(transaction=False)
-        for bid, _due in head:
-            pipe.hget(keys.batch(self.job_id, text(bid)), "check_floor")
-        floors = pipe.execute()
-        slot = float(now_ms)  # the next free slot: a check already there (moved or not) takes it
+        pipe.zrangebyscore(polls, "-inf", horizon, start=0, num=limit, withscores=True)
+        pipe.zrangebyscore(floors, "-inf", horizon, start=0, num=limit, withscores=True)
+        soon, candidates = cast("list[list[tuple[bytes, float]]]", pipe.execute())
+        if not candidates:
+            return 0
+        dues = self._redis.zmscore(polls, [text(bid) for bid, _floor in candidates])
+        taken = {max(0, int((due - now_ms) // interval_ms)) for _bid, due in soon}
         moved: dict[bytes, int] = {}
-        for (bid, due), floor in zip(head, floors, strict=True):
-            at = due if floor is None else max(slot, float(floor))
-            if at + interval_ms <= due:
-                moved[bid] = int(at)
-            else:
-                at = due
-            if at < slot + interval_ms:
-                slot = max(slot, at) + interval_ms
+        for (bid, floor), due in zip(candidates, dues, strict=True):
+            if due is None or due <= horizon:
+                continue  # completed or sent again meanwhile, or due within reach already
+            k = max(0, math.ceil((floor - now_ms) / interval_ms))
+            while k in taken:
+                k += 1
+            if k < limit:
+                taken.add(k)
+                moved[bid] = int(now_ms + k * interval_ms)
         if moved:
             self._redis.zadd(polls, moved, xx=True, lt=True)
         return len(moved)

@@ -245,6 +245,12 @@ def polls(job_id: str) -> str:
     return _job(job_id, "polls")
 
 
+def check_floors(job_id: str) -> str:
+    """ZSET: batch id -> the earliest its status check may be brought forward to (ms), for checks
+    spread out beyond their age rule while sends waited (worker.pipeline.buffer.JobBuffer.schedule_check)."""
+    return _job(job_id, "polls:floors")
+
+
 # --- inbox and ingest -------------------------------------------------------------------------------
 def inbox_chunk(chunk_id: str) -> str:
     """LIST: raw transition JSON texts of one chunk, deleted once ingested."""

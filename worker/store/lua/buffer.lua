@@ -36,6 +36,9 @@
 --  13 in_flight    ZSET  batch id -> when it was first sent (ms), until it completes (overdue alerts)
 --  14 lww_meta     HASH  the buckets' shape: n (pairs stored), level, split (linear hashing, below),
 --                        cursor (HSCAN cursor of the drain of the old layout, KEYS[4])
+--  15 check_floors ZSET  batch id -> the earliest its check may be brought forward to (ms): checks
+--                        the spread put beyond their age rule (op poll_due), pulled into spare
+--                        requests by worker.pipeline.buffer.JobBuffer.pull_checks_forward
 -- ARGV[1] op, ARGV[2] now (ms), ARGV[3] batch key prefix ("...:batch:"), ARGV[4] batch size, op args follow.
 -- A batch is two keys under that prefix: <bid> HASH (users as a JSON list, state, owner, attempts,
 -- Attentive jobs, per-job done/failed counts) and <bid>:entries HASH (the open entries, renamed).
@@ -88,7 +91,7 @@
 local K_OPEN, K_ORDER, K_SINCE, K_LWW = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local K_OUTSTANDING, K_WAITING, K_SEALED, K_SEQ = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local K_STATUS, K_LEASES, K_POLLS = KEYS[9], KEYS[10], KEYS[11]
-local K_IDS, K_INFLIGHT, K_LWW_META = KEYS[12], KEYS[13], KEYS[14]
+local K_IDS, K_INFLIGHT, K_LWW_META, K_FLOORS = KEYS[12], KEYS[13], KEYS[14], KEYS[15]
 
 local op = ARGV[1]
 local now = tonumber(ARGV[2])
@@ -852,7 +855,7 @@ elseif op == 'submitted' then
         return 0
     end
     redis.call('HSET', key, 'state', 'submitted', 'owner', '', 'submitted_at', now, 'settled', ARGV[8])
-    redis.call('HDEL', key, 'check_floor') -- a floor left from an earlier send is not this one's
+    redis.call('ZREM', K_FLOORS, bid) -- a floor left from an earlier send is not this one's
     redis.call('ZREM', K_LEASES, bid)
     redis.call('ZADD', K_POLLS, tonumber(ARGV[7]), bid)
     redis.call('ZADD', K_INFLIGHT, 'NX', now, bid)
@@ -862,21 +865,23 @@ elseif op == 'submitted' then
 
 elseif op == 'poll_due' then
     -- op args: bid, when its next status check is due (ms), optionally the earliest it may be
-    -- brought forward to (ms; the batch field 'check_floor', read by the poller when the key has
-    -- spare requests: worker.pipeline.buffer.JobBuffer.pull_checks_forward). Without one, the check
-    -- stays where it is put. Only while the batch is at Attentive: one sent again or completed
-    -- meanwhile is dropped from the schedule instead.
+    -- brought forward to (ms; kept in K_FLOORS only when earlier than the due time, read by the
+    -- poller when the key has spare requests: worker.pipeline.buffer.JobBuffer.pull_checks_forward).
+    -- Without one, the check stays where it is put. Only while the batch is at Attentive: one sent
+    -- again or completed meanwhile is dropped from the schedule instead.
     local key = batch_prefix .. ARGV[5]
     if redis.call('HGET', key, 'state') == 'submitted' then
-        redis.call('ZADD', K_POLLS, tonumber(ARGV[6]), ARGV[5])
-        if ARGV[7] then
-            redis.call('HSET', key, 'check_floor', ARGV[7])
+        local due = tonumber(ARGV[6])
+        redis.call('ZADD', K_POLLS, due, ARGV[5])
+        if ARGV[7] and tonumber(ARGV[7]) < due then
+            redis.call('ZADD', K_FLOORS, tonumber(ARGV[7]), ARGV[5])
         else
-            redis.call('HDEL', key, 'check_floor')
+            redis.call('ZREM', K_FLOORS, ARGV[5])
         end
         return 1
     end
     redis.call('ZREM', K_POLLS, ARGV[5])
+    redis.call('ZREM', K_FLOORS, ARGV[5])
     return 0
 
 elseif op == 'resend' then
@@ -891,6 +896,7 @@ elseif op == 'resend' then
     -- tell the next send which users are settled already.
     redis.call('HSET', key, 'state', 'sealed', 'last_error', ARGV[6])
     redis.call('ZREM', K_POLLS, bid)
+    redis.call('ZREM', K_FLOORS, bid)
     redis.call('LPUSH', K_SEALED, bid)
     redis.call('HINCRBY', K_STATUS, 'batches_resent', 1)
     return 1
@@ -923,6 +929,7 @@ elseif op == 'complete' then
     end
     redis.call('DEL', key, key .. ':entries')
     redis.call('ZREM', K_POLLS, bid)
+    redis.call('ZREM', K_FLOORS, bid)
     redis.call('ZREM', K_LEASES, bid)
     redis.call('ZREM', K_INFLIGHT, bid)
     for i = 6, #ARGV, 2 do
