@@ -81,6 +81,9 @@ AUDIENCES = ("vip", "lapsed", "winback")
 BACKFILL_DOMAIN = "bf.scale.example"
 REALTIME_DOMAIN = "rt.scale.example"
 QUEUES = "ingest,flush,poll,sweep,backfill"
+#: The worker groups of deploy/kubernetes (worker-ingest, worker-delivery, worker-backfill): a
+#: backfill's steps never take the processes real-time ingest and the sends need.
+WORKER_GROUPS = {"ingest": "ingest,sweep", "delivery": "flush,poll,sweep", "backfill": "backfill"}
 POST = "POST /v2/bulk/user/attributes"
 GET = "GET /v2/bulk/job/{bulkJobId}"
 #: Attentive's limit per key on each of the bulk and job-status endpoints; the workers' default target.
@@ -118,6 +121,9 @@ class ScaleConfig:
     processing_spread: float = 0.5
     time_compression: float = 60.0
     flush_interval: int = 30
+    #: "groups": one worker per group of WORKER_GROUPS (the Kubernetes layout); "shared": ``workers``
+    #: workers on every queue (docker-compose's single worker service; runs before 2026-12-04).
+    layout: str = "groups"
     workers: int = 2
     concurrency: int = 2
     warmup: float = 20.0
@@ -371,6 +377,14 @@ class Feeder(threading.Thread):
             client.close()
 
 
+def workers_text(cfg: ScaleConfig) -> str:
+    """The workers as the report states them."""
+    if cfg.layout == "groups":
+        groups = ", ".join(f"{name} ({queues})" for name, queues in WORKER_GROUPS.items())
+        return f"3 workers, one per queue group: {groups}; {cfg.concurrency} processes each"
+    return f"{cfg.workers} workers x {cfg.concurrency} processes on every queue"
+
+
 # --- the run ------------------------------------------------------------------------------------------------
 class ScaleRun:
     def __init__(self, cfg: ScaleConfig) -> None:
@@ -384,7 +398,12 @@ class ScaleRun:
         self.redis_server: AofRedis | None = None
         self.fleet: Fleet | None = None
         self.http = httpx.Client(timeout=120.0)
-        self.worker_names = [f"w{i + 1}" for i in range(cfg.workers)]
+        self.worker_queues = (
+            dict(WORKER_GROUPS)
+            if cfg.layout == "groups"
+            else {f"w{i + 1}": QUEUES for i in range(cfg.workers)}
+        )
+        self.worker_names = list(self.worker_queues)
         self.job_id = ""
         self.backfill_proc: subprocess.Popen[bytes] | None = None
         self.feeder: Feeder | None = None
@@ -495,9 +514,9 @@ class ScaleRun:
         self.fleet.spawn("sandbox", [*python, *sandbox.split(), *model.split()])
         serve = f"worker.cli.main serve --host 127.0.0.1 --port {self.webhook_port} --no-access-log"
         self.fleet.spawn("receiver", [*python, *serve.split()])
-        for name in self.worker_names:
+        for name, queues in self.worker_queues.items():
             worker = (
-                f"celery -A worker.app worker -n {name}@%h -Q {QUEUES} -c {cfg.concurrency} "
+                f"celery -A worker.app worker -n {name}@%h -Q {queues} -c {cfg.concurrency} "
                 "--pool prefork --without-gossip --without-mingle -l WARNING"
             )
             self.fleet.spawn(name, [*python, *worker.split()])
@@ -523,7 +542,7 @@ class ScaleRun:
         finally:
             client.close()
         say(
-            f"job {self.job_id}; {cfg.workers} workers x {cfg.concurrency} processes, beat, receiver; "
+            f"job {self.job_id}; {workers_text(cfg)}, beat, receiver; "
             f"sandbox delay {cfg.processing_delay:g} s (spread {cfg.processing_spread:g}), "
             f"compression {cfg.time_compression:g}x: {' '.join(f'{k}={v}' for k, v in self.out.env_poll.items())}"
         )
@@ -823,6 +842,7 @@ def load(path: Path) -> Outcome:
     data = json.loads(Path(path).read_text())
     cfg = data.pop("cfg")
     cfg["workdir"] = Path(cfg["workdir"]) if cfg.get("workdir") else None
+    cfg.setdefault("layout", "shared")  # runs before the layout option had every worker on every queue
     out = Outcome(ScaleConfig(**cfg))
     known = {f.name for f in dataclasses.fields(Outcome)}
     for name, value in data.items():
@@ -1002,8 +1022,8 @@ def render(out: Outcome) -> str:
         f"lognormal delay (median {cfg.processing_delay:g} s, sigma {cfg.processing_spread:g}, seed {cfg.seed}); "
         f"time is compressed {cfg.time_compression:g}x (the median stands for {real_delay:.1f} h), and the "
         f"workers' poll settings with it: {', '.join(f'`{k}={v}`' for k, v in out.env_poll.items())}"
-        f"{'' if share else ' (`ATTENTIVE_POLL_SHARE` not set)'}. {cfg.workers} workers x "
-        f"{cfg.concurrency} processes, beat, Redis with AOF; flush interval {cfg.flush_interval} s. "
+        f"{'' if share else ' (`ATTENTIVE_POLL_SHARE` not set)'}. {workers_text(cfg)}, "
+        f"beat, Redis with AOF; flush interval {cfg.flush_interval} s. "
         f"Code: `{out.revision or 'unknown'}`. `make bench-scale`; how it runs: `bench/bench_scale.py`.",
         "",
     ]
@@ -1111,7 +1131,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--flush-interval", type=int, default=d.flush_interval, help="the job's flush interval (s)"
     )
-    p.add_argument("--workers", type=int, default=d.workers, help="celery worker instances")
+    p.add_argument(
+        "--layout",
+        choices=("groups", "shared"),
+        default=d.layout,
+        help="groups: a worker per queue group, as deploy/kubernetes runs them (ingest+sweep, "
+        "flush+poll+sweep, backfill); shared: --workers workers on every queue",
+    )
+    p.add_argument("--workers", type=int, default=d.workers, help="celery worker instances (--layout shared)")
     p.add_argument("--concurrency", type=int, default=d.concurrency, help="pool processes per worker")
     p.add_argument("--warmup", type=float, default=d.warmup, help="real-time only, before the backfill (s)")
     p.add_argument("--sample", type=float, default=d.sample, help="seconds between samples")
@@ -1144,6 +1171,7 @@ def config_from(argv: Sequence[str]) -> ScaleConfig:
         processing_spread=args.processing_spread,
         time_compression=args.time_compression,
         flush_interval=args.flush_interval,
+        layout=args.layout,
         workers=args.workers,
         concurrency=args.concurrency,
         warmup=args.warmup,

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 SCHEMA = ROOT / "tests" / "schemas" / "compose-spec.json"
 #: Services run from this repository's image (everything but Redis).
-APP_SERVICES = ("worker", "beat", "flower", "webhook", "metrics", "sandbox")
+APP_SERVICES = ("worker", "worker-backfill", "beat", "flower", "webhook", "metrics", "sandbox")
 
 
 def compose() -> dict[str, Any]:
@@ -90,10 +90,10 @@ def test_workers_get_time_to_stop_gracefully_and_beat_can_write_its_schedule() -
     from worker.celeryconfig import task_annotations, task_time_limit
 
     svc = services()
-    grace = svc["worker"]["stop_grace_period"]
-    seconds = int(grace.removesuffix("s"))
     longest = max([task_time_limit, *(a.get("time_limit", 0) for a in task_annotations.values())])
-    assert seconds > longest  # a warm shutdown is never cut short by SIGKILL
+    for name in ("worker", "worker-backfill"):
+        seconds = int(svc[name]["stop_grace_period"].removesuffix("s"))
+        assert seconds > longest, name  # a warm shutdown is never cut short by SIGKILL
     beat = svc["beat"]["command"]
     assert beat[beat.index("-s") + 1].startswith("/tmp/")  # the image's user cannot write /app
 
@@ -129,3 +129,17 @@ def test_docker_compose_config_accepts_the_file() -> None:
         timeout=60,
     )
     assert out.returncode == 0, out.stderr
+
+
+def test_every_queue_has_a_worker_and_backfill_steps_have_their_own() -> None:
+    from worker.celeryconfig import task_routes
+
+    svc = services()
+
+    def queues(name: str) -> set[str]:
+        command = svc[name]["command"]
+        return set(command[command.index("-Q") + 1].split(","))
+
+    routed = {route["queue"] for route in task_routes.values()}
+    assert routed <= queues("worker") | queues("worker-backfill")
+    assert queues("worker-backfill") == {"backfill"} and "backfill" not in queues("worker")
