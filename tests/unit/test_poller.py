@@ -330,3 +330,22 @@ def test_a_check_due_soon_does_not_keep_far_checks_from_filling_the_gap_before_i
 
     assert report.pulled_forward and report.checked >= 1
     assert far not in pipe.polled(job)  # checked (and completed) in the gap
+
+
+def test_the_sweep_queues_a_poller_for_a_check_it_can_bring_forward_once_nothing_waits(
+    pipe: Pipeline,
+) -> None:
+    # Traffic stopped: no check due, so no poller runs, yet a far check's floor has passed.
+    job = pipe.create_job()
+    far, plain = at_attentive(pipe, job, 2, "a")
+    now = int(time.time() * 1000)
+    pipe.buffer(job).schedule_check(plain, now + 3_600_000)  # no floor: nothing to bring forward
+    pipe.buffer(job).schedule_check(far, now + 3_600_000, floor_ms=now + 60_000)
+    assert poller.request_pollers(pipe.rt, [job], now) == 0  # its floor is still ahead
+
+    assert poller.request_pollers(pipe.rt, [job], now + 60_000) == 1
+    assert pipe.dispatch.pollers == [(KEY_HASH, 0.0)]
+
+    pipe.redis.delete(keys.poller_queued(KEY_HASH))  # type: ignore[attr-defined]
+    pipe.sealed_batch(job, users(1, prefix="waiting"))  # sends wait: the poller would not pull
+    assert poller.request_pollers(pipe.rt, [job], now + 60_000) == 0

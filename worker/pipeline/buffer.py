@@ -415,15 +415,16 @@ class JobBuffer:
         """Re-queue batches whose flush lease expired; returns how many went back to the queue."""
         return int(self._run("reap", now=now))
 
-    def due_checks(self, now_ms: int, limit: int) -> list[tuple[int, int]]:
-        """Up to ``limit`` batches whose status check is due, as (due ms, batch id), soonest first."""
-        got = cast(
-            "list[tuple[bytes, float]]",
-            self._redis.zrangebyscore(
-                keys.polls(self.job_id), "-inf", now_ms, start=0, num=limit, withscores=True
-            ),
-        )
-        return [(int(at), int(bid)) for bid, at in got]
+    def checks_to_make(self, now_ms: int) -> bool:
+        """Whether the key's poller has work for this job: a check is due, or one can be brought
+        forward (its floor has passed and nothing waits to be sent: :meth:`pull_checks_forward`).
+        The second matters once traffic stops: with no check due, no poller runs to pull one."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.zrangebyscore(keys.polls(self.job_id), "-inf", now_ms, start=0, num=1)
+        pipe.zrangebyscore(keys.check_floors(self.job_id), "-inf", now_ms, start=0, num=1)
+        pipe.llen(keys.sealed(self.job_id))
+        due, pullable, sealed = pipe.execute()
+        return bool(due) or (bool(pullable) and not sealed)
 
     # --- reads ----------------------------------------------------------------------------------
     def batch(self, batch_id: int) -> dict[str, str]:

@@ -26,8 +26,8 @@ task. So:
   handing over after every check cost a Celery task per batch (one ``poll_key`` task per check in
   the CPU benchmark, about a fifth of the CPU per transition).
 
-The sweep (:func:`request_pollers`) queues a poller for every key with a check due and none
-running; a poller also queues its own successor when it stops with work left.
+The sweep (:func:`request_pollers`) queues a poller for every key with a check due, or one it can
+bring forward, and none running; a poller also queues its own successor when it stops with work left.
 """
 
 from __future__ import annotations
@@ -121,12 +121,13 @@ def request_poller(rt: Runtime, key_hash: str, countdown: float = 0.0) -> bool:
 
 
 def request_pollers(rt: Runtime, jobs: Iterable[ExportJob], now: int) -> int:
-    """Queue a poller for every key with a check due (the sweep calls this); returns how many."""
+    """Queue a poller for every key with a check due or one to bring forward (the sweep calls
+    this); returns how many."""
     due_keys: set[str] = set()
     for job in jobs:
         if not job.sending:
             continue
-        if JobBuffer(rt.redis, job.id, job.config.batch_size).due_checks(now, 1):
+        if JobBuffer(rt.redis, job.id, job.config.batch_size).checks_to_make(now):
             if key_blocked(rt, job):
                 continue  # its key cannot be read: a poller is queued when the next try is due
             key_hash = key_hash_of(rt, job)
