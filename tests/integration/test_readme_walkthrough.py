@@ -195,7 +195,7 @@ def check_status(w: Walkthrough, run: Run) -> None:
     assert f"job {w.job_id}  '{EXAMPLE_JOB['label']}'  RUNNING\n" in out
     assert "4 received" in out and "1 skipped (no_identifier 1)" in out and "4 delivered" in out
     assert "fields left out invalid_phone 1" in out
-    assert "workers       1 alive" in out and "DOWN" not in out and "BLOCKED" not in out
+    assert "workers       2 alive" in out and "DOWN" not in out and "BLOCKED" not in out  # as the README runs them
     # The flags the walkthrough's comment points at (see Monitoring) agree with it.
     as_json = json.loads(w.run(["attentive-export", "status", "--json", "JOB_ID"]).ok())
     assert as_json["counters"]["users_delivered"] == 4 and as_json["skips"] == {"no_identifier": 1}
@@ -283,12 +283,18 @@ def walkthrough(real_redis: redis.Redis, sandbox: SandboxProcess) -> Iterator[Wa
     api_key = f"attn_live_{secrets.token_hex(12)}"
     sandbox.add_token(f"{api_key}:company=Walkthrough Co")
     with running_pipeline(real_redis, sandbox, EXPORT_SECRET_KEY=secret) as pipeline:
-        # "celery -A worker.app worker -Q ...": the README's queue list serves every queue there is.
-        (worker_line,) = [line for line in lines if line.startswith("celery -A worker.app worker")]
-        queues = shlex.split(worker_line, comments=True)[shlex.split(worker_line).index("-Q") + 1]
-        assert set(queues.split(",")) == {q.name for q in task_queues}
+        # "celery -A worker.app worker -Q ...": the README's workers, each run as written, serve
+        # every queue there is between them, none twice.
+        worker_lines = [line for line in lines if line.startswith("celery -A worker.app worker")]
+        groups = []
+        for line in worker_lines:
+            words = shlex.split(line, comments=True)
+            groups.append(words[words.index("-Q") + 1])
+        served = [q for queues in groups for q in queues.split(",")]
+        assert sorted(served) == sorted(q.name for q in task_queues), groups
         assert any(line.startswith("celery -A worker.app beat") for line in lines)
-        pipeline.procs.worker(queues=queues)
+        for n, queues in enumerate(groups):
+            pipeline.procs.worker(name=f"w{n + 1}", queues=queues)
         pipeline.procs.beat()
         wait_for(lambda: heartbeat.read(real_redis).workers_alive(), 60, "the worker's first heartbeat")
         yield Walkthrough(pipeline, {**base, **pipeline.procs.env}, api_key)
