@@ -109,11 +109,14 @@ def test_while_sends_wait_checks_stay_within_their_share(
 def test_with_nothing_to_send_one_poller_task_checks_on_spare_tokens_without_handing_over(
     pipe: Pipeline, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    rate = 200.0  # a spare token every 5 ms: each check finds the next one a few ms away
+    # A spare token every 20 ms: each check (a few ms) finds the next one a short wait away. At
+    # 200/s (5 ms) a slow machine's checks outlasted the interval and never waited (CI, a26c312).
+    rate = 50.0
     pipe = Pipeline(pipe.redis, monkeypatch, rate_limit_per_second=rate)
     monkeypatch.setattr(pipe, "limiter", lambda: poller.RateLimiter(pipe.redis, KEY_HASH, rate))
     job = pipe.create_job()
     at_attentive(pipe, job, 30, "a")
+    pipe.redis.delete(keys.ratelimit(KEY_HASH))  # type: ignore[attr-defined]  # the sends spent tokens: start fresh
     slept: list[float] = []
     real_sleep = time.sleep
     monkeypatch.setattr(poller.time, "sleep", lambda s: (slept.append(s), real_sleep(s)))
