@@ -381,7 +381,9 @@ def workers_text(cfg: ScaleConfig) -> str:
     """The workers as the report states them."""
     if cfg.layout == "groups":
         groups = ", ".join(f"{name} ({queues})" for name, queues in WORKER_GROUPS.items())
-        return f"3 workers, one per queue group: {groups}; {cfg.concurrency} processes each"
+        return (
+            f"{len(WORKER_GROUPS)} workers, one per queue group: {groups}; {cfg.concurrency} processes each"
+        )
     return f"{cfg.workers} workers x {cfg.concurrency} processes on every queue"
 
 
