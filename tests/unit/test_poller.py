@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from worker.pipeline import poller
-from worker.pipeline.buffer import CheckSchedule, check_schedules
+from worker.pipeline.buffer import CheckSchedule, check_schedules, jobs_with_checks
 from worker.pipeline.flush import flush_job
 from worker.pipeline.poll import check_batch
 from worker.pipeline.poller import run_poller
@@ -352,3 +352,27 @@ def test_the_sweep_queues_a_poller_for_a_check_it_can_bring_forward_once_nothing
     pipe.redis.delete(keys.poller_queued(KEY_HASH))  # type: ignore[attr-defined]
     pipe.sealed_batch(job, users(1, prefix="waiting"))  # sends wait: the poller would not pull
     assert poller.request_pollers(pipe.rt, [job], now + 60_000) == 0
+
+
+def test_the_sweep_reads_every_job_s_checks_in_one_round_trip(
+    pipe: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = int(time.time() * 1000)
+    due, pullable, blocked_by_sends, idle = (pipe.create_job() for _ in range(4))
+    [b] = at_attentive(pipe, due, 1, "due")
+    pipe.buffer(due).schedule_check(b, now - 1)
+    for job, prefix in ((pullable, "pull"), (blocked_by_sends, "sends")):
+        [b] = at_attentive(pipe, job, 1, prefix)
+        pipe.buffer(job).schedule_check(b, now + 3_600_000, floor_ms=now - 1)
+    pipe.sealed_batch(blocked_by_sends, users(1, prefix="waiting"))  # it would not pull
+    [b] = at_attentive(pipe, idle, 1, "idle")
+    pipe.buffer(idle).schedule_check(b, now + 3_600_000)  # no floor, not due
+    pipelines = []
+    real = pipe.redis.pipeline
+    monkeypatch.setattr(pipe.redis, "pipeline", lambda *a, **k: pipelines.append(1) or real(*a, **k))
+
+    found = jobs_with_checks(pipe.redis, [j.id for j in (due, pullable, blocked_by_sends, idle)], now)
+
+    assert found == {due.id, pullable.id}
+    assert len(pipelines) == 1
+    assert jobs_with_checks(pipe.redis, [], now) == set()

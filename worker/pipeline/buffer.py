@@ -95,6 +95,25 @@ def check_schedules(
     return out
 
 
+def jobs_with_checks(client: redis.Redis, job_ids: Sequence[str], now_ms: int) -> set[str]:
+    """The jobs the key's poller has work for, all read in one round trip (the sweep asks for every
+    job): a check is due, or one can be brought forward (its floor has passed and nothing waits to
+    be sent: :meth:`JobBuffer.pull_checks_forward`). The second matters once traffic stops: with no
+    check due, no poller runs to pull one."""
+    pipe = client.pipeline(transaction=False)
+    for job_id in job_ids:
+        pipe.zrangebyscore(keys.polls(job_id), "-inf", now_ms, start=0, num=1)
+        pipe.zrangebyscore(keys.check_floors(job_id), "-inf", now_ms, start=0, num=1)
+        pipe.llen(keys.sealed(job_id))
+    replies = pipe.execute() if job_ids else []
+    out: set[str] = set()
+    for n, job_id in enumerate(job_ids):
+        due, pullable, sealed = replies[3 * n : 3 * n + 3]
+        if due or (pullable and not sealed):
+            out.add(job_id)
+    return out
+
+
 def identifier_list(identifiers: Mapping[str, Any]) -> str:
     """A record's identifiers as the buffer compares them: ``type:value`` strings joined by tabs.
 
@@ -414,17 +433,6 @@ class JobBuffer:
     def reap(self, now: int | None = None) -> int:
         """Re-queue batches whose flush lease expired; returns how many went back to the queue."""
         return int(self._run("reap", now=now))
-
-    def checks_to_make(self, now_ms: int) -> bool:
-        """Whether the key's poller has work for this job: a check is due, or one can be brought
-        forward (its floor has passed and nothing waits to be sent: :meth:`pull_checks_forward`).
-        The second matters once traffic stops: with no check due, no poller runs to pull one."""
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.zrangebyscore(keys.polls(self.job_id), "-inf", now_ms, start=0, num=1)
-        pipe.zrangebyscore(keys.check_floors(self.job_id), "-inf", now_ms, start=0, num=1)
-        pipe.llen(keys.sealed(self.job_id))
-        due, pullable, sealed = pipe.execute()
-        return bool(due) or (bool(pullable) and not sealed)
 
     # --- reads ----------------------------------------------------------------------------------
     def batch(self, batch_id: int) -> dict[str, str]:

@@ -43,7 +43,7 @@ from redis.lock import Lock
 
 from worker import shutdown
 from worker.pipeline.attentive_calls import block_for_key, key_blocked, key_usable
-from worker.pipeline.buffer import CheckSchedule, JobBuffer, check_schedules, now_ms
+from worker.pipeline.buffer import CheckSchedule, JobBuffer, check_schedules, jobs_with_checks, now_ms
 from worker.pipeline.poll import SPARE_SHARE, TakeToken, check_batch
 from worker.runtime import KEY_UNREADABLE, REDIS_DOWN, Runtime
 from worker.setup.jobs import ExportJob
@@ -123,11 +123,11 @@ def request_poller(rt: Runtime, key_hash: str, countdown: float = 0.0) -> bool:
 def request_pollers(rt: Runtime, jobs: Iterable[ExportJob], now: int) -> int:
     """Queue a poller for every key with a check due or one to bring forward (the sweep calls
     this); returns how many."""
+    sending = [job for job in jobs if job.sending]
+    with_checks = jobs_with_checks(rt.redis, [job.id for job in sending], now)
     due_keys: set[str] = set()
-    for job in jobs:
-        if not job.sending:
-            continue
-        if JobBuffer(rt.redis, job.id, job.config.batch_size).checks_to_make(now):
+    for job in sending:
+        if job.id in with_checks:
             if key_blocked(rt, job):
                 continue  # its key cannot be read: a poller is queued when the next try is due
             key_hash = key_hash_of(rt, job)
