@@ -441,6 +441,15 @@ def test_the_secret_example_follows_the_schema() -> None:
     assert secret_example()["metadata"]["name"] == SECRET_NAME
 
 
+def test_the_scale_benchmark_runs_the_worker_groups_kubernetes_runs(rendered: dict[str, list[Doc]]) -> None:
+    # bench_scale's default layout stands for this deployment: its figures hold only while both
+    # split the queues the same way.
+    from bench.bench_scale import WORKER_GROUPS
+
+    deployed = sorted(sorted(worker_queues(d)) for d in worker_deployments(rendered["default"]))
+    assert deployed == sorted(sorted(group.split(",")) for group in WORKER_GROUPS.values())
+
+
 def test_only_one_autoscaler_kind_per_kustomization(rendered: dict[str, list[Doc]]) -> None:
     kinds = {
         name: {d["kind"] for d in docs} & {"ScaledObject", "HorizontalPodAutoscaler"}
