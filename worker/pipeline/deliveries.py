@@ -15,11 +15,11 @@ write one twice. It is a read aid for operators, not state anything depends on.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
+import orjson
 import redis
 
 from worker.store import keys
@@ -34,12 +34,12 @@ def note(client: redis.Redis, job_id: str, batch_id: int, batch: Mapping[str, st
     """Record that ``batch`` (its hash as read before completing it) completed at ``at_ms``."""
     jobs = [
         {"id": j["id"], "idx": j.get("idx", [])}
-        for j in json.loads(batch.get("attentive_jobs") or "[]")
+        for j in orjson.loads(batch.get("attentive_jobs") or "[]")
         if f"done:{j['id']}" in batch
     ]
     client.xadd(
         keys.job_deliveries(job_id),
-        {"batch": batch_id, "at": at_ms, "users": batch.get("users") or "[]", "jobs": json.dumps(jobs)},
+        {"batch": batch_id, "at": at_ms, "users": batch.get("users") or "[]", "jobs": orjson.dumps(jobs)},
         maxlen=HISTORY_BATCHES,
         approximate=True,
     )
@@ -84,12 +84,12 @@ def last_delivery(client: redis.Redis, job_id: str, user: str) -> Delivery | Non
     Reads the history newest first until it finds the user: at most :data:`HISTORY_BATCHES` entries.
     """
     for entry in _entries(client, keys.job_deliveries(job_id)):
-        users: list[str] = json.loads(entry.get("users") or "[]")
+        users: list[str] = orjson.loads(entry.get("users") or "[]")
         if user not in users:
             continue
         index = users.index(user)
         attentive = None
-        for job in json.loads(entry.get("jobs") or "[]"):
+        for job in orjson.loads(entry.get("jobs") or "[]"):
             if index in job.get("idx", []):
                 attentive = str(job["id"])
         return Delivery(int(entry["batch"]), int(entry["at"]), attentive)
