@@ -109,20 +109,7 @@ def measure_once(server: str, keys_n: int, users_per_key: int) -> dict[str, Any]
         for k, token in enumerate(tokens):
             auths.create(f"bench{k}", token)
             audience = f"aud{k}"
-            config = {
-                "label": f"bench{k}",
-                "authorization": f"bench{k}",
-                "audiences": [audience],
-                "identifier_mappings": {"email": "email", "phone": "phone", "user_id": "clientUserId"},
-                "attribute_mappings": {
-                    "first_name": "firstName",
-                    "last_name": "lastName",
-                    "city": "city",
-                    "birthday": "dateOfBirth",
-                },
-                "custom_attributes": ["ltv", "tier", "tags"],
-                "flush_interval_seconds": 30,
-            }
+            config = helpers.job_config(f"bench{k}", f"bench{k}", [audience], 30)
             jobs.append((JobStore(data).create(parse_job_config(config)).id, audience))
         procs = CeleryProcesses(env)
         try:

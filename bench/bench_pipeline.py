@@ -50,6 +50,24 @@ def _env(sandbox: SandboxProcess) -> dict[str, str]:
     }
 
 
+def job_config(label: str, authorization: str, audiences: list[str], flush_interval: int) -> dict[str, Any]:
+    """The benchmarks' export job: the profile fields of :func:`_line`, each mapped."""
+    return {
+        "label": label,
+        "authorization": authorization,
+        "audiences": audiences,
+        "identifier_mappings": {"email": "email", "phone": "phone", "user_id": "clientUserId"},
+        "attribute_mappings": {
+            "first_name": "firstName",
+            "last_name": "lastName",
+            "city": "city",
+            "birthday": "dateOfBirth",
+        },
+        "custom_attributes": ["ltv", "tier", "tags"],
+        "flush_interval_seconds": flush_interval,
+    }
+
+
 def _setup(sandbox: SandboxProcess, flush_interval: int) -> tuple[redis.Redis, dict[str, str], str]:
     from worker.setup.authorizations import AuthorizationStore
     from worker.setup.crypto import generate_secret_key
@@ -64,20 +82,7 @@ def _setup(sandbox: SandboxProcess, flush_interval: int) -> tuple[redis.Redis, d
     env["EXPORT_SECRET_KEY"] = generate_secret_key()
     os.environ.update(env)
     AuthorizationStore(data, env["EXPORT_SECRET_KEY"]).create("bench", TOKEN)
-    config = {
-        "label": "bench",
-        "authorization": "bench",
-        "audiences": ["vip", "lapsed"],
-        "identifier_mappings": {"email": "email", "phone": "phone", "user_id": "clientUserId"},
-        "attribute_mappings": {
-            "first_name": "firstName",
-            "last_name": "lastName",
-            "city": "city",
-            "birthday": "dateOfBirth",
-        },
-        "custom_attributes": ["ltv", "tier", "tags"],
-        "flush_interval_seconds": flush_interval,
-    }
+    config = job_config("bench", "bench", ["vip", "lapsed"], flush_interval)
     job = JobStore(data).create(parse_job_config(config))
     return data, env, job.id
 
