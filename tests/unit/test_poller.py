@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from worker.pipeline import poller
-from worker.pipeline.buffer import CheckSchedule, check_schedules, jobs_with_checks
+from worker.pipeline.buffer import CheckSchedule, check_schedules, jobs_with_checks, pull_checks_forward
 from worker.pipeline.flush import flush_job
 from worker.pipeline.poll import check_batch
 from worker.pipeline.poller import run_poller
@@ -259,6 +259,24 @@ def test_a_far_check_behind_more_than_a_page_of_near_ones_is_still_pulled(pipe: 
     assert _scheduled(pipe, job)[far] == now
 
 
+def test_several_jobs_checks_are_pulled_in_one_call_each_into_its_own_free_slots(pipe: Pipeline) -> None:
+    one, two, idle = pipe.create_job(), pipe.create_job(label="same key"), pipe.create_job(label="idle")
+    now = 1_000_000
+    [a], [b, held] = at_attentive(pipe, one, 1, "a"), at_attentive(pipe, two, 2, "b")
+    [c] = at_attentive(pipe, idle, 1, "c")
+    pipe.buffer(one).schedule_check(a, now + 900_000, floor_ms=now - 5)
+    pipe.buffer(two).schedule_check(held, now + 10)  # holds slot 0 of its own job
+    pipe.buffer(two).schedule_check(b, now + 900_000, floor_ms=now - 5)
+    pipe.buffer(idle).schedule_check(c, now + 900_000)  # no floor: stays
+
+    moved = pull_checks_forward(pipe.redis, [one.id, two.id, idle.id], now, interval_ms=100.0, limit=64)  # type: ignore[arg-type]
+
+    assert moved == 2
+    assert _scheduled(pipe, one) == {a: now}
+    assert _scheduled(pipe, two) == {held: now + 10, b: now + 100}
+    assert _scheduled(pipe, idle) == {c: now + 900_000}
+
+
 def test_a_floor_is_kept_only_while_earlier_than_its_check_and_a_send_or_completion_drops_it(
     pipe: Pipeline,
 ) -> None:
@@ -376,3 +394,44 @@ def test_the_sweep_reads_every_job_s_checks_in_one_round_trip(
     assert found == {due.id, pullable.id}
     assert len(pipelines) == 1
     assert jobs_with_checks(pipe.redis, [], now) == set()
+
+
+def _round_trips(client: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Records each command or pipeline the client sends from now on (a round trip each)."""
+    sent: list[str] = []
+    command, pipeline = client.execute_command, client.pipeline
+
+    def counted_command(*args: object, **kwargs: object) -> object:
+        sent.append(str(args[0]))
+        return command(*args, **kwargs)
+
+    def counted_pipeline(*args: object, **kwargs: object) -> object:
+        pipe = pipeline(*args, **kwargs)
+        execute = pipe.execute
+        monkeypatch.setattr(pipe, "execute", lambda *a, **k: sent.append("pipeline") or execute(*a, **k))
+        return pipe
+
+    monkeypatch.setattr(client, "execute_command", counted_command)
+    monkeypatch.setattr(client, "pipeline", counted_pipeline)
+    return sent
+
+
+def test_a_poller_round_costs_the_same_round_trips_however_many_jobs_share_the_key(
+    pipe: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each round reads every sending job's block: one pipeline, not one read per job.
+    at_attentive(pipe, pipe.create_job(), 1, "a", due_ms=10**15)  # at Attentive, not due
+
+    def one_round() -> list[str]:
+        with monkeypatch.context() as m:
+            sent = _round_trips(pipe.redis, m)  # type: ignore[arg-type]
+            report = run_poller(pipe.rt, KEY_HASH, budget_seconds=5.0)
+        assert report.checked == 0
+        return sent
+
+    one_round()  # loads the lock's scripts
+    alone = one_round()
+    assert alone.count("pipeline") == 3  # the jobs' blocks, their schedules, the checks to pull
+    for n in range(5):
+        at_attentive(pipe, pipe.create_job(label=f"same key {n}"), 1, f"b{n}", due_ms=10**15)
+    assert one_round() == alone

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from collections.abc import Sequence
 
 from worker.backoff import backoff
 from worker.clients.attentive import AttentiveError, RateLimited, Unauthorized
@@ -17,7 +18,13 @@ from worker.setup.authorizations import AuthorizationNotFound
 from worker.setup.jobconfig import JobState
 from worker.setup.jobs import SENDING_STATES, ExportJob
 from worker.store import keys
-from worker.store.joberrors import blocked_retry_at, clear_blocked, note_blocked, note_error
+from worker.store.joberrors import (
+    blocked_retry_at,
+    blocked_retry_times,
+    clear_blocked,
+    note_blocked,
+    note_error,
+)
 from worker.store.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
@@ -106,18 +113,27 @@ def block_for_key(rt: Runtime, job: ExportJob, exc: Exception) -> str:
     return reason
 
 
-def key_blocked(rt: Runtime, job: ExportJob) -> bool:
-    """True while the job is blocked and its next try is not due yet (no key is read)."""
-    retry_at = blocked_retry_at(rt.redis, job.id)
+def waiting_out_block(retry_at: int | None) -> bool:
+    """True while a block's next try (:func:`blocked_retry_times`, epoch ms) is not due yet."""
     return retry_at is not None and time.time() * 1000 < retry_at
+
+
+def blocked_retries(rt: Runtime, jobs: Sequence[ExportJob]) -> dict[str, int | None]:
+    """When each blocked job's next try is due (epoch ms; None: not blocked), in one round trip:
+    for :func:`waiting_out_block` and :func:`key_usable_after`."""
+    return blocked_retry_times(rt.redis, [job.id for job in jobs])
 
 
 def key_usable(rt: Runtime, job: ExportJob) -> bool:
     """Whether the job's API key can be used now: False while it is blocked (no try before its
     next one is due) or when reading the key fails (which blocks it); a block is lifted once the
     key reads again."""
-    retry_at = blocked_retry_at(rt.redis, job.id)
-    if retry_at is not None and time.time() * 1000 < retry_at:
+    return key_usable_after(rt, job, blocked_retry_at(rt.redis, job.id))
+
+
+def key_usable_after(rt: Runtime, job: ExportJob, retry_at: int | None) -> bool:
+    """:func:`key_usable` with the job's block read already (:func:`blocked_retries`)."""
+    if waiting_out_block(retry_at):
         return False
     try:
         rt.client_for(job)

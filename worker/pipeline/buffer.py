@@ -114,6 +114,48 @@ def jobs_with_checks(client: redis.Redis, job_ids: Sequence[str], now_ms: int) -
     return out
 
 
+def pull_checks_forward(
+    client: redis.Redis, job_ids: Sequence[str], now_ms: int, interval_ms: float, limit: int
+) -> int:
+    """:meth:`JobBuffer.pull_checks_forward` for each job, in at most three round trips however many
+    jobs there are (the poller runs it for every job of its key each round with nothing due)."""
+    horizon = now_ms + limit * interval_ms
+    pipe = client.pipeline(transaction=False)
+    for job_id in job_ids:
+        pipe.zrangebyscore(keys.polls(job_id), "-inf", horizon, start=0, num=limit, withscores=True)
+        pipe.zrangebyscore(keys.check_floors(job_id), "-inf", horizon, start=0, num=limit, withscores=True)
+    replies = cast("list[list[tuple[bytes, float]]]", pipe.execute() if job_ids else [])
+    pulled = [(job_id, replies[2 * n], replies[2 * n + 1]) for n, job_id in enumerate(job_ids)]
+    pulled = [(job_id, soon, candidates) for job_id, soon, candidates in pulled if candidates]
+    if not pulled:
+        return 0
+    pipe = client.pipeline(transaction=False)
+    for job_id, _soon, candidates in pulled:
+        pipe.zmscore(keys.polls(job_id), [text(bid) for bid, _floor in candidates])
+    all_dues = pipe.execute()
+    moves: dict[str, dict[bytes, int]] = {}
+    for (job_id, soon, candidates), dues in zip(pulled, all_dues, strict=True):
+        taken = {max(0, int((due - now_ms) // interval_ms)) for _bid, due in soon}
+        moved: dict[bytes, int] = {}
+        for (bid, floor), due in zip(candidates, dues, strict=True):
+            if due is None or due <= horizon:
+                continue  # completed or sent again meanwhile, or due within reach already
+            k = max(0, math.ceil((floor - now_ms) / interval_ms))
+            while k in taken:
+                k += 1
+            if k < limit:
+                taken.add(k)
+                moved[bid] = int(now_ms + k * interval_ms)
+        if moved:
+            moves[job_id] = moved
+    if moves:
+        pipe = client.pipeline(transaction=False)
+        for job_id, moved in moves.items():
+            pipe.zadd(keys.polls(job_id), moved, xx=True, lt=True)
+        pipe.execute()
+    return sum(len(moved) for moved in moves.values())
+
+
 def identifier_list(identifiers: Mapping[str, Any]) -> str:
     """A record's identifiers as the buffer compares them: ``type:value`` strings joined by tabs.
 
@@ -390,29 +432,7 @@ class JobBuffer:
         (bench/RESULTS.md, scale-backlog). A slot a check already holds stays its own; a check only
         ever moves earlier (``ZADD XX LT``), and one completed or sent again meanwhile is not put back.
         """
-        polls, floors = keys.polls(self.job_id), keys.check_floors(self.job_id)
-        horizon = now_ms + limit * interval_ms
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.zrangebyscore(polls, "-inf", horizon, start=0, num=limit, withscores=True)
-        pipe.zrangebyscore(floors, "-inf", horizon, start=0, num=limit, withscores=True)
-        soon, candidates = cast("list[list[tuple[bytes, float]]]", pipe.execute())
-        if not candidates:
-            return 0
-        dues = self._redis.zmscore(polls, [text(bid) for bid, _floor in candidates])
-        taken = {max(0, int((due - now_ms) // interval_ms)) for _bid, due in soon}
-        moved: dict[bytes, int] = {}
-        for (bid, floor), due in zip(candidates, dues, strict=True):
-            if due is None or due <= horizon:
-                continue  # completed or sent again meanwhile, or due within reach already
-            k = max(0, math.ceil((floor - now_ms) / interval_ms))
-            while k in taken:
-                k += 1
-            if k < limit:
-                taken.add(k)
-                moved[bid] = int(now_ms + k * interval_ms)
-        if moved:
-            self._redis.zadd(polls, moved, xx=True, lt=True)
-        return len(moved)
+        return pull_checks_forward(self._redis, [self.job_id], now_ms, interval_ms, limit)
 
     def resend(self, batch_id: int, reason: str) -> bool:
         """Put a submitted batch whose jobs have all finished, with users still open, back at the front

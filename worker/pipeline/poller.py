@@ -42,8 +42,19 @@ from redis.exceptions import LockError
 from redis.lock import Lock
 
 from worker import shutdown
-from worker.pipeline.attentive_calls import block_for_key, key_blocked, key_usable
-from worker.pipeline.buffer import CheckSchedule, JobBuffer, check_schedules, jobs_with_checks, now_ms
+from worker.pipeline.attentive_calls import (
+    block_for_key,
+    blocked_retries,
+    key_usable_after,
+    waiting_out_block,
+)
+from worker.pipeline.buffer import (
+    CheckSchedule,
+    check_schedules,
+    jobs_with_checks,
+    now_ms,
+    pull_checks_forward,
+)
 from worker.pipeline.poll import SPARE_SHARE, TakeToken, check_batch
 from worker.runtime import KEY_UNREADABLE, REDIS_DOWN, Runtime
 from worker.setup.jobs import ExportJob
@@ -125,14 +136,15 @@ def request_pollers(rt: Runtime, jobs: Iterable[ExportJob], now: int) -> int:
     this); returns how many."""
     sending = [job for job in jobs if job.sending]
     with_checks = jobs_with_checks(rt.redis, [job.id for job in sending], now)
+    candidates = [job for job in sending if job.id in with_checks]
+    retries = blocked_retries(rt, candidates)
     due_keys: set[str] = set()
-    for job in sending:
-        if job.id in with_checks:
-            if key_blocked(rt, job):
-                continue  # its key cannot be read: a poller is queued when the next try is due
-            key_hash = key_hash_of(rt, job)
-            if key_hash is not None:
-                due_keys.add(key_hash)
+    for job in candidates:
+        if waiting_out_block(retries[job.id]):
+            continue  # its key cannot be read: a poller is queued when the next try is due
+        key_hash = key_hash_of(rt, job)
+        if key_hash is not None:
+            due_keys.add(key_hash)
     return sum(request_poller(rt, key_hash) for key_hash in sorted(due_keys))
 
 
@@ -169,11 +181,8 @@ def _pull_forward(
     behind an unfinished batch is held until the batch is confirmed complete).
     """
     interval_ms = 1000.0 / (rate * SPARE_SHARE)
-    return sum(
-        JobBuffer(rt.redis, job.id, job.config.batch_size).pull_checks_forward(now, interval_ms, DUE_PAGE)
-        for job in jobs
-        if schedules[job.id].at_attentive
-    )
+    at_attentive = [job.id for job in jobs if schedules[job.id].at_attentive]
+    return pull_checks_forward(rt.redis, at_attentive, now, interval_ms, DUE_PAGE)
 
 
 class _Tokens:
@@ -219,14 +228,14 @@ def _run(rt: Runtime, key_hash: str, lock: Lock, deadline: float, report: Poller
     tokens = _Tokens(rt, key_hash)
     blocked: set[str] = set()  # jobs whose key could not be read during this run
     while time.monotonic() < deadline and not shutdown.requested():  # stopping: worker/shutdown.py
+        sending = [j for j in rt.jobs.active() if j.sending and j.id not in blocked]
+        retries = blocked_retries(rt, sending)  # one round trip, however many jobs
         jobs = [
             j
-            for j in rt.jobs.active()
-            if j.sending
-            and j.id not in blocked
-            and not key_blocked(rt, j)
+            for j in sending
+            if not waiting_out_block(retries[j.id])
             and key_hash_of(rt, j) == key_hash
-            and key_usable(rt, j)
+            and key_usable_after(rt, j, retries[j.id])
         ]
         now = now_ms()
         schedules = check_schedules(rt.redis, [j.id for j in jobs], now, DUE_PAGE)

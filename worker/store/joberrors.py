@@ -15,7 +15,7 @@ them is the only way out, done by the first try that reads the key.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from worker.store import keys
@@ -69,6 +69,15 @@ def blocked_retry_at(client: Any, job_id: str) -> int | None:
     """When the blocked job's next try is due (epoch ms), or None when it is not blocked."""
     raw = client.hget(keys.job_status(job_id), BLOCKED_RETRY_AT)
     return None if raw is None else _int(raw)
+
+
+def blocked_retry_times(client: Any, job_ids: Sequence[str]) -> dict[str, int | None]:
+    """:func:`blocked_retry_at` of every job, in one round trip (the poller asks for all each round)."""
+    pipe = client.pipeline(transaction=False)
+    for job_id in job_ids:
+        pipe.hget(keys.job_status(job_id), BLOCKED_RETRY_AT)
+    replies = pipe.execute() if job_ids else []
+    return {job_id: None if raw is None else _int(raw) for job_id, raw in zip(job_ids, replies, strict=True)}
 
 
 def error_recovered(status: Mapping[str, str]) -> bool | None:
