@@ -21,11 +21,12 @@ Redis and the sandbox share two cores; compare shares, not totals, across the tw
 from __future__ import annotations
 
 import collections
+import gc
 import hashlib
 import os
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -134,71 +135,142 @@ def _slowlog_scripts(client: redis.Redis) -> dict[str, tuple[int, int]]:
     return {k: (v[0], v[1]) for k, v in out.items()}
 
 
-def _ingest_parts(lines: list[str], config: Any, reps: int = 3) -> dict[str, float]:
-    """Python µs per transition of each ingest step, run on its own over the same lines."""
+def _ingest_parts(lines: list[str], config: Any, reps: int = 5) -> dict[str, float]:
+    """Python µs per transition that each ingest step adds, line by line as ingest runs them.
+
+    Each pass runs the steps up to one more than the pass before over every line (so each line's
+    objects are as fresh in the cache as in ingest); a step's cost is the difference between two
+    passes (the fastest of ``reps`` each). Timed alone over all lines, a step reads objects made long before
+    and costs up to twice as much."""
     import orjson
 
     from worker.mapping.mapper import Mapper
-    from worker.mapping.transitions import parse_line
+    from worker.mapping.transitions import Transition, parse_line
     from worker.pipeline.buffer import identifier_list
     from worker.store.keys import lww_digest
     from worker.store.packing import HiredisPacker
 
     mapper = Mapper(config)
-    n = len(lines)
-
-    def timed(step: Callable[[], Any]) -> tuple[float, Any]:
-        times, result = [], None
-        for _ in range(reps):
-            start = time.process_time()
-            result = step()
-            times.append((time.process_time() - start) * 1e6 / n)
-        return statistics.median(times), result
-
-    parts: dict[str, float] = {}
-    parts["read the line (JSON, transition)"], found = timed(
-        lambda: [t for ln in lines for t in parse_line(ln)]
-    )
-    parts["map the profile"], mapped = timed(
-        lambda: [mapper.map(t.user, {t.audience: t.enter}, include_attributes=t.enter) for t in found]
-    )
-    parts["record JSON"], records = timed(lambda: [orjson.dumps(m.record) for m in mapped])
-    parts["identifier list"], ids = timed(lambda: [identifier_list(m.record["identifiers"]) for m in mapped])
-    parts["last-writer-wins digest"], digests = timed(
-        lambda: [lww_digest(m.user_key, t.audience) for m, t in zip(mapped, found, strict=True)]
-    )
-    args: list[Any] = []
-    for m, t, rec, idl, dig in zip(mapped, found, records, ids, digests, strict=True):
-        args += [m.user_key, t.audience, t.at_ms, rec, idl, dig]
     packer = HiredisPacker()
-    per_call = 6 * 512
-    parts["pack the script calls"], _ = timed(
-        lambda: [
-            packer.pack("EVALSHA", "0" * 40, 1, "k", "ingest", 0, *args[s : s + per_call])
-            for s in range(0, len(args), per_call)
-        ]
+    steps = (
+        "read the line (JSON, transition)",
+        "map the profile",
+        "record JSON",
+        "identifier list",
+        "last-writer-wins digest",
+        "arguments and packing of the script calls",
     )
-    return parts
+
+    def one_pass(upto: int) -> None:
+        args: list[Any] = []
+        for line in lines:
+            for t in parse_line(line):
+                if upto < 1 or not isinstance(t, Transition):
+                    continue
+                m = mapper.map(t.user, {t.audience: t.enter}, include_attributes=t.enter)
+                if upto < 2 or m.record is None or m.user_key is None:
+                    continue
+                record = orjson.dumps(m.record)
+                if upto < 3:
+                    continue
+                ids = identifier_list(m.record["identifiers"])
+                if upto < 4:
+                    continue
+                digest = lww_digest(m.user_key, t.audience)
+                if upto < 5:
+                    continue
+                args += [m.user_key, t.audience, t.at_ms, record, ids, digest]
+                if len(args) == 6 * 512:
+                    packer.pack("EVALSHA", "0" * 40, 1, "k", "ingest", 0, *args)
+                    args = []
+
+    totals = []
+    for upto in range(len(steps)):
+        times = []
+        for _ in range(reps):
+            gc.collect()
+            gc.disable()  # a collection landing in one pass and not the next would be a step's cost
+            try:
+                start = time.process_time()
+                one_pass(upto)
+                times.append((time.process_time() - start) * 1e6 / len(lines))
+            finally:
+                gc.enable()
+        totals.append(min(times))  # the least disturbed pass: noise only ever adds
+    return {
+        step: total - (totals[i - 1] if i else 0.0)
+        for i, (step, total) in enumerate(zip(steps, totals, strict=True))
+    }
 
 
-def measure(users: int = USERS, data_url: str = f"{REDIS_BASE}/8") -> dict[str, Any]:
-    """Run the three stages on ``users`` users in ``data_url``'s database (emptied first)."""
+def _run_stages(data_url: str, users: int) -> tuple[dict[str, dict[str, float]], dict[str, list[float]]]:
+    """One job in an emptied database: ingest ``users`` users, flush and poll every batch. Returns
+    per stage this process's CPU, Redis' CPU and the round trips; and each request's client CPU."""
     from bench.bench_pipeline import _line, job_config
-    from tests.sandboxproc import start_sandbox
     from worker.pipeline.flush import flush_job
     from worker.pipeline.ingest import ingest_lines
     from worker.pipeline.poller import key_hash_of, run_poller
     from worker.runtime import Runtime
     from worker.setup.authorizations import AuthorizationStore
-    from worker.setup.crypto import generate_secret_key
     from worker.setup.jobconfig import parse_job_config
     from worker.setup.jobs import JobStore
     from worker.store import keys
 
-    users -= users % BATCH  # full batches only: every stage's work is then whole batches
-    batches = users // BATCH
     data = redis.Redis.from_url(data_url)
     data.flushdb()
+    rt = Runtime(dispatcher=_NoTasks())  # the stages run here, one after another
+    AuthorizationStore(rt.redis, os.environ["EXPORT_SECRET_KEY"]).create("bench", "bench-key")
+    job = JobStore(rt.redis).create(parse_job_config(job_config("stages", "bench", ["aud"], 30)))
+    now = int(time.time() * 1000)
+    lines = [_line(i, now, "aud", "aud-") for i in range(users)]
+    status = keys.job_status(job.id)
+    batches = users // BATCH
+
+    def counter(name: str) -> int:
+        return int(data.hget(status, name) or 0)
+
+    def ingest() -> None:
+        for s in range(0, users, 1000):
+            ingest_lines(rt.redis, rt.jobs, lines[s : s + 1000])
+
+    def flush() -> None:
+        while counter("batches_submitted") < batches:
+            flush_job(rt, job.id)
+
+    def poll() -> None:
+        key_hash = key_hash_of(rt, job)
+        assert key_hash is not None
+        while counter("batches_completed") < batches:
+            run_poller(rt, key_hash)
+
+    stages: dict[str, dict[str, float]] = {}
+    http: dict[str, list[float]] = collections.defaultdict(list)
+    trips = _RoundTrips()
+    with trips.counting(), _http_cpu(http):
+        for name, stage in (("ingest", ingest), ("flush", flush), ("poll", poll)):
+            trips.count = 0
+            cpu, redis_cpu = time.process_time(), _redis_cpu(data)
+            stage()
+            stages[name] = {
+                "python_s": time.process_time() - cpu,
+                "redis_s": _redis_cpu(data) - redis_cpu,
+                "round_trips": trips.count,
+            }
+    return stages, http
+
+
+def measure(users: int = USERS, data_url: str = f"{REDIS_BASE}/8") -> dict[str, Any]:
+    """The stages on ``users`` users in ``data_url``'s database (emptied), twice: for the figures,
+    then with every command in the SLOWLOG for the cost of each script (logging costs Redis CPU)."""
+    from bench.bench_cpu import reference_unit_ms
+    from bench.bench_pipeline import _line, job_config
+    from tests.sandboxproc import start_sandbox
+    from worker.setup.crypto import generate_secret_key
+    from worker.setup.jobconfig import parse_job_config
+
+    users -= users % BATCH  # full batches only: every stage's work is then whole batches
+    data = redis.Redis.from_url(data_url)
+    reference = [reference_unit_ms()]
     with start_sandbox(["bench-key"], processing_delay=0.0) as sandbox:
         env = {
             "REDIS_URL": data_url,
@@ -209,50 +281,15 @@ def measure(users: int = USERS, data_url: str = f"{REDIS_BASE}/8") -> dict[str, 
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         try:
-            rt = Runtime(dispatcher=_NoTasks())  # the stages run here, one after another
-            AuthorizationStore(rt.redis, env["EXPORT_SECRET_KEY"]).create("bench", "bench-key")
-            config = parse_job_config(job_config("stages", "bench", ["aud"], 30))
-            job = JobStore(rt.redis).create(config)
-            now = int(time.time() * 1000)
-            lines = [_line(i, now, "aud", "aud-") for i in range(users)]
-            status = keys.job_status(job.id)
-
-            def counter(name: str) -> int:
-                return int(data.hget(status, name) or 0)
-
-            def ingest() -> None:
-                for s in range(0, users, 1000):
-                    ingest_lines(rt.redis, rt.jobs, lines[s : s + 1000])
-
-            def flush() -> None:
-                while counter("batches_submitted") < batches:
-                    flush_job(rt, job.id)
-
-            def poll() -> None:
-                key_hash = key_hash_of(rt, job)
-                assert key_hash is not None
-                while counter("batches_completed") < batches:
-                    run_poller(rt, key_hash)
-
+            stages, http = _run_stages(data_url, users)
+            reference.append(reference_unit_ms())
             slowlog = str(data.config_get("slowlog-log-slower-than")["slowlog-log-slower-than"])
             slowlog_len = str(data.config_get("slowlog-max-len")["slowlog-max-len"])
-            data.config_set("slowlog-max-len", 1_000_000)
-            stages: dict[str, dict[str, float]] = {}
-            http: dict[str, list[float]] = collections.defaultdict(list)
-            trips = _RoundTrips()
             try:
+                data.config_set("slowlog-max-len", 1_000_000)
                 data.config_set("slowlog-log-slower-than", 0)
                 data.slowlog_reset()
-                with trips.counting(), _http_cpu(http):
-                    for name, stage in (("ingest", ingest), ("flush", flush), ("poll", poll)):
-                        trips.count = 0
-                        cpu, redis_cpu = time.process_time(), _redis_cpu(data)
-                        stage()
-                        stages[name] = {
-                            "python_s": time.process_time() - cpu,
-                            "redis_s": _redis_cpu(data) - redis_cpu,
-                            "round_trips": trips.count,
-                        }
+                _run_stages(data_url, users)
                 data.config_set("slowlog-log-slower-than", 1_000_000_000)  # stop logging before reading it
                 scripts = _slowlog_scripts(data)
             finally:
@@ -265,14 +302,17 @@ def measure(users: int = USERS, data_url: str = f"{REDIS_BASE}/8") -> dict[str, 
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
+    now = int(time.time() * 1000)
+    lines = [_line(i, now, "aud", "aud-") for i in range(min(users, 20_000))]
     return {
         "users": users,
-        "batches": batches,
+        "batches": users // BATCH,
+        "reference_ms": statistics.median(reference),
         "stages": stages,
         "scripts": scripts,
         "http": {k: statistics.median(v) for k, v in http.items()},
         "http_calls": {k: len(v) for k, v in http.items()},
-        "ingest_parts": _ingest_parts(lines[:20_000], config),
+        "ingest_parts": _ingest_parts(lines, parse_job_config(job_config("stages", "bench", ["aud"], 30))),
     }
 
 
@@ -284,7 +324,8 @@ def report(m: dict[str, Any]) -> str:
         f"{users:,} users entering one audience of one job, ingest, flush and poll run one after another "
         "in one process (`python -m bench stages`, `bench/bench_stages.py`); the sandbox over real HTTP, "
         "jobs complete at once. Python = this process, Redis = the server (`INFO cpu`); round trips = "
-        "commands or pipelines this process sent.",
+        "commands or pipelines this process sent. Reference (machine speed, `bench cpu`'s workload): "
+        f"{m['reference_ms']:.1f} ms.",
         "",
         "| stage | Python µs/t | Python ms/batch | Redis µs/t | Redis ms/batch | round trips/batch |",
         "|---|---:|---:|---:|---:|---:|",
@@ -301,7 +342,12 @@ def report(m: dict[str, Any]) -> str:
     lines.append(
         f"| **all** | **{total_py * 1e6 / users:.1f}** | | **{total_redis * 1e6 / users:.1f}** | | |"
     )
-    lines += ["", "Inside Redis, by script (SLOWLOG, every command logged):", ""]
+    lines += [
+        "",
+        "Inside Redis, by script (a second run with every command in the SLOWLOG, which itself costs Redis "
+        "time: read the shares, not the totals):",
+        "",
+    ]
     lines += ["| script (op) | calls | µs/call | µs/t |", "|---|---:|---:|---:|"]
     for name, (calls, us) in sorted(m["scripts"].items(), key=lambda kv: -kv[1][1]):
         lines.append(f"| {name} | {calls:,} | {us / calls:,.0f} | {us / users:.2f} |")
@@ -312,7 +358,7 @@ def report(m: dict[str, Any]) -> str:
         lines.append(f"| {kind} | {count} | {cpu * 1e6:.0f} | {cpu * 1e6 * count / users:.2f} |")
     lines += [
         "",
-        "Ingest in Python, step by step (each step alone over the same 20,000 lines, median of 3):",
+        "Ingest in Python, step by step (what each step adds, run line by line over 20,000 lines, fastest of 5, garbage collection off):",
         "",
     ]
     lines += ["| step | µs/t |", "|---|---:|"]
