@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from worker.pipeline import poller
-from worker.pipeline.buffer import CheckSchedule, check_schedules, jobs_with_checks, pull_checks_forward
+from worker.pipeline.buffer import CheckSchedule, check_schedules, jobs_needing_a_poller, pull_checks_forward
 from worker.pipeline.flush import flush_job
 from worker.pipeline.poll import check_batch
 from worker.pipeline.poller import run_poller
@@ -259,7 +259,9 @@ def test_a_far_check_behind_more_than_a_page_of_near_ones_is_still_pulled(pipe: 
     assert _scheduled(pipe, job)[far] == now
 
 
-def test_several_jobs_checks_are_pulled_in_one_call_each_into_its_own_free_slots(pipe: Pipeline) -> None:
+def test_several_jobs_checks_are_pulled_in_one_call_each_into_its_own_free_slots(
+    pipe: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
     one, two, idle = pipe.create_job(), pipe.create_job(label="same key"), pipe.create_job(label="idle")
     now = 1_000_000
     [a], [b, held] = at_attentive(pipe, one, 1, "a"), at_attentive(pipe, two, 2, "b")
@@ -269,9 +271,11 @@ def test_several_jobs_checks_are_pulled_in_one_call_each_into_its_own_free_slots
     pipe.buffer(two).schedule_check(b, now + 900_000, floor_ms=now - 5)
     pipe.buffer(idle).schedule_check(c, now + 900_000)  # no floor: stays
 
+    sent = _round_trips(pipe.redis, monkeypatch)  # type: ignore[arg-type]
     moved = pull_checks_forward(pipe.redis, [one.id, two.id, idle.id], now, interval_ms=100.0, limit=64)  # type: ignore[arg-type]
 
     assert moved == 2
+    assert sent == ["pipeline"] * 3  # the schedules and floors, the dues, the moves: for all jobs
     assert _scheduled(pipe, one) == {a: now}
     assert _scheduled(pipe, two) == {held: now + 10, b: now + 100}
     assert _scheduled(pipe, idle) == {c: now + 900_000}
@@ -372,7 +376,7 @@ def test_the_sweep_queues_a_poller_for_a_check_it_can_bring_forward_once_nothing
     assert poller.request_pollers(pipe.rt, [job], now + 60_000) == 0
 
 
-def test_the_sweep_reads_every_job_s_checks_in_one_round_trip(
+def test_which_jobs_need_a_poller_is_read_in_one_round_trip_for_all_of_them(
     pipe: Pipeline, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     now = int(time.time() * 1000)
@@ -385,15 +389,13 @@ def test_the_sweep_reads_every_job_s_checks_in_one_round_trip(
     pipe.sealed_batch(blocked_by_sends, users(1, prefix="waiting"))  # it would not pull
     [b] = at_attentive(pipe, idle, 1, "idle")
     pipe.buffer(idle).schedule_check(b, now + 3_600_000)  # no floor, not due
-    pipelines = []
-    real = pipe.redis.pipeline
-    monkeypatch.setattr(pipe.redis, "pipeline", lambda *a, **k: pipelines.append(1) or real(*a, **k))
+    sent = _round_trips(pipe.redis, monkeypatch)  # type: ignore[arg-type]
 
-    found = jobs_with_checks(pipe.redis, [j.id for j in (due, pullable, blocked_by_sends, idle)], now)
+    found = jobs_needing_a_poller(pipe.redis, [j.id for j in (due, pullable, blocked_by_sends, idle)], now)
 
     assert found == {due.id, pullable.id}
-    assert len(pipelines) == 1
-    assert jobs_with_checks(pipe.redis, [], now) == set()
+    assert sent == ["pipeline"]
+    assert jobs_needing_a_poller(pipe.redis, [], now) == set()
 
 
 def _round_trips(client: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> list[str]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from collections.abc import Sequence
 
 from worker.backoff import backoff
 from worker.clients.attentive import AttentiveError, RateLimited, Unauthorized
@@ -18,13 +17,7 @@ from worker.setup.authorizations import AuthorizationNotFound
 from worker.setup.jobconfig import JobState
 from worker.setup.jobs import SENDING_STATES, ExportJob
 from worker.store import keys
-from worker.store.joberrors import (
-    blocked_retry_at,
-    blocked_retry_times,
-    clear_blocked,
-    note_blocked,
-    note_error,
-)
+from worker.store.joberrors import blocked_retry_at, clear_blocked, note_blocked, note_error
 from worker.store.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
@@ -118,12 +111,6 @@ def waiting_out_block(retry_at: int | None) -> bool:
     return retry_at is not None and time.time() * 1000 < retry_at
 
 
-def blocked_retries(rt: Runtime, jobs: Sequence[ExportJob]) -> dict[str, int | None]:
-    """When each blocked job's next try is due (epoch ms; None: not blocked), in one round trip:
-    for :func:`waiting_out_block` and :func:`key_usable_after`."""
-    return blocked_retry_times(rt.redis, [job.id for job in jobs])
-
-
 def key_usable(rt: Runtime, job: ExportJob) -> bool:
     """Whether the job's API key can be used now: False while it is blocked (no try before its
     next one is due) or when reading the key fails (which blocks it); a block is lifted once the
@@ -132,7 +119,8 @@ def key_usable(rt: Runtime, job: ExportJob) -> bool:
 
 
 def key_usable_after(rt: Runtime, job: ExportJob, retry_at: int | None) -> bool:
-    """:func:`key_usable` with the job's block read already (:func:`blocked_retries`)."""
+    """:func:`key_usable` with the job's block read already
+    (:func:`worker.store.joberrors.blocked_retry_times` reads many jobs' at once)."""
     if waiting_out_block(retry_at):
         return False
     try:

@@ -95,11 +95,11 @@ def check_schedules(
     return out
 
 
-def jobs_with_checks(client: redis.Redis, job_ids: Sequence[str], now_ms: int) -> set[str]:
-    """The jobs the key's poller has work for, all read in one round trip (the sweep asks for every
-    job): a check is due, or one can be brought forward (its floor has passed and nothing waits to
-    be sent: :meth:`JobBuffer.pull_checks_forward`). The second matters once traffic stops: with no
-    check due, no poller runs to pull one."""
+def jobs_needing_a_poller(client: redis.Redis, job_ids: Sequence[str], now_ms: int) -> set[str]:
+    """Of ``job_ids``, those whose key's poller has work: a check is due, or one can be brought
+    forward (its floor has passed and nothing waits to be sent: :func:`pull_checks_forward`). The
+    second matters once traffic stops: with no check due, no poller runs to pull one. One round trip
+    for all (the sweep asks about every sending job)."""
     pipe = client.pipeline(transaction=False)
     for job_id in job_ids:
         pipe.zrangebyscore(keys.polls(job_id), "-inf", now_ms, start=0, num=1)
@@ -117,8 +117,20 @@ def jobs_with_checks(client: redis.Redis, job_ids: Sequence[str], now_ms: int) -
 def pull_checks_forward(
     client: redis.Redis, job_ids: Sequence[str], now_ms: int, interval_ms: float, limit: int
 ) -> int:
-    """:meth:`JobBuffer.pull_checks_forward` for each job, in at most three round trips however many
-    jobs there are (the poller runs it for every job of its key each round with nothing due)."""
+    """For each job, bring up to ``limit`` checks forward into the free slots of its next ``limit``
+    spare intervals (``interval_ms`` apart from ``now_ms`` on), the longest past their floor first,
+    each no earlier than its floor (:meth:`JobBuffer.schedule_check`); returns how many moved.
+
+    For a key with requests to spare: a check put far out to keep status traffic inside the poll
+    share while sends waited stays there after the sends stop, and the users of its batch wait
+    for it (a change behind an unfinished batch is held until the batch is confirmed). The
+    candidates come from the floors' own ZSET, not from the head of the schedule: a 1 M-user run
+    left far backfill checks behind a hundred real-time ones, out of reach of a head-only read
+    (bench/RESULTS.md, scale-backlog). A slot a check already holds stays its own; a check only
+    ever moves earlier (``ZADD XX LT``), and one completed or sent again meanwhile is not put back.
+
+    All jobs together take at most three round trips (the poller runs this for every job of its key
+    each round with nothing due)."""
     horizon = now_ms + limit * interval_ms
     pipe = client.pipeline(transaction=False)
     for job_id in job_ids:
@@ -413,25 +425,14 @@ class JobBuffer:
         longer at Attentive (sent again or completed meanwhile).
 
         ``floor_ms``: the earliest the check may be brought forward to when the key has requests to
-        spare (:meth:`pull_checks_forward`); without it the check stays at ``due_ms``.
+        spare (:func:`pull_checks_forward`); without it the check stays at ``due_ms``.
         """
         if floor_ms is None:
             return bool(self._run("poll_due", batch_id, due_ms))
         return bool(self._run("poll_due", batch_id, due_ms, min(floor_ms, due_ms)))
 
     def pull_checks_forward(self, now_ms: int, interval_ms: float, limit: int) -> int:
-        """Bring up to ``limit`` checks forward into the free slots of the next ``limit`` spare
-        intervals (``interval_ms`` apart from ``now_ms`` on), the longest past their floor first, each
-        no earlier than its floor (:meth:`schedule_check`); returns how many moved.
-
-        For a key with requests to spare: a check put far out to keep status traffic inside the poll
-        share while sends waited stays there after the sends stop, and the users of its batch wait
-        for it (a change behind an unfinished batch is held until the batch is confirmed). The
-        candidates come from the floors' own ZSET, not from the head of the schedule: a 1 M-user run
-        left far backfill checks behind a hundred real-time ones, out of reach of a head-only read
-        (bench/RESULTS.md, scale-backlog). A slot a check already holds stays its own; a check only
-        ever moves earlier (``ZADD XX LT``), and one completed or sent again meanwhile is not put back.
-        """
+        """:func:`pull_checks_forward` for this job alone."""
         return pull_checks_forward(self._redis, [self.job_id], now_ms, interval_ms, limit)
 
     def resend(self, batch_id: int, reason: str) -> bool:

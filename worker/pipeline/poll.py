@@ -90,7 +90,7 @@ def next_check_in(
     batches are outstanding (at the default 9 checks/s, 39,000 batches are each checked about every
     72 minutes). With nothing waiting to be sent the spread is over :data:`SPARE_SHARE`, and the
     poller may bring a check forward to its floor when requests are spare
-    (:meth:`worker.pipeline.buffer.JobBuffer.pull_checks_forward`).
+    (:func:`worker.pipeline.buffer.pull_checks_forward`).
     """
     share = settings.poll_share if sends_waiting else SPARE_SHARE
     spread = at_attentive / (settings.rate_limit_per_second * share)

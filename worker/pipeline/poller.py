@@ -44,14 +44,13 @@ from redis.lock import Lock
 from worker import shutdown
 from worker.pipeline.attentive_calls import (
     block_for_key,
-    blocked_retries,
     key_usable_after,
     waiting_out_block,
 )
 from worker.pipeline.buffer import (
     CheckSchedule,
     check_schedules,
-    jobs_with_checks,
+    jobs_needing_a_poller,
     now_ms,
     pull_checks_forward,
 )
@@ -59,6 +58,7 @@ from worker.pipeline.poll import SPARE_SHARE, TakeToken, check_batch
 from worker.runtime import KEY_UNREADABLE, REDIS_DOWN, Runtime
 from worker.setup.jobs import ExportJob
 from worker.store import keys
+from worker.store.joberrors import blocked_retry_times
 from worker.store.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
@@ -135,9 +135,9 @@ def request_pollers(rt: Runtime, jobs: Iterable[ExportJob], now: int) -> int:
     """Queue a poller for every key with a check due or one to bring forward (the sweep calls
     this); returns how many."""
     sending = [job for job in jobs if job.sending]
-    with_checks = jobs_with_checks(rt.redis, [job.id for job in sending], now)
+    with_checks = jobs_needing_a_poller(rt.redis, [job.id for job in sending], now)
     candidates = [job for job in sending if job.id in with_checks]
-    retries = blocked_retries(rt, candidates)
+    retries = blocked_retry_times(rt.redis, [job.id for job in candidates])
     due_keys: set[str] = set()
     for job in candidates:
         if waiting_out_block(retries[job.id]):
@@ -229,7 +229,9 @@ def _run(rt: Runtime, key_hash: str, lock: Lock, deadline: float, report: Poller
     blocked: set[str] = set()  # jobs whose key could not be read during this run
     while time.monotonic() < deadline and not shutdown.requested():  # stopping: worker/shutdown.py
         sending = [j for j in rt.jobs.active() if j.sending and j.id not in blocked]
-        retries = blocked_retries(rt, sending)  # one round trip, however many jobs
+        # Every job's block in one round trip, however many jobs. Read at the round's start: a block
+        # another worker sets meanwhile is seen next round (this process's cached client is unaffected).
+        retries = blocked_retry_times(rt.redis, [j.id for j in sending])
         jobs = [
             j
             for j in sending

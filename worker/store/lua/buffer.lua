@@ -38,7 +38,7 @@
 --                        cursor (HSCAN cursor of the drain of the old layout, KEYS[4])
 --  15 check_floors ZSET  batch id -> the earliest its check may be brought forward to (ms): checks
 --                        the spread put beyond their age rule (op poll_due), pulled into spare
---                        requests by worker.pipeline.buffer.JobBuffer.pull_checks_forward
+--                        requests by worker.pipeline.buffer.pull_checks_forward
 -- ARGV[1] op, ARGV[2] now (ms), ARGV[3] batch key prefix ("...:batch:"), ARGV[4] batch size, op args follow.
 -- A batch is two keys under that prefix: <bid> HASH (users as a JSON list, state, owner, attempts,
 -- Attentive jobs, per-job done/failed counts) and <bid>:entries HASH (the open entries, renamed).
@@ -866,7 +866,7 @@ elseif op == 'submitted' then
 elseif op == 'poll_due' then
     -- op args: bid, when its next status check is due (ms), optionally the earliest it may be
     -- brought forward to (ms; kept in K_FLOORS only when earlier than the due time, read by the
-    -- poller when the key has spare requests: worker.pipeline.buffer.JobBuffer.pull_checks_forward).
+    -- poller when the key has spare requests: worker.pipeline.buffer.pull_checks_forward).
     -- Without one, the check stays where it is put. Only while the batch is at Attentive: one sent
     -- again or completed meanwhile is dropped from the schedule instead.
     local key = batch_prefix .. ARGV[5]
