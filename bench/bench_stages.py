@@ -7,8 +7,10 @@ as the other benchmarks), and splits the cost:
 
 * per stage: this process's CPU (``time.process_time``) and Redis' (``INFO cpu``) per transition
   and per batch of 256, and the Redis round trips per batch (each command or pipeline sent);
-* inside Redis: the buffer script by op and the rate-limit script (``SLOWLOG`` with every command
-  logged for the run; the previous threshold is put back);
+* inside Redis: the buffer script by op and the rate-limit script, from a second run with every
+  command in the ``SLOWLOG`` (only this run's connections, named :data:`CLIENT_NAME`, are counted).
+  That is server-wide: while it runs, every client's commands are logged, and the SLOWLOG is
+  emptied before and after; its two settings are put back. Point it at a Redis of its own;
 * HTTP: client CPU per request by kind (the bulk POST, the status GET, the results download);
 * ingest in Python, part by part, on the same lines: reading the line, mapping, encoding the
   record, identifiers and last-writer-wins digest, packing the script call.
@@ -21,6 +23,7 @@ Redis and the sandbox share two cores; compare shares, not totals, across the tw
 from __future__ import annotations
 
 import collections
+import contextlib
 import gc
 import hashlib
 import os
@@ -37,6 +40,10 @@ REDIS_BASE = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379").rstrip(
 USERS = 40_000
 BATCH = 256
 LUA = Path(__file__).resolve().parents[1] / "worker" / "store" / "lua"
+#: The name of this run's Redis connections: only their commands are counted.
+CLIENT_NAME = "bench-stages"
+#: Longest a stage may take before the run gives up (a batch that never completes, say).
+STAGE_TIMEOUT_SECONDS = 300.0
 
 
 class _RoundTrips:
@@ -52,7 +59,8 @@ class _RoundTrips:
         original = AbstractConnection.send_packed_command
 
         def counted(conn: Any, command: Any, check_health: bool = True) -> None:
-            self.count += 1
+            if getattr(conn, "client_name", None) == CLIENT_NAME:  # the product's, not the harness's
+                self.count += 1
             original(conn, command, check_health)  # type: ignore[no-untyped-call]
 
         AbstractConnection.send_packed_command = counted  # type: ignore[method-assign]
@@ -122,6 +130,9 @@ def _slowlog_scripts(client: redis.Redis) -> dict[str, tuple[int, int]]:
     names = _script_names()
     out: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
     for entry in client.slowlog_get(1_000_000):
+        name = entry.get("client_name")
+        if (name.decode(errors="replace") if isinstance(name, bytes) else name) != CLIENT_NAME:
+            continue  # another client's (the harness's own reads, or anyone else on this server)
         command = entry["command"]
         args = (command.decode(errors="replace") if isinstance(command, bytes) else str(command)).split(" ")
         if not args or args[0].upper() != "EVALSHA" or len(args) < 3:
@@ -226,22 +237,30 @@ def _run_stages(data_url: str, users: int) -> tuple[dict[str, dict[str, float]],
     status = keys.job_status(job.id)
     batches = users // BATCH
 
-    def counter(name: str) -> int:
-        return int(data.hget(status, name) or 0)
+    def reached(name: str, deadline: float) -> bool:
+        got = int(data.hget(status, name) or 0)
+        if got < batches and time.monotonic() > deadline:
+            raise RuntimeError(
+                f"{name} {got} of {batches} after {STAGE_TIMEOUT_SECONDS:.0f} s: {data.hgetall(status)}"
+            )
+        return got >= batches
 
     def ingest() -> None:
         for s in range(0, users, 1000):
             ingest_lines(rt.redis, rt.jobs, lines[s : s + 1000])
 
     def flush() -> None:
-        while counter("batches_submitted") < batches:
+        deadline = time.monotonic() + STAGE_TIMEOUT_SECONDS
+        while not reached("batches_submitted", deadline):
             flush_job(rt, job.id)
 
     def poll() -> None:
         key_hash = key_hash_of(rt, job)
         assert key_hash is not None
-        while counter("batches_completed") < batches:
-            run_poller(rt, key_hash)
+        deadline = time.monotonic() + STAGE_TIMEOUT_SECONDS
+        while not reached("batches_completed", deadline):
+            again_in = run_poller(rt, key_hash).again_in
+            time.sleep(min(again_in or 0.0, 1.0))  # as the successor task's countdown would
 
     stages: dict[str, dict[str, float]] = {}
     http: dict[str, list[float]] = collections.defaultdict(list)
@@ -268,12 +287,15 @@ def measure(users: int = USERS, data_url: str = f"{REDIS_BASE}/8") -> dict[str, 
     from worker.setup.crypto import generate_secret_key
     from worker.setup.jobconfig import parse_job_config
 
+    if users < BATCH:
+        raise ValueError(f"users must be at least one batch ({BATCH}), got {users}")
     users -= users % BATCH  # full batches only: every stage's work is then whole batches
     data = redis.Redis.from_url(data_url)
+    named_url = f"{data_url}{'&' if '?' in data_url else '?'}client_name={CLIENT_NAME}"
     reference = [reference_unit_ms()]
     with start_sandbox(["bench-key"], processing_delay=0.0) as sandbox:
         env = {
-            "REDIS_URL": data_url,
+            "REDIS_URL": named_url,  # the product's connections, counted apart from the harness's
             "ATTENTIVE_API_URL": sandbox.url,
             "EXPORT_SECRET_KEY": generate_secret_key(),
             "ATTENTIVE_FIRST_POLL_SECONDS": "0.01",
@@ -285,17 +307,16 @@ def measure(users: int = USERS, data_url: str = f"{REDIS_BASE}/8") -> dict[str, 
             reference.append(reference_unit_ms())
             slowlog = str(data.config_get("slowlog-log-slower-than")["slowlog-log-slower-than"])
             slowlog_len = str(data.config_get("slowlog-max-len")["slowlog-max-len"])
-            try:
+            with contextlib.ExitStack() as restore:  # each setting put back, whatever fails
+                restore.callback(data.slowlog_reset)
+                restore.callback(data.config_set, "slowlog-max-len", slowlog_len)
+                restore.callback(data.config_set, "slowlog-log-slower-than", slowlog)
                 data.config_set("slowlog-max-len", 1_000_000)
                 data.config_set("slowlog-log-slower-than", 0)
                 data.slowlog_reset()
                 _run_stages(data_url, users)
                 data.config_set("slowlog-log-slower-than", 1_000_000_000)  # stop logging before reading it
                 scripts = _slowlog_scripts(data)
-            finally:
-                data.config_set("slowlog-log-slower-than", slowlog)
-                data.config_set("slowlog-max-len", slowlog_len)
-                data.slowlog_reset()
         finally:
             for k, v in saved.items():
                 if v is None:
