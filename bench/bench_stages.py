@@ -32,9 +32,12 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
+
+if TYPE_CHECKING:
+    from worker.setup.jobconfig import ExportJobConfig
 
 REDIS_BASE = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379").rstrip("/")
 USERS = 40_000
@@ -130,8 +133,8 @@ def _slowlog_scripts(client: redis.Redis) -> dict[str, tuple[int, int]]:
     names = _script_names()
     out: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
     for entry in client.slowlog_get(1_000_000):
-        name = entry.get("client_name")
-        if (name.decode(errors="replace") if isinstance(name, bytes) else name) != CLIENT_NAME:
+        sender = entry.get("client_name")
+        if (sender.decode(errors="replace") if isinstance(sender, bytes) else sender) != CLIENT_NAME:
             continue  # another client's (the harness's own reads, or anyone else on this server)
         command = entry["command"]
         args = (command.decode(errors="replace") if isinstance(command, bytes) else str(command)).split(" ")
@@ -146,13 +149,13 @@ def _slowlog_scripts(client: redis.Redis) -> dict[str, tuple[int, int]]:
     return {k: (v[0], v[1]) for k, v in out.items()}
 
 
-def _ingest_parts(lines: list[str], config: Any, reps: int = 5) -> dict[str, float]:
+def _ingest_parts(lines: list[str], config: ExportJobConfig, reps: int = 5) -> dict[str, float]:
     """Python µs per transition that each ingest step adds, line by line as ingest runs them.
 
     Each pass runs the steps up to one more than the pass before over every line (so each line's
     objects are as fresh in the cache as in ingest); a step's cost is the difference between two
-    passes (the fastest of ``reps`` each). Timed alone over all lines, a step reads objects made long before
-    and costs up to twice as much."""
+    passes (the fastest of ``reps`` each). Timed alone over all lines, a step reads objects made
+    long before and costs up to twice as much."""
     import orjson
 
     from worker.mapping.mapper import Mapper
@@ -214,16 +217,17 @@ def _ingest_parts(lines: list[str], config: Any, reps: int = 5) -> dict[str, flo
     }
 
 
-def _run_stages(data_url: str, users: int) -> tuple[dict[str, dict[str, float]], dict[str, list[float]]]:
-    """One job in an emptied database: ingest ``users`` users, flush and poll every batch. Returns
-    per stage this process's CPU, Redis' CPU and the round trips; and each request's client CPU."""
-    from bench.bench_pipeline import _line, job_config
+def _run_stages(
+    data_url: str, lines: list[str], config: ExportJobConfig
+) -> tuple[dict[str, dict[str, float]], dict[str, list[float]]]:
+    """One job in an emptied database: ingest ``lines`` (one user each, whole batches), flush and
+    poll every batch. Returns per stage this process's CPU, Redis' CPU and the round trips; and each
+    request's client CPU."""
     from worker.pipeline.flush import flush_job
     from worker.pipeline.ingest import ingest_lines
     from worker.pipeline.poller import key_hash_of, run_poller
     from worker.runtime import Runtime
     from worker.setup.authorizations import AuthorizationStore
-    from worker.setup.jobconfig import parse_job_config
     from worker.setup.jobs import JobStore
     from worker.store import keys
 
@@ -231,10 +235,9 @@ def _run_stages(data_url: str, users: int) -> tuple[dict[str, dict[str, float]],
     data.flushdb()
     rt = Runtime(dispatcher=_NoTasks())  # the stages run here, one after another
     AuthorizationStore(rt.redis, os.environ["EXPORT_SECRET_KEY"]).create("bench", "bench-key")
-    job = JobStore(rt.redis).create(parse_job_config(job_config("stages", "bench", ["aud"], 30)))
-    now = int(time.time() * 1000)
-    lines = [_line(i, now, "aud", "aud-") for i in range(users)]
+    job = JobStore(rt.redis).create(config)
     status = keys.job_status(job.id)
+    users = len(lines)
     batches = users // BATCH
 
     def reached(name: str, deadline: float) -> bool:
@@ -290,6 +293,9 @@ def measure(users: int = USERS, data_url: str = f"{REDIS_BASE}/8") -> dict[str, 
     if users < BATCH:
         raise ValueError(f"users must be at least one batch ({BATCH}), got {users}")
     users -= users % BATCH  # full batches only: every stage's work is then whole batches
+    now = int(time.time() * 1000)
+    lines = [_line(i, now, "aud", "aud-") for i in range(users)]
+    config = parse_job_config(job_config("stages", "bench", ["aud"], 30))
     data = redis.Redis.from_url(data_url)
     named_url = f"{data_url}{'&' if '?' in data_url else '?'}client_name={CLIENT_NAME}"
     reference = [reference_unit_ms()]
@@ -303,7 +309,7 @@ def measure(users: int = USERS, data_url: str = f"{REDIS_BASE}/8") -> dict[str, 
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         try:
-            stages, http = _run_stages(data_url, users)
+            stages, http = _run_stages(data_url, lines, config)
             reference.append(reference_unit_ms())
             slowlog = str(data.config_get("slowlog-log-slower-than")["slowlog-log-slower-than"])
             slowlog_len = str(data.config_get("slowlog-max-len")["slowlog-max-len"])
@@ -314,7 +320,7 @@ def measure(users: int = USERS, data_url: str = f"{REDIS_BASE}/8") -> dict[str, 
                 data.config_set("slowlog-max-len", 1_000_000)
                 data.config_set("slowlog-log-slower-than", 0)
                 data.slowlog_reset()
-                _run_stages(data_url, users)
+                _run_stages(data_url, lines, config)
                 data.config_set("slowlog-log-slower-than", 1_000_000_000)  # stop logging before reading it
                 scripts = _slowlog_scripts(data)
         finally:
@@ -323,8 +329,6 @@ def measure(users: int = USERS, data_url: str = f"{REDIS_BASE}/8") -> dict[str, 
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
-    now = int(time.time() * 1000)
-    lines = [_line(i, now, "aud", "aud-") for i in range(min(users, 20_000))]
     return {
         "users": users,
         "batches": users // BATCH,
@@ -333,7 +337,7 @@ def measure(users: int = USERS, data_url: str = f"{REDIS_BASE}/8") -> dict[str, 
         "scripts": scripts,
         "http": {k: statistics.median(v) for k, v in http.items()},
         "http_calls": {k: len(v) for k, v in http.items()},
-        "ingest_parts": _ingest_parts(lines, parse_job_config(job_config("stages", "bench", ["aud"], 30))),
+        "ingest_parts": _ingest_parts(lines[:20_000], config),
     }
 
 
