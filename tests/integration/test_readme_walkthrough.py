@@ -195,9 +195,8 @@ def check_status(w: Walkthrough, run: Run) -> None:
     assert f"job {w.job_id}  '{EXAMPLE_JOB['label']}'  RUNNING\n" in out
     assert "4 received" in out and "1 skipped (no_identifier 1)" in out and "4 delivered" in out
     assert "fields left out invalid_phone 1" in out
-    assert (
-        "workers       2 alive" in out and "DOWN" not in out and "BLOCKED" not in out
-    )  # as the README runs them
+    # Two workers, as the README runs them: real-time and sends, and backfill apart.
+    assert "workers       2 alive" in out and "DOWN" not in out and "BLOCKED" not in out
     # The flags the walkthrough's comment points at (see Monitoring) agree with it.
     as_json = json.loads(w.run(["attentive-export", "status", "--json", "JOB_ID"]).ok())
     assert as_json["counters"]["users_delivered"] == 4 and as_json["skips"] == {"no_identifier": 1}
