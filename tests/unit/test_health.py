@@ -15,14 +15,16 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import fakeredis
 import pytest
 import redis
 
 from tests.conftest import TEST_REDIS_URL
+from worker.cli import entry
 from worker.cli.main import main
-from worker.observe import health, heartbeat, liveness
+from worker.observe import health, heartbeat, liveness, probe
 from worker.store import keys
 
 
@@ -184,7 +186,10 @@ def test_health_fails_when_redis_is_unreachable(
     assert "FAIL redis" in capsys.readouterr().out
 
 
-def test_health_webhook_asks_the_receivers_healthz() -> None:
+@pytest.fixture
+def web() -> Iterator[str]:
+    """A server answering 200 on /healthz, 503 elsewhere; yields its base URL."""
+
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             self.send_response(200 if self.path == "/healthz" else 503)
@@ -196,14 +201,41 @@ def test_health_webhook_asks_the_receivers_healthz() -> None:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    base = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
-        assert main(["health", "webhook", "--url", f"{base}/healthz"]) == 0
-        assert main(["health", "webhook", "--url", f"{base}/other"]) == 1
-    finally:
-        server.shutdown()
-        server.server_close()
-    assert main(["health", "webhook", "--url", f"{base}/healthz"]) == 1  # nothing listens now
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+# entry.main answers the plain forms itself; main.main is the full command line: both must agree.
+@pytest.mark.parametrize("command", [entry.main, main], ids=["entry", "full"])
+def test_health_webhook_asks_the_receivers_healthz(
+    web: str, command: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert command(["health", "webhook", "--url", f"{web}/healthz"]) == 0
+    assert capsys.readouterr().out == f"ok   webhook: {web}/healthz answered 200\n"
+    assert command(["health", "webhook", "--quiet", f"--url={web}/other"]) == 1
+    assert capsys.readouterr().out == ""
+    assert command(["health", "webhook", "--url", f"{web}/other"]) == 1
+    assert capsys.readouterr().out == f"FAIL webhook: {web}/other answered 503\n"
+    assert command(["health", "webhook", "-q", "--url", "http://127.0.0.1:1/healthz"]) == 1  # refused
+    assert command(["health", "webhook", "--url", "ftp://127.0.0.1/healthz"]) == 1
+
+
+def test_the_entry_hands_anything_but_a_plain_webhook_probe_to_the_full_command_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as help_:
+        entry.main(["health", "webhook", "--help"])
+    assert help_.value.code == 0
+    assert "--max-age" in capsys.readouterr().out  # the full parser's help
+    with pytest.raises(SystemExit) as wrong:
+        entry.main(["health", "webhook", "--url"])  # no value: the full parser's usage error
+    assert wrong.value.code == 2
+    assert "expected one argument" in capsys.readouterr().err
+    assert entry._plain_webhook_probe(["--url", "http://h/x", "-q"]) == ("http://h/x", True)
+    assert entry._plain_webhook_probe([]) == (None, False)
+    assert entry._plain_webhook_probe(["--node", "w1@h"]) is None
+    assert entry._plain_webhook_probe(["--url=http://h/x", "--max-age", "5"]) is None
 
 
 # --- what a probe costs -------------------------------------------------------------------------------
@@ -240,6 +272,27 @@ def test_health_worker_loads_no_celery_nor_the_pipeline(cli_env: redis.Redis, lo
     assert (done.stdout, done.stderr) == ("0 []\n", "")
 
 
+#: What the webhook probe leaves out on top: it reads no settings and asks no Redis.
+NOT_FOR_A_WEBHOOK_PROBE = (*NOT_FOR_A_PROBE, "redis", "pydantic", "pydantic_settings", "worker.settings")
+
+
+def test_health_webhook_through_the_command_loads_only_the_standard_library(web: str) -> None:
+    """The installed ``attentive-export`` runs :func:`entry.main`; its plain webhook probe must not
+    load what costs a probe 0.4 CPU-seconds (the settings, redis-py, httpx)."""
+    script = _LOADED.replace("from worker.cli.main import main", "from worker.cli.entry import main").replace(
+        repr(NOT_FOR_A_PROBE), repr(NOT_FOR_A_WEBHOOK_PROBE)
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, "health", "webhook", "--quiet", "--url", f"{web}/healthz"],
+        cwd=Path(__file__).resolve().parents[2],
+        env={**os.environ, "REDIS_URL": "redis://127.0.0.1:1/0"},  # never asked
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (done.stdout, done.stderr) == ("0 []\n", "")
+
+
 @pytest.fixture
 def root_logging() -> Iterator[logging.Logger]:
     root = logging.getLogger()
@@ -257,9 +310,9 @@ def test_health_with_json_logs_still_writes_a_warning_as_a_json_line(
     """worker.logs is loaded only when something logs (see main._JsonLogsOnFirstRecord), then the line
     is the JSON line any other command writes."""
 
-    def run(*_args: object, **_kwargs: object) -> list[health.Check]:
+    def run(*_args: object, **_kwargs: object) -> list[probe.Check]:
         logging.getLogger("redis.cluster").warning("node %s moved", "n1")
-        return [health.Check("redis", True, "answers")]
+        return [probe.Check("redis", True, "answers")]
 
     monkeypatch.setenv("LOG_FORMAT", "json")
     monkeypatch.setattr(health, "run", run)

@@ -18,7 +18,7 @@ from typing import Any
 
 import redis
 
-from worker.observe import health
+from worker.observe import health, probe
 from worker.settings import Settings
 
 #: Seconds between refreshes of ``status --watch`` without a value.
@@ -114,7 +114,7 @@ def cmd_health(args: argparse.Namespace, settings: Settings) -> int:
     try:
         client = health.redis_client(settings.redis_url)
     except redis.RedisError as exc:  # a Redis Cluster client asks for the cluster's layout at once
-        down = health.Check("redis", False, f"unreachable: {exc}")
+        down = probe.Check("redis", False, f"unreachable: {exc}")
         checks = [health.check_webhook(args.url)] if args.component == "webhook" else [down]
     else:
         checks = health.run(
@@ -178,7 +178,7 @@ def add_commands(sub: Any) -> None:
         help="oldest heartbeat that still counts as alive (default: 30 s for workers; for beat and "
         "the sweep, 30 s or 5 sweep intervals, whichever is longer)",
     )
-    hp.add_argument("--url", default=health.DEFAULT_WEBHOOK_URL, help="webhook health URL to ask")
+    hp.add_argument("--url", default=probe.DEFAULT_WEBHOOK_URL, help="webhook health URL to ask")
     hp.add_argument("-q", "--quiet", action="store_true", help="print nothing, only set the exit status")
     hp.set_defaults(func=cmd_health)
 

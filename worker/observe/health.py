@@ -3,7 +3,8 @@
 Each check is a :class:`Check` with a one-line reason; ``attentive-export health`` prints them and
 exits 0 when all pass, 1 otherwise, which is what Kubernetes probes and compose healthchecks read.
 Worker and beat are judged by the heartbeats they write to Redis (:mod:`worker.observe.heartbeat`),
-the webhook receiver by its own ``/healthz``. Every Redis and HTTP call has a short timeout: a
+the webhook receiver by its own ``/healthz`` (:mod:`worker.observe.probe`, which
+``health webhook`` runs without this module). Every Redis and HTTP call has a short timeout: a
 probe that hangs is worse than one that fails.
 """
 
@@ -11,27 +12,15 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import redis
 
 from worker.observe import heartbeat
+from worker.observe.probe import DEFAULT_WEBHOOK_URL, TIMEOUT_SECONDS, Check, check_url
 from worker.store.connection import connect
 
 #: What ``attentive-export health`` can check, and the default (everything a deployment needs).
 COMPONENTS = ("service", "worker", "beat", "webhook")
-DEFAULT_WEBHOOK_URL = "http://127.0.0.1:8080/healthz"
-TIMEOUT_SECONDS = 3.0
-
-
-@dataclass(frozen=True)
-class Check:
-    name: str
-    ok: bool
-    detail: str
-
-    def line(self) -> str:
-        return f"{'ok  ' if self.ok else 'FAIL'} {self.name}: {self.detail}"
 
 
 def redis_client(url: str) -> redis.Redis:
@@ -116,15 +105,7 @@ def check_sweep(client: redis.Redis, *, max_age: float) -> Check:
 
 def check_webhook(url: str = DEFAULT_WEBHOOK_URL, *, timeout: float = TIMEOUT_SECONDS) -> Check:
     """The receiver answers 200 on ``/healthz`` (it answers 503 while Redis is unreachable)."""
-    import httpx  # here, not at the top: worker and beat probes need no HTTP client (0.2 CPU-s)
-
-    try:
-        answer = httpx.get(url, timeout=timeout)
-    except httpx.HTTPError as exc:
-        return Check("webhook", False, f"{url}: {type(exc).__name__}: {exc}")
-    if answer.status_code != 200:
-        return Check("webhook", False, f"{url} answered {answer.status_code}")
-    return Check("webhook", True, f"{url} answered 200")
+    return check_url(url, timeout=timeout)
 
 
 def run(
