@@ -160,6 +160,7 @@ def measure_once(server: str, keys_n: int, users_per_key: int) -> dict[str, Any]
             )
             completed = time.monotonic() - start
             cpu = {name: v - before[name] for name, v in helpers._cpu_seconds(groups).items()}
+            tasks = _tasks_run()
         finally:
             procs.stop()
     transitions = full * keys_n
@@ -169,8 +170,25 @@ def measure_once(server: str, keys_n: int, users_per_key: int) -> dict[str, Any]
         "transitions": transitions,
         "tps": transitions / sent,
         "completed_s": completed,
+        "tasks": tasks,
         "us_per_t": {**{k: 1e6 * v / transitions for k, v in cpu.items()}, "ours": 1e6 * ours / transitions},
     }
+
+
+def _tasks_run() -> dict[str, int]:
+    """Tasks each name ran in the worker so far (its ``inspect stats``), or {} if it does not answer:
+    each task costs the worker's main process about 1.5-3 ms whatever it does."""
+    from worker.app import app
+
+    try:
+        stats = app.control.inspect(timeout=5).stats() or {}
+    except Exception:  # a figure for the report, never a reason to fail the measurement
+        return {}
+    totals: dict[str, int] = {}
+    for worker in stats.values():
+        for name, n in worker.get("total", {}).items():
+            totals[name] = totals.get(name, 0) + int(n)
+    return totals
 
 
 def measure(server: str, key_counts: list[int], users_per_key: int, reps: int) -> dict[str, Any]:
@@ -224,6 +242,8 @@ def _medians(results: list[dict[str, Any]], n: int) -> dict[str, float]:
         out[part] = statistics.median(r["us_per_t"][part] for r in runs)
     out["reference_ms"] = statistics.median(res["reference_ms"] for res in results)
     out["completed_s"] = statistics.median(r["completed_s"] for r in runs)
+    for name in ("flush", "poll_key", "ingest"):
+        out[f"{name}_tasks"] = statistics.median(r.get("tasks", {}).get(f"export.{name}", 0) for r in runs)
     return out
 
 
@@ -234,7 +254,8 @@ def _table(label: str, results: list[dict[str, Any]], key_counts: list[int]) -> 
         rows.append(
             f"| {label} | {n} | {m['tps']:,.0f} | {m['ours']:.1f} | {m['pool']:.1f} | {m['main']:.1f} "
             f"| {m['beat']:.1f} | {m['redis']:.1f} | {m['sandbox']:.1f} | {m['reference_ms']:.1f} "
-            f"| {m['ours'] / m['reference_ms']:.2f} | {m['completed_s']:.1f} |"
+            f"| {m['ours'] / m['reference_ms']:.2f} | {m['completed_s']:.1f} "
+            f"| {m['ingest_tasks']:.0f} / {m['flush_tasks']:.0f} / {m['poll_key_tasks']:.0f} |"
         )
     return rows
 
@@ -249,12 +270,13 @@ def _report(args: argparse.Namespace, after: list[dict[str, Any]], before: list[
         "256 users a request). CPU µs per transition from queueing until every batch was confirmed",
         "complete: *ours* = pool + main + beat + Redis (also the broker); the sandbox apart. *Reference*",
         "is the CPU ms of a fixed pure-Python workload timed in the same run (machine speed);",
-        "*ours/ref* = µs per transition divided by it, comparable across machines. Medians of "
+        "*ours/ref* = µs per transition divided by it, comparable across machines. *Tasks*: ingest /",
+        "flush / poller tasks the worker ran (each costs its main process about 1.5-3 ms). Medians of "
         f"{args.reps} repetitions per run and of {len(after)} run(s) per tree.",
         "",
         "| tree | keys | transitions/s | ours µs/t | pool | main | beat | Redis | sandbox µs/t "
-        "| reference ms | ours/ref | completed (s) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| reference ms | ours/ref | completed (s) | tasks |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         *_table(f"AFTER {after[0]['commit']}", after, args.keys),
     ]
     if before:
