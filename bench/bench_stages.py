@@ -106,6 +106,9 @@ def _http_cpu(out: dict[str, list[float]]) -> Iterator[None]:
 class _NoTasks:
     """A dispatcher that queues nothing: the flush and poll a task would run, this process runs."""
 
+    def drain(self, countdown: float = 0.0) -> None:
+        pass
+
     def ingest(self, chunk_id: str) -> None:
         pass
 

@@ -78,6 +78,7 @@ task_queues = tuple(
 task_default_queue = "ingest"
 task_routes = {
     "export.ingest": {"queue": "ingest"},
+    "export.drain": {"queue": "ingest"},
     "export.flush": {"queue": "flush"},
     "export.poll_key": {"queue": "poll"},
     "export.poll": {"queue": "poll"},

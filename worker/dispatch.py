@@ -10,6 +10,8 @@ from typing import Protocol
 
 # Task names, shared by tasks/ (which defines them) and the Celery dispatcher (which sends them).
 INGEST_TASK = "export.ingest"
+#: Ingests every pending inbox chunk it can claim (worker.pipeline.inbox: the receiver's small chunks).
+DRAIN_TASK = "export.drain"
 FLUSH_TASK = "export.flush"
 POLL_TASK = "export.poll_key"
 #: Per-batch polls of earlier versions; still accepted so messages queued before an upgrade do no harm.
@@ -28,6 +30,7 @@ class BrokerUnavailable(Exception):
 
 class Dispatcher(Protocol):
     def ingest(self, chunk_id: str) -> None: ...
+    def drain(self, countdown: float = 0.0) -> None: ...
     def flush(self, job_id: str, countdown: float = 0.0) -> None: ...
     def poll_key(self, key_hash: str, countdown: float = 0.0) -> None: ...
     def backfill(self, job_id: str, part: str, countdown: float = 0.0) -> None: ...
@@ -62,6 +65,9 @@ class CeleryDispatcher:
 
     def ingest(self, chunk_id: str) -> None:
         self._app.send_task(INGEST_TASK, args=[chunk_id])
+
+    def drain(self, countdown: float = 0.0) -> None:
+        self._app.send_task(DRAIN_TASK, countdown=countdown or None)
 
     def flush(self, job_id: str, countdown: float = 0.0) -> None:
         self._app.send_task(FLUSH_TASK, args=[job_id], countdown=countdown or None)

@@ -43,11 +43,15 @@ class RecordingDispatcher:
     """Records the next steps the pipeline asks for instead of sending Celery tasks."""
 
     ingests: list[str] = field(default_factory=list)
+    drains: list[float] = field(default_factory=list)
     flushes: list[tuple[str, float]] = field(default_factory=list)
     pollers: list[tuple[str, float]] = field(default_factory=list)
 
     def ingest(self, chunk_id: str) -> None:
         self.ingests.append(chunk_id)
+
+    def drain(self, countdown: float = 0.0) -> None:
+        self.drains.append(countdown)
 
     def flush(self, job_id: str, countdown: float = 0.0) -> None:
         self.flushes.append((job_id, countdown))

@@ -312,7 +312,7 @@ def test_ingest_never_fails_a_chunk_and_its_good_lines_arrive(bad: list[bytes], 
 
 # --- webhook bodies ----------------------------------------------------------------------------------------
 class _Dispatch:
-    def ingest(self, chunk_id: str) -> None:
+    def drain(self, countdown: float = 0.0) -> None:
         pass
 
 

@@ -268,7 +268,7 @@ def test_a_chunk_with_poison_lines_is_ingested_and_its_good_lines_arrive(
     job = make_job(redis_client)
     good = [line(f"g{i}@x.io", f"2026-11-26T17:00:0{i}Z") for i in range(3)]
     chunk = inbox.put_chunk(redis_client, [good[0], *POISON_LINES, good[1], b'{"\xff": 1}', good[2]])
-    report = ingest_chunk(redis_client, JobStore(redis_client), chunk)
+    report = ingest_chunk(redis_client, JobStore(redis_client), chunk, owner="task-1")
     assert inbox.read_chunk(redis_client, chunk) == []  # done: dropped, not re-driven
     assert sum(report.rejected.values()) == len(POISON_LINES) + 1
     assert report.rejected == {

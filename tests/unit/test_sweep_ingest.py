@@ -11,7 +11,7 @@ from worker.observe.status import ingest_status
 from worker.pipeline import inbox
 from worker.pipeline.buffer import now_ms
 from worker.pipeline.flush import flush_job
-from worker.pipeline.ingest import USER_KEY_FALLBACK, ingest_chunk, ingest_lines
+from worker.pipeline.ingest import USER_KEY_FALLBACK, drain_inbox, ingest_chunk, ingest_lines
 from worker.pipeline.sweep import IDLE_FLUSH_MS, sweep
 from worker.setup.jobconfig import JobState
 from worker.store import keys
@@ -144,21 +144,19 @@ def test_sweep_of_a_paused_job_seals_but_dispatches_nothing(pipe: Pipeline, cloc
     assert pipe.dispatch.flushes == [] and pipe.dispatch.pollers == []
 
 
-def test_orphaned_inbox_chunks_are_redispatched(pipe: Pipeline, clock: Clock) -> None:
-    chunk = inbox.put_chunk(pipe.redis, [json.dumps(enter("a@x.io"))])
+def test_orphaned_inbox_chunks_are_redriven_by_one_drain(pipe: Pipeline, clock: Clock) -> None:
+    chunks = [inbox.put_chunk(pipe.redis, [json.dumps(enter(e))]) for e in ("a@x.io", "b@x.io")]
     assert sweep(pipe.rt).chunks_redriven == 0
     clock.advance(inbox.ORPHAN_AFTER_MS + 1_000)
     report = sweep(pipe.rt)
-    assert report.chunks_redriven == 1 and pipe.dispatch.ingests == [chunk]
+    assert report.chunks_redriven == 2 and pipe.dispatch.drains == [0.0] and pipe.dispatch.ingests == []
     assert sweep(pipe.rt).chunks_redriven == 0  # pushed forward, not re-driven every second
-    # Once ingested the chunk is gone for good.
+    # Once ingested the chunks are gone for good.
     pipe.create_job()
-    ingest_chunk(pipe.redis, pipe.rt.jobs, chunk)
+    drain_inbox(pipe.redis, pipe.rt.jobs, owner="drain-1", on_sealed=lambda _sealed: None)
     clock.advance(10 * inbox.ORPHAN_AFTER_MS)
-    assert sweep(pipe.rt).chunks_redriven == 0 and pipe.dispatch.ingests == [chunk]
-
-
-# --- ingest ---------------------------------------------------------------------------------------
+    assert sweep(pipe.rt).chunks_redriven == 0 and pipe.dispatch.drains == [0.0]
+    assert all(pipe.redis.exists(keys.inbox_chunk(c)) == 0 for c in chunks)
 
 
 def test_ingest_counts_rejected_lines_by_reason_and_unroutable_audiences(pipe: Pipeline) -> None:
@@ -257,8 +255,8 @@ def test_redelivered_chunk_changes_nothing(pipe: Pipeline) -> None:
 def test_ingest_chunk_deletes_the_chunk_and_a_second_run_is_a_no_op(pipe: Pipeline) -> None:
     job = pipe.create_job()
     chunk = inbox.put_chunk(pipe.redis, [json.dumps(enter("a@x.io"))])
-    assert ingest_chunk(pipe.redis, pipe.rt.jobs, chunk).received == 1
+    assert ingest_chunk(pipe.redis, pipe.rt.jobs, chunk, owner="task-1").received == 1
     assert pipe.redis.exists(keys.inbox_chunk(chunk)) == 0
     assert pipe.redis.zscore(keys.inbox_pending(), chunk) is None
-    assert ingest_chunk(pipe.redis, pipe.rt.jobs, chunk).received == 0
+    assert ingest_chunk(pipe.redis, pipe.rt.jobs, chunk, owner="task-2").received == 0
     assert pipe.buffer(job).open_size() == 1

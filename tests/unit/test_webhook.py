@@ -52,14 +52,16 @@ def canonical(email: str, event: str = "enter") -> dict[str, Any]:
 
 @dataclass
 class RecordingDispatcher:
-    ingests: list[tuple[Any, ...]] = field(default_factory=list)
+    """The drains the receiver asks for (each a task with no arguments but its countdown)."""
+
+    drains: list[tuple[Any, ...]] = field(default_factory=list)
     fail: bool = False
 
-    def ingest(self, *args: Any, **kwargs: Any) -> None:
+    def drain(self, *args: Any, **kwargs: Any) -> None:
         if self.fail:
             raise ConnectionError("broker down")
         assert not kwargs
-        self.ingests.append(args)
+        self.drains.append(args)
 
 
 class Receiver:
@@ -94,7 +96,7 @@ class Receiver:
     def assert_nothing_queued(self) -> None:
         assert self.chunks() == {}
         assert self.redis.keys("aex:inbox:*") == []
-        assert self.dispatch.ingests == []
+        assert self.dispatch.drains == []
 
 
 @pytest.fixture
@@ -105,13 +107,13 @@ def rx() -> Iterator[Receiver]:
 
 
 def accepted_chunk(rx: Receiver, response: Any, lines: int) -> list[bytes]:
-    """Checks a 202: one chunk holding ``lines`` raw texts, one dispatch carrying only its id."""
+    """Checks a 202: one chunk holding ``lines`` raw texts, and a drain asked for (nothing queued yet)."""
     assert response.status_code == 202, response.text
     answer = response.json()
     assert answer["accepted"] == lines
     chunks = rx.chunks()
     assert list(chunks) == [answer["chunk"]]
-    assert rx.dispatch.ingests == [(answer["chunk"],)]
+    assert rx.dispatch.drains == [(inbox.DRAIN_GATHER_SECONDS,)]
     stored = chunks[answer["chunk"]]
     assert len(stored) == lines
     return stored
@@ -128,8 +130,8 @@ def test_a_lytics_trigger_body_is_stored_raw_as_one_chunk_and_only_its_id_is_dis
     assert stored == [body.encode()]
     (t,) = parse_line(stored[0])
     assert isinstance(t, Transition) and t.audience == "vip" and t.enter and t.user["email"] == "ada@x.io"
-    # The broker message is the chunk id: no e-mail address, no profile field.
-    assert "ada" not in json.dumps(rx.dispatch.ingests)
+    # The broker message is a drain with no arguments: no e-mail address, no profile field.
+    assert "ada" not in json.dumps(rx.dispatch.drains)
 
 
 def test_a_lytics_batch_array_is_one_line_with_every_transition_counted(rx: Receiver) -> None:
@@ -383,7 +385,7 @@ def test_redis_down_gets_503_with_retry_after_and_no_dispatch(rx: Receiver) -> N
     assert response.status_code == 503
     assert response.headers["retry-after"] == "5"
     assert response.json()["error"] == "unavailable"
-    assert rx.dispatch.ingests == []
+    assert rx.dispatch.drains == []
     health = rx.client.get("/healthz")
     assert health.status_code == 503 and health.json() == {"status": "unavailable", "redis": "unreachable"}
 
@@ -399,10 +401,27 @@ def test_a_broker_failure_after_the_chunk_is_stored_still_answers_202_and_leaves
     assert response.status_code == 202
     chunk = response.json()["chunk"]
     assert list(rx.chunks()) == [chunk]
-    # Pending in the inbox, so the sweep re-drives it once it is old enough.
+    # No drain counts as queued, so the next request asks again ...
+    assert not rx.redis.exists(keys.inbox_drain_queued())
+    rx.dispatch.fail = False
+    assert rx.post(trigger("b@x.io")).status_code == 202
+    assert rx.dispatch.drains == [(inbox.DRAIN_GATHER_SECONDS,)]
+    # ... and the chunk is pending in the inbox, so the sweep re-drives it once it is old enough.
     written = rx.redis.zscore(keys.inbox_pending(), chunk)
     assert written is not None
-    assert inbox.orphaned_chunks(rx.redis, now_ms=int(written) + 1 + inbox.ORPHAN_AFTER_MS) == [chunk]
+    assert chunk in inbox.orphaned_chunks(rx.redis, now_ms=int(written) + 1 + inbox.ORPHAN_AFTER_MS)
+
+
+def test_requests_while_a_drain_is_queued_ask_for_none_and_one_after_it_started_asks_again(
+    rx: Receiver,
+) -> None:
+    for n in range(5):
+        assert rx.post(trigger(f"u{n}@x.io")).status_code == 202
+    assert len(rx.chunks()) == 5
+    assert rx.dispatch.drains == [(inbox.DRAIN_GATHER_SECONDS,)]  # one drain for all five
+    inbox.drain_started(rx.redis)  # the drain began: a request from now on needs one of its own
+    assert rx.post(trigger("late@x.io")).status_code == 202
+    assert rx.dispatch.drains == [(inbox.DRAIN_GATHER_SECONDS,)] * 2
 
 
 def test_healthz_is_ok_without_credentials(rx: Receiver) -> None:

@@ -11,8 +11,9 @@ errors (Redis unreachable) raise, so the task is retried and nothing accepted is
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 
 #: Transitions per buffer script call: keeps each atomic step short so Redis stays responsive.
 SCRIPT_CHUNK = 512
+#: A drain ingests this long, then hands over to a fresh task (as a flush or a poller does).
+DRAIN_BUDGET_SECONDS = 10.0
 #: Counted when a profile lacks the job's user key field and another identifier keys it instead.
 USER_KEY_FALLBACK = "user_key_field_missing"
 #: Standard identifiers in the order used for a fallback user key.
@@ -156,9 +159,69 @@ def _write_counters(
     pipe.execute()
 
 
-def ingest_chunk(client: redis.Redis, jobs: JobStore, chunk_id: str) -> IngestReport:
-    """Ingest one inbox chunk and delete it; a missing chunk (already done) is a no-op."""
+def ingest_chunk(client: redis.Redis, jobs: JobStore, chunk_id: str, owner: str) -> IngestReport:
+    """Ingest one inbox chunk and delete it, as ``owner`` (the task's id); a missing chunk (already
+    done) is a no-op, and so is one another task holds (a drain took it)."""
+    if not inbox.claim(client, [chunk_id], owner):
+        return IngestReport()
     lines = inbox.read_chunk(client, chunk_id)
     report = ingest_lines(client, jobs, lines)
     inbox.drop_chunk(client, chunk_id)
     return report
+
+
+@dataclass
+class DrainReport:
+    chunks: int = 0
+    lines: int = 0
+    #: Stopped at its budget (or its worker is stopping) with chunks perhaps left: drain again.
+    more: bool = False
+
+
+def drain_inbox(
+    client: redis.Redis,
+    jobs: JobStore,
+    owner: str,
+    on_sealed: Callable[[dict[str, list[int]]], None],
+    budget_seconds: float = DRAIN_BUDGET_SECONDS,
+    stop: Callable[[], bool] = lambda: False,
+) -> DrainReport:
+    """Claim pending inbox chunks as ``owner``, oldest first, and ingest them a group at a time
+    (:func:`worker.pipeline.inbox.groups`) to the end of the pending set as it was when each window
+    was read, unless the budget is spent or ``stop()`` says so first (claimed chunks not ingested
+    by then are released at once).
+
+    Chunks other tasks hold are stepped over (a dead task's until its lease ends); a chunk is
+    dropped only once its group was ingested. ``on_sealed`` gets the batches each group sealed
+    (job id -> batch ids), so they are flushed while the drain goes on."""
+    report = DrainReport()
+    inbox.drain_started(client)
+    deadline = time.monotonic() + budget_seconds
+    skipped = 0  # pending chunks at the front that others hold
+    while True:
+        if time.monotonic() >= deadline or stop():
+            report.more = True
+            return report
+        window = inbox.pending_window(client, skipped)
+        if not window:
+            return report
+        mine = inbox.claim(client, window, owner)
+        skipped += len(window) - len(mine)
+        todo = inbox.groups(mine)
+        for n, group in enumerate(todo):
+            if n and (time.monotonic() >= deadline or stop()):
+                inbox.release(client, [c for rest in todo[n:] for c in rest])
+                report.more = True
+                return report
+            lines = inbox.read_chunks(client, group)
+            ingested = ingest_lines(client, jobs, lines)
+            inbox.drop_chunks(client, group)
+            report.chunks += len(group)
+            report.lines += len(lines)
+            if any(ingested.sealed.values()):
+                on_sealed(ingested.sealed)
+        if len(window) < inbox.CLAIM_WINDOW:
+            # The end of the pending set: what arrives from now on queued a drain of its own when
+            # it came (the mark was cleared at this one's start), gathering for a quarter second.
+            # Looking again at once would take a few requests a time at a task's cost each round.
+            return report

@@ -87,9 +87,12 @@ def _sweep_all(rt: Runtime, now: int, report: SweepReport, redrive_backfills: Ca
             with contextlib.suppress(redis.exceptions.RedisError):
                 note_error(rt.redis, job.id, f"sweep: {type(exc).__name__}: {exc}")
     report.pollers = request_pollers(rt, active, now)
-    for chunk_id in inbox.orphaned_chunks(rt.redis, now):
-        rt.dispatch.ingest(chunk_id)
-        report.chunks_redriven += 1
+    orphans = inbox.orphaned_chunks(rt.redis, now)
+    if orphans:
+        # One drain takes them all (and whatever else is pending), not a task per chunk: chunks
+        # left for a minute mean ingest is behind, and a task each would only add to its work.
+        inbox.request_drain(rt.redis, rt.dispatch, countdown=0.0)
+        report.chunks_redriven = len(orphans)
     report.backfills_redriven = redrive_backfills(now)
 
 

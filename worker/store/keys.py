@@ -262,6 +262,16 @@ def inbox_pending() -> str:
     return f"{PREFIX}:inbox:pending"
 
 
+def inbox_claim(chunk_id: str) -> str:
+    """STR with a TTL: the task ingesting the chunk (its Celery task id), so no other takes it."""
+    return f"{PREFIX}:inbox:{chunk_id}:claim"
+
+
+def inbox_drain_queued() -> str:
+    """STR with a TTL: a drain task is queued and has not started (one at a time)."""
+    return f"{PREFIX}:inbox:drain_queued"
+
+
 def ingest_status() -> str:
     """HASH: counters for transitions before routing (received, rejected by reason, unroutable)."""
     return f"{PREFIX}:ingest:status"

@@ -104,9 +104,10 @@ class WebhookConfigError(Exception):
 
 
 class IngestDispatcher(Protocol):
-    """The one step the receiver asks for (``worker.dispatch.CeleryDispatcher`` fits)."""
+    """The one step the receiver asks for (``worker.dispatch.CeleryDispatcher`` fits): a drain of
+    the inbox (worker.pipeline.inbox), which ingests this request's chunk with every other pending."""
 
-    def ingest(self, chunk_id: str) -> None: ...
+    def drain(self, countdown: float = 0.0) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -388,10 +389,10 @@ class Receiver:
         # The chunk is durable and registered as pending from here on: if the broker refuses the
         # task, the sweep re-drives the chunk (inbox.ORPHAN_AFTER_MS), so the answer stays 202.
         try:
-            self.dispatcher.ingest(chunk_id)
+            inbox.request_drain(self.redis, self.dispatcher)
         except Exception as exc:
             log.warning(
-                "ingest task for chunk %s not sent (%s); the sweep re-drives it", chunk_id, type(exc).__name__
+                "drain task for chunk %s not sent (%s); the sweep re-drives it", chunk_id, type(exc).__name__
             )
         return Accepted(len(lines), chunk_id, usable, dict(unusable))
 

@@ -1,0 +1,179 @@
+"""Drains: the receiver's one-request chunks ingested many at a time, each by one task only.
+
+On fakeredis and the real test Redis (``any_redis``): claims rely on ``SET NX GET`` and TTLs."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import redis
+
+from worker.pipeline import inbox
+from worker.pipeline.ingest import DrainReport, drain_inbox, ingest_chunk
+from worker.store import keys
+
+from .pipeline_kit import Pipeline, enter, users
+
+
+@pytest.fixture
+def pipe(any_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> Pipeline:
+    return Pipeline(any_redis, monkeypatch)
+
+
+def one_line_chunks(pipe: Pipeline, emails: list[str]) -> list[str]:
+    """One chunk per user, as the receiver writes Lytics' unbatched audience triggers."""
+    return [inbox.put_chunk(pipe.redis, [json.dumps(enter(e))]) for e in emails]
+
+
+def pending(pipe: Pipeline) -> list[str]:
+    return inbox.pending_window(pipe.redis, 0, 100_000)
+
+
+def drain(pipe: Pipeline, owner: str, sealed: dict[str, list[int]] | None = None, **kw: Any) -> DrainReport:
+    """A drain as the task runs it; the batches it reports sealed are collected in ``sealed``."""
+    got = sealed if sealed is not None else {}
+
+    def on_sealed(batches: dict[str, list[int]]) -> None:
+        for job_id, ids in batches.items():
+            got.setdefault(job_id, []).extend(ids)
+
+    return drain_inbox(pipe.redis, pipe.rt.jobs, owner=owner, on_sealed=on_sealed, **kw)
+
+
+def test_a_drain_ingests_every_pending_chunk_in_one_task_and_drops_them(pipe: Pipeline) -> None:
+    job = pipe.create_job(batch_size=256)
+    emails = users(600)
+    chunks = one_line_chunks(pipe, emails)  # more than two claim windows
+    sealed: dict[str, list[int]] = {}
+    report = drain(pipe, "drain-1", sealed)
+    assert (report.chunks, report.lines, report.more) == (600, 600, False)
+    assert sealed == {job.id: [1, 2]}  # 512 of 600 sealed, handed over for flushing
+    assert pending(pipe) == []
+    assert not [c for c in chunks if pipe.redis.exists(keys.inbox_chunk(c), keys.inbox_claim(c))]
+    assert pipe.status(job)["received"] == "600" and pipe.buffer(job).open_size() == 600 - 512
+
+
+def test_chunks_another_task_holds_are_stepped_over_and_left_to_it(pipe: Pipeline) -> None:
+    pipe.create_job()
+    chunks = one_line_chunks(pipe, users(300))
+    held = chunks[:200] + chunks[250:260]  # the front of the first window and some of the second
+    assert inbox.claim(pipe.redis, held, "other") == held
+    report = drain(pipe, "drain-1", budget_seconds=5.0)
+    assert (report.chunks, report.more) == (300 - len(held), False)  # done, not out of time
+    assert pending(pipe) == held  # still theirs, still pending
+    # A per-chunk task for one of them does nothing either: it neither ingests nor drops it.
+    assert ingest_chunk(pipe.redis, pipe.rt.jobs, held[0], owner="task-9").received == 0
+    assert pipe.redis.exists(keys.inbox_chunk(held[0])) == 1
+
+
+def test_a_redelivered_task_takes_back_what_it_held_and_others_wait_for_the_lease(pipe: Pipeline) -> None:
+    job = pipe.create_job()
+    chunks = one_line_chunks(pipe, users(5))
+    # A drain claimed them and its worker died before it dropped them.
+    assert inbox.claim(pipe.redis, chunks, "drain-1", lease_ms=60_000) == chunks
+    assert drain(pipe, "drain-2").chunks == 0
+    ttl = pipe.redis.pttl(keys.inbox_claim(chunks[0]))
+    assert 0 < ttl <= 60_000
+    # Celery redelivers the message with the same task id: it renews the lease and ingests them.
+    report = drain(pipe, "drain-1")
+    assert report.chunks == 5 and pending(pipe) == [] and pipe.status(job)["received"] == "5"
+
+
+def test_a_chunk_whose_claim_lapsed_is_ingested_by_the_next_task(pipe: Pipeline) -> None:
+    pipe.create_job()
+    (chunk,) = one_line_chunks(pipe, ["a@x.io"])
+    assert inbox.claim(pipe.redis, [chunk], "dead-task", lease_ms=60_000) == [chunk]
+    pipe.redis.delete(keys.inbox_claim(chunk))  # its lease ended (TTL)
+    assert ingest_chunk(pipe.redis, pipe.rt.jobs, chunk, owner="task-2").received == 1
+    assert pending(pipe) == []
+
+
+def test_a_drain_out_of_budget_or_told_to_stop_claims_nothing_and_asks_for_another(pipe: Pipeline) -> None:
+    pipe.create_job()
+    chunks = one_line_chunks(pipe, users(3))
+    assert drain(pipe, "d", budget_seconds=0.0).more is True
+    assert drain(pipe, "d", stop=lambda: True).more is True
+    assert pending(pipe) == chunks and not pipe.redis.exists(keys.inbox_claim(chunks[0]))
+
+
+def test_a_drain_stopped_between_groups_releases_the_chunks_it_claimed_and_did_not_ingest(
+    pipe: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pipe.create_job()
+    chunks = one_line_chunks(pipe, users(6))
+    monkeypatch.setattr(inbox, "GROUP_BYTES", inbox.chunk_bytes(chunks[0]) or 0)  # a group a chunk
+    asked = iter([False, False, True])  # the worker is told to stop during the second group
+    report = drain(pipe, "d", stop=lambda: next(asked, True))
+    assert (report.chunks, report.more) == (2, True)
+    assert pending(pipe) == chunks[2:]
+    assert not [c for c in chunks if pipe.redis.exists(keys.inbox_claim(c))]  # free for the next task
+
+
+def test_a_drain_clears_the_queued_mark_so_a_later_chunk_asks_for_the_next(pipe: Pipeline) -> None:
+    pipe.create_job()
+    assert inbox.request_drain(pipe.redis, pipe.rt.dispatch) is True
+    assert inbox.request_drain(pipe.redis, pipe.rt.dispatch) is False  # one queued is enough
+    drain(pipe, "d")
+    assert inbox.request_drain(pipe.redis, pipe.rt.dispatch, countdown=0.0) is True
+    assert pipe.dispatch.drains == [inbox.DRAIN_GATHER_SECONDS, 0.0]
+
+
+def test_a_refused_drain_request_leaves_no_mark(pipe: Pipeline) -> None:
+    class Down:
+        def drain(self, countdown: float = 0.0) -> None:
+            raise ConnectionError("broker down")
+
+    with pytest.raises(ConnectionError):
+        inbox.request_drain(pipe.redis, Down())
+    assert not pipe.redis.exists(keys.inbox_drain_queued())
+
+
+def test_chunks_are_read_in_groups_bounded_by_the_sizes_their_ids_carry() -> None:
+    small = [f"1-aa-{n}" for n in (400, 400, 300, 100)]
+    assert inbox.groups(small, max_bytes=1000) == [small[:2], small[2:]]
+    big, old = "2-bb-5000", "1700000000000-cc"  # an id from before ids carried a size
+    assert inbox.groups([small[0], big, small[1], old, small[2]], max_bytes=1000) == [
+        [small[0]],
+        [big],
+        [small[1]],
+        [old],
+        [small[2]],
+    ]
+    assert inbox.chunk_bytes(old) is None and inbox.chunk_bytes(big) == 5000
+
+
+def test_a_chunk_id_carries_its_size(pipe: Pipeline) -> None:
+    chunk = inbox.put_chunk(pipe.redis, ["abc", b"de"])
+    assert inbox.chunk_bytes(chunk) == 5
+
+
+class DrainBetweenWrites:
+    """A client that runs a drain right after the first command a producer sends: where a drain on
+    another worker would land between the two writes of :func:`inbox.put_chunk`."""
+
+    def __init__(self, pipe: Pipeline) -> None:
+        self.pipe, self.drained = pipe, False
+
+    def __getattr__(self, name: str) -> object:
+        command = getattr(self.pipe.redis, name)
+
+        def then_drain(*args: object, **kwargs: object) -> object:
+            out = command(*args, **kwargs)
+            if not self.drained:
+                self.drained = True
+                drain(self.pipe, "between")
+            return out
+
+        return then_drain
+
+
+def test_a_drain_between_a_chunks_two_writes_loses_nothing(pipe: Pipeline) -> None:
+    job = pipe.create_job()
+    producer = DrainBetweenWrites(pipe)
+    chunk = inbox.put_chunk(producer, [json.dumps(enter("a@x.io"))])  # type: ignore[arg-type]
+    assert producer.drained
+    assert drain(pipe, "next").chunks in (0, 1)
+    assert pipe.status(job)["received"] == "1"  # ingested by one drain or the other, not lost
+    assert pending(pipe) == [] and not pipe.redis.exists(keys.inbox_chunk(chunk))
