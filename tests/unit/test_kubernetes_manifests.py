@@ -353,7 +353,7 @@ def worker_problems(docs: list[Doc]) -> list[str]:
 
 def autoscaling_problems(docs: list[Doc]) -> list[str]:
     """ScaledObjects and HPAs target worker Deployments, one autoscaler each, and each trigger
-    watches a queue its target consumes."""
+    watches a queue its target consumes, or its CPU (which KEDA reads against the CPU request)."""
     problems = []
     workers = {d["metadata"]["name"]: d for d in worker_deployments(docs)}
     scalers = [*of_kind(docs, "ScaledObject"), *of_kind(docs, "HorizontalPodAutoscaler")]
@@ -364,6 +364,12 @@ def autoscaling_problems(docs: list[Doc]) -> list[str]:
             problems.append(f"{where}: targets {target}, not a worker Deployment")
             continue
         for trigger in scaler["spec"].get("triggers", []):
+            if trigger["type"] == "cpu":
+                if not all(
+                    c.get("resources", {}).get("requests", {}).get("cpu") for c in containers(workers[target])
+                ):
+                    problems.append(f"{where}: scales on CPU, but {target} requests no CPU")
+                continue
             queue = trigger["metadata"].get("listName") or trigger["metadata"].get("queueName")
             if queue not in worker_queues(workers[target]):
                 problems.append(f"{where}: watches queue {queue!r}, which {target} does not consume")
@@ -464,7 +470,7 @@ def test_only_one_autoscaler_kind_per_kustomization(rendered: dict[str, list[Doc
         name: {t["type"] for d in of_kind(docs, "ScaledObject") for t in d["spec"]["triggers"]}
         for name, docs in rendered.items()
     }
-    assert triggers["default"] == {"redis"} and triggers["keda-rabbitmq"] == {"rabbitmq"}
+    assert triggers["default"] == {"redis", "cpu"} and triggers["keda-rabbitmq"] == {"rabbitmq", "cpu"}
 
 
 def test_rabbitmq_triggers_read_the_broker_url_the_workers_get(rendered: dict[str, list[Doc]]) -> None:
@@ -474,7 +480,8 @@ def test_rabbitmq_triggers_read_the_broker_url_the_workers_get(rendered: dict[st
         target = workers[scaler["spec"]["scaleTargetRef"]["name"]]
         variables = {e["name"] for c in containers(target) for e in c.get("env", [])}
         for trigger in scaler["spec"]["triggers"]:
-            assert trigger["metadata"]["hostFromEnv"] == "CELERY_BROKER_URL" in variables
+            if trigger["type"] != "cpu":
+                assert trigger["metadata"]["hostFromEnv"] == "CELERY_BROKER_URL" in variables
 
 
 def test_settings_are_valid_and_the_placeholders_fail_loudly(rendered: dict[str, list[Doc]]) -> None:
