@@ -13,9 +13,8 @@ that is redelivered or retried (the same id) takes back what it held.
   re-drives. Cheap per transition when the chunk is large.
 * **Drains** (``export.drain``): the webhook receiver writes one chunk per request, and Lytics'
   audience triggers send one user per request unless batching is turned on. A Celery task per
-  such chunk cost 2.5 ms of CPU per transition and capped two worker processes at about 500
-  transitions/s (measured 2026-12-05: 3,000 one-line chunks, against 60 µs per transition in
-  chunks of 1,000). So the receiver asks for a drain instead (:func:`request_drain`: at most one
+  such chunk cost about 3 ms of CPU per transition and capped two worker processes at about 450
+  transitions/s; drains 0.13-0.36 ms (``python -m bench webhooks``, bench/RESULTS.md). So the receiver asks for a drain instead (:func:`request_drain`: at most one
   queued at a time, :data:`DRAIN_GATHER_SECONDS` after the request), and a drain claims every
   pending chunk it can, oldest first, and ingests them together (:func:`groups`), until none is
   left. Under load a drain finds many chunks; a request that finds one queued adds nothing.
