@@ -75,14 +75,12 @@ def _pipeline_helpers() -> Any:
 
 def measure_once(server: str, keys_n: int, users_per_key: int) -> dict[str, Any]:
     """One run with ``keys_n`` API keys, one job each; figures as a dict (see the module doc)."""
-    import redis
 
     from tests.celeryproc import CeleryProcesses, wait_for
     from tests.sandboxproc import start_sandbox
     from worker.dispatch import CeleryDispatcher
     from worker.pipeline import inbox
     from worker.setup.authorizations import AuthorizationStore
-    from worker.setup.crypto import generate_secret_key
     from worker.setup.jobconfig import parse_job_config
     from worker.setup.jobs import JobStore
     from worker.store import keys
@@ -92,18 +90,7 @@ def measure_once(server: str, keys_n: int, users_per_key: int) -> dict[str, Any]
     data_url, broker_url = f"{server}/8", f"{server}/7"
     tokens = [f"bench-key-{k}" for k in range(keys_n)]
     with start_sandbox(tokens, processing_delay=0.5) as sandbox:
-        data = redis.Redis.from_url(data_url)
-        data.flushdb()
-        redis.Redis.from_url(broker_url).flushdb()
-        env = {
-            "REDIS_URL": data_url,
-            "CELERY_BROKER_URL": broker_url,
-            "ATTENTIVE_API_URL": sandbox.url,
-            "EXPORT_SECRET_KEY": generate_secret_key(),
-            "ATTENTIVE_FIRST_POLL_SECONDS": "1",
-            "SWEEP_INTERVAL_SECONDS": "1",
-        }
-        os.environ.update(env)
+        data, env = helpers.fresh_run(data_url, broker_url, sandbox.url)
         auths = AuthorizationStore(data, env["EXPORT_SECRET_KEY"])
         jobs: list[tuple[str, str]] = []  # (job id, audience)
         for k, token in enumerate(tokens):
@@ -124,14 +111,7 @@ def measure_once(server: str, keys_n: int, users_per_key: int) -> dict[str, Any]
             # Interleave the jobs' chunks, as several producers would send them.
             per_job = len(chunks) // keys_n
             order = [chunks[j * per_job + c] for c in range(per_job) for j in range(keys_n)]
-            main = procs.procs["bench"].pid
-            groups = {
-                "pool": helpers._children(main),
-                "main": [main],
-                "beat": [procs.procs["beat"].pid],
-                "redis": [int(data.info("server")["process_id"])],
-                "sandbox": [sandbox.proc.pid],
-            }
+            groups = {**helpers.worker_groups(procs, "bench", data), "sandbox": [sandbox.proc.pid]}
             before = helpers._cpu_seconds(groups)
             dispatcher = CeleryDispatcher()
             start = time.monotonic()

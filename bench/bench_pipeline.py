@@ -39,15 +39,24 @@ TARGET_TPS = 20_000
 TARGET_USERS_PER_REQUEST = 250
 
 
-def _env(sandbox: SandboxProcess) -> dict[str, str]:
-    return {
-        "REDIS_URL": DATA_URL,
-        "CELERY_BROKER_URL": BROKER_URL,
-        "ATTENTIVE_API_URL": sandbox.url,
-        "EXPORT_SECRET_KEY": "",
+def fresh_run(data_url: str, broker_url: str, sandbox_url: str) -> tuple[redis.Redis, dict[str, str]]:
+    """Empty the data and broker databases; the workers' environment (a new secret key, fast first
+    polls and sweeps), also set in this process. Returns a client of the data database and it."""
+    from worker.setup.crypto import generate_secret_key
+
+    data = redis.Redis.from_url(data_url)
+    data.flushdb()
+    redis.Redis.from_url(broker_url).flushdb()
+    env = {
+        "REDIS_URL": data_url,
+        "CELERY_BROKER_URL": broker_url,
+        "ATTENTIVE_API_URL": sandbox_url,
+        "EXPORT_SECRET_KEY": generate_secret_key(),
         "ATTENTIVE_FIRST_POLL_SECONDS": "1",
         "SWEEP_INTERVAL_SECONDS": "1",
     }
+    os.environ.update(env)
+    return data, env
 
 
 def job_config(label: str, authorization: str, audiences: list[str], flush_interval: int) -> dict[str, Any]:
@@ -70,17 +79,11 @@ def job_config(label: str, authorization: str, audiences: list[str], flush_inter
 
 def _setup(sandbox: SandboxProcess, flush_interval: int) -> tuple[redis.Redis, dict[str, str], str]:
     from worker.setup.authorizations import AuthorizationStore
-    from worker.setup.crypto import generate_secret_key
     from worker.setup.jobconfig import parse_job_config
     from worker.setup.jobs import JobStore
 
-    data = redis.Redis.from_url(DATA_URL)
-    data.flushdb()
-    redis.Redis.from_url(BROKER_URL).flushdb()
     sandbox.reset()
-    env = _env(sandbox)
-    env["EXPORT_SECRET_KEY"] = generate_secret_key()
-    os.environ.update(env)
+    data, env = fresh_run(DATA_URL, BROKER_URL, sandbox.url)
     AuthorizationStore(data, env["EXPORT_SECRET_KEY"]).create("bench", TOKEN)
     config = job_config("bench", "bench", ["vip", "lapsed"], flush_interval)
     job = JobStore(data).create(parse_job_config(config))
@@ -118,6 +121,17 @@ def _cpu_seconds(pids: dict[str, list[int]]) -> dict[str, float]:
             total += int(fields[11]) + int(fields[12])
         out[name] = total / hz
     return out
+
+
+def worker_groups(procs: CeleryProcesses, worker: str, data: redis.Redis) -> dict[str, list[int]]:
+    """The processes whose CPU is ours: ``worker``'s pool and main process, beat, and Redis."""
+    main = procs.procs[worker].pid
+    return {
+        "pool": _children(main),
+        "main": [main],
+        "beat": [procs.procs["beat"].pid],
+        "redis": [_redis_pid(data)],
+    }
 
 
 def _children(pid: int) -> list[int]:
