@@ -116,22 +116,28 @@ def claim(
     client: redis.Redis, chunk_ids: Sequence[str], owner: str, lease_ms: int = CLAIM_LEASE_MS
 ) -> list[str]:
     """The chunks among ``chunk_ids`` that are ``owner``'s now: those nobody held, and those it
-    held already (a redelivered or retried task has the same id), with their lease renewed."""
+    held already (a redelivered or retried task has the same id), with their lease renewed.
+
+    ``SET NX`` then, for the refused ones only, ``GET``: not ``SET NX GET`` in one command, which
+    Redis accepts only from 7.0."""
     if not chunk_ids:
         return []
     pipe = client.pipeline(transaction=False)
     for chunk_id in chunk_ids:
-        pipe.set(keys.inbox_claim(chunk_id), owner, nx=True, get=True, px=lease_ms)
-    held = pipe.execute()
-    mine = [c for c, before in zip(chunk_ids, held, strict=True) if before is None or text(before) == owner]
-    renewed = [
-        c for c, before in zip(chunk_ids, held, strict=True) if before is not None and text(before) == owner
-    ]
-    if renewed:
-        for chunk_id in renewed:
-            pipe.pexpire(keys.inbox_claim(chunk_id), lease_ms)
-        pipe.execute()
-    return mine
+        pipe.set(keys.inbox_claim(chunk_id), owner, nx=True, px=lease_ms)
+    taken = pipe.execute()
+    refused = [c for c, ok in zip(chunk_ids, taken, strict=True) if not ok]
+    if not refused:
+        return list(chunk_ids)
+    for chunk_id in refused:
+        pipe.get(keys.inbox_claim(chunk_id))
+    holders = dict(zip(refused, pipe.execute(), strict=True))
+    renewed = [c for c in refused if holders[c] is not None and text(holders[c]) == owner]
+    for chunk_id in renewed:
+        pipe.pexpire(keys.inbox_claim(chunk_id), lease_ms)
+    pipe.execute()
+    ours = set(renewed)
+    return [c for c in chunk_ids if c not in holders or c in ours]
 
 
 def release(client: redis.Redis, chunk_ids: Sequence[str]) -> None:
