@@ -72,29 +72,23 @@ def measure_once(
             groups = helpers.worker_groups(procs, "bench", data)
             dispatcher = CeleryDispatcher()
 
-            def send(line: str) -> None:
-                chunk = inbox.put_chunk(data, [line])
+            def dispatch(chunk: str) -> None:
                 if mode == "task":
                     dispatcher.ingest(chunk)
                 else:
                     inbox.request_drain(data, dispatcher)
 
+            # A burst is written first and dispatched after, so the workers find it all at once.
+            written = [inbox.put_chunk(data, [line]) for line in lines] if pace == "burst" else []
             before = helpers._cpu_seconds(groups)
             start = time.monotonic()
             if pace == "burst":
-                # Written first, then dispatched, so the workers find them all at once.
-                chunks = [inbox.put_chunk(data, [line]) for line in lines]
-                start = time.monotonic()
-                before = helpers._cpu_seconds(groups)
-                for chunk in chunks:
-                    if mode == "task":
-                        dispatcher.ingest(chunk)
-                    else:
-                        inbox.request_drain(data, dispatcher)
+                for chunk in written:
+                    dispatch(chunk)
             else:
                 interval = 1.0 / float(pace)
                 for i, line in enumerate(lines):
-                    send(line)
+                    dispatch(inbox.put_chunk(data, [line]))
                     time.sleep(max(0.0, start + (i + 1) * interval - time.monotonic()))
             wait_for(lambda: int(data.hget(status, "received") or 0) >= users, 900, "every transition", 0.05)
             received = time.monotonic() - start

@@ -64,6 +64,9 @@ GROUP_BYTES = 1 << 20
 
 
 class DrainDispatcher(Protocol):
+    """What asks for drains (``worker.dispatch.CeleryDispatcher`` fits): the webhook receiver, the
+    sweep, a drain that ran out of time."""
+
     def drain(self, countdown: float = 0.0) -> None: ...
 
 

@@ -197,9 +197,13 @@ def drain_inbox(
     report = DrainReport()
     inbox.drain_started(client)
     deadline = time.monotonic() + budget_seconds
+
+    def out_of_time() -> bool:
+        return time.monotonic() >= deadline or stop()
+
     skipped = 0  # pending chunks at the front that others hold
     while True:
-        if time.monotonic() >= deadline or stop():
+        if out_of_time():
             report.more = True
             return report
         window = inbox.pending_window(client, skipped)
@@ -209,7 +213,7 @@ def drain_inbox(
         skipped += len(window) - len(mine)
         todo = inbox.groups(mine)
         for n, group in enumerate(todo):
-            if n and (time.monotonic() >= deadline or stop()):
+            if n and out_of_time():
                 inbox.release(client, [c for rest in todo[n:] for c in rest])
                 report.more = True
                 return report

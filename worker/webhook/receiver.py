@@ -49,7 +49,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import quote, quote_plus, unquote_plus
 
 import redis
@@ -101,13 +101,6 @@ UTF8_CHARSETS = frozenset({"utf-8", "utf8", "us-ascii"})
 
 class WebhookConfigError(Exception):
     """The receiver cannot start as configured; the message says how to fix it."""
-
-
-class IngestDispatcher(Protocol):
-    """The one step the receiver asks for (``worker.dispatch.CeleryDispatcher`` fits): a drain of
-    the inbox (worker.pipeline.inbox), which ingests this request's chunk with every other pending."""
-
-    def drain(self, countdown: float = 0.0) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -264,7 +257,7 @@ class Receiver:
     """Request handling, with its Redis client and dispatcher (both shared by all requests)."""
 
     def __init__(
-        self, settings: WebhookSettings, client: redis.Redis, dispatcher: IngestDispatcher | None
+        self, settings: WebhookSettings, client: redis.Redis, dispatcher: inbox.DrainDispatcher | None
     ) -> None:
         self.settings = settings
         self.redis = client
@@ -277,7 +270,7 @@ class Receiver:
         )
 
     @property
-    def dispatcher(self) -> IngestDispatcher:
+    def dispatcher(self) -> inbox.DrainDispatcher:
         if self._dispatcher is None:  # imported late: the Celery app reads the broker URL on import
             from worker.dispatch import CeleryDispatcher
 
@@ -517,7 +510,7 @@ def redis_client(url: str) -> redis.Redis:
 def create_app(
     settings: WebhookSettings,
     client: redis.Redis | None = None,
-    dispatcher: IngestDispatcher | None = None,
+    dispatcher: inbox.DrainDispatcher | None = None,
 ) -> Starlette:
     """The ASGI app. Tests pass a fake Redis and a recording dispatcher; by default it connects to
     ``settings.redis_url`` and sends Celery tasks to ``CELERY_BROKER_URL``."""
