@@ -31,6 +31,7 @@ def drain(self: Any) -> None:
         owner=str(self.request.id),
         on_sealed=lambda sealed: _flush_sealed(rt, sealed),
         stop=shutdown.requested,
+        on_backlog=lambda: inbox.request_drain(rt.redis, rt.dispatch, countdown=0.0),
     )
     if report.more:
         inbox.request_drain(rt.redis, rt.dispatch, countdown=0.0)

@@ -47,6 +47,11 @@ MAX_POLL_CAP_SECONDS = 6 * 3600.0
 MAX_SWEEP_INTERVAL_SECONDS = 60.0
 #: 5 MiB: a Lytics batch of 1,000 triggers with a few dozen profile fields fits comfortably.
 DEFAULT_WEBHOOK_MAX_BYTES = 5 * 1024 * 1024
+#: How long after a webhook its drain starts, by default (worker.pipeline.inbox).
+DEFAULT_DRAIN_GATHER_SECONDS = 0.25
+#: Longest a webhook waits for the drain that ingests it (it gathers the requests arriving meanwhile):
+#: well within the 30 s flush interval, and far from the minute after which the sweep re-drives.
+MAX_DRAIN_GATHER_SECONDS = 10.0
 #: A webhook token shorter than this is too easy to guess for an endpoint on the internet.
 MIN_WEBHOOK_TOKEN_LENGTH = 16
 #: Dead letters kept per job (the oldest go beyond it; their counts by reason stay exact).
@@ -81,6 +86,7 @@ _RULES = {
     "SWEEP_INTERVAL_SECONDS": f"must be a number of seconds greater than 0 and at most {MAX_SWEEP_INTERVAL_SECONDS:g}",
     "WEBHOOK_MAX_BYTES": "must be a whole number of bytes, at least 1",
     "WEBHOOK_METHOD": f"must be one of {', '.join(WEBHOOK_METHODS)}",
+    "WEBHOOK_DRAIN_GATHER_SECONDS": f"must be a number of seconds, at least 0 and at most {MAX_DRAIN_GATHER_SECONDS:g}",
     "DEADLETTER_CAP": f"must be a whole number of entries, at least 1 and at most {MAX_DEADLETTER_CAP}",
     "LOG_FORMAT": f"must be one of {', '.join(LOG_FORMATS)}",
     "BACKFILL_FILE_MAX_STAGED_LINES": "must be a whole number of lines, at least 1",
@@ -209,6 +215,15 @@ class Settings(BaseSettings):
     webhook_max_bytes: int = Field(DEFAULT_WEBHOOK_MAX_BYTES, validation_alias="WEBHOOK_MAX_BYTES", ge=1)
     #: The method configured in Lytics, accepted besides POST.
     webhook_method: str = Field("POST", validation_alias="WEBHOOK_METHOD")
+    #: How long after a webhook its drain starts, ingesting every request that arrived meanwhile in
+    #: one task (worker.pipeline.inbox): longer means fewer tasks under load, and that much latency.
+    webhook_drain_gather_seconds: float = Field(
+        DEFAULT_DRAIN_GATHER_SECONDS,
+        validation_alias="WEBHOOK_DRAIN_GATHER_SECONDS",
+        ge=0,
+        le=MAX_DRAIN_GATHER_SECONDS,
+        allow_inf_nan=False,
+    )
     #: Dead letters kept per job; beyond it the oldest are dropped, counts by reason stay exact.
     deadletter_cap: int = Field(
         DEFAULT_DEADLETTER_CAP, validation_alias="DEADLETTER_CAP", ge=1, le=MAX_DEADLETTER_CAP

@@ -98,7 +98,7 @@ def test_a_drain_out_of_budget_or_told_to_stop_claims_nothing_and_asks_for_anoth
     assert pending(pipe) == chunks and not pipe.redis.exists(keys.inbox_claim(chunks[0]))
 
 
-def test_a_drain_stopped_between_groups_releases_the_chunks_it_claimed_and_did_not_ingest(
+def test_a_drain_stopped_between_groups_holds_no_claim_on_what_it_left(
     pipe: Pipeline, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pipe.create_job()
@@ -109,6 +109,73 @@ def test_a_drain_stopped_between_groups_releases_the_chunks_it_claimed_and_did_n
     assert (report.chunks, report.more) == (2, True)
     assert pending(pipe) == chunks[2:]
     assert not [c for c in chunks if pipe.redis.exists(keys.inbox_claim(c))]  # free for the next task
+
+
+def test_a_drain_that_finds_more_than_a_group_asks_once_for_another_and_holds_one_group(
+    pipe: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pipe.create_job()
+    chunks = one_line_chunks(pipe, users(9))
+    monkeypatch.setattr(inbox, "GROUP_BYTES", 3 * (inbox.chunk_bytes(chunks[0]) or 0))  # 3 a group
+    real_read = inbox.read_chunks
+    held: list[list[str]] = []
+
+    def read(client: redis.Redis, ids: list[str]) -> list[bytes | str]:
+        held.append(sorted(c for c in chunks if pipe.redis.get(keys.inbox_claim(c)) == b"d"))
+        return real_read(client, ids)
+
+    monkeypatch.setattr(inbox, "read_chunks", read)
+    helpers: list[str] = []
+    report = drain(pipe, "d", on_backlog=lambda: helpers.append("asked"))
+    assert report.chunks == 9 and helpers == ["asked"]  # once, not once per group
+    assert held == [sorted(chunks[0:3]), sorted(chunks[3:6]), sorted(chunks[6:9])]  # one group each time
+    one_line_chunks(pipe, users(3))
+    assert drain(pipe, "e", on_backlog=lambda: helpers.append("again")).chunks == 3
+    assert helpers == ["asked"]  # all it found was one group: nobody else is needed
+
+
+def test_two_drains_side_by_side_share_a_burst_and_leave_nothing(
+    pipe: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = pipe.create_job()
+    chunks = one_line_chunks(pipe, users(1000))  # four claim windows
+    real_read = inbox.read_chunks
+    second: list[DrainReport] = []
+
+    def read(client: redis.Redis, ids: list[str]) -> list[bytes | str]:
+        if not second:  # the helper the first drain asked for starts while it reads its group
+            second.append(DrainReport())
+            second[0] = drain(pipe, "helper")
+        return real_read(client, ids)
+
+    monkeypatch.setattr(inbox, "read_chunks", read)
+    first = drain(pipe, "first", on_backlog=lambda: None)
+    assert first.chunks > 0 and second[0].chunks > 0 and first.chunks + second[0].chunks == 1000
+    assert pending(pipe) == [] and not [c for c in chunks if pipe.redis.exists(keys.inbox_claim(c))]
+    assert pipe.status(job)["received"] == "1000"
+
+
+def test_chunks_that_move_in_front_of_a_drain_while_it_works_are_still_taken(
+    pipe: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another task holds the front; this drain steps over it, and while it ingests the next group
+    the other drops its own, so the rest moves in front of where this drain looks next."""
+    job = pipe.create_job()
+    chunks = one_line_chunks(pipe, users(9))
+    front, mine, rest = chunks[:3], chunks[3:6], chunks[6:]
+    monkeypatch.setattr(inbox, "GROUP_BYTES", 3 * (inbox.chunk_bytes(chunks[0]) or 0))  # 3 a group
+    assert inbox.claim(pipe.redis, front, "other") == front
+    real_read = inbox.read_chunks
+
+    def read(client: redis.Redis, ids: list[str]) -> list[bytes | str]:
+        if ids == mine:  # the other task finishes its group meanwhile
+            inbox.drop_chunks(pipe.redis, front)
+        return real_read(client, ids)
+
+    monkeypatch.setattr(inbox, "read_chunks", read)
+    assert drain(pipe, "d").chunks == 6  # its group, then the rest from the front, not left behind
+    assert pending(pipe) == [] and pipe.status(job)["received"] == "6"
+    assert not [c for c in rest if pipe.redis.exists(keys.inbox_chunk(c))]
 
 
 def test_a_drain_clears_the_queued_mark_so_a_later_chunk_asks_for_the_next(pipe: Pipeline) -> None:
@@ -177,3 +244,17 @@ def test_a_drain_between_a_chunks_two_writes_loses_nothing(pipe: Pipeline) -> No
     assert drain(pipe, "next").chunks in (0, 1)
     assert pipe.status(job)["received"] == "1"  # ingested by one drain or the other, not lost
     assert pending(pipe) == [] and not pipe.redis.exists(keys.inbox_chunk(chunk))
+
+
+def test_the_drain_task_asks_for_a_helper_when_more_than_a_group_waits(
+    pipe: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tasks.ingest
+
+    job = pipe.create_job(batch_size=256)
+    one_line_chunks(pipe, users(300))  # more than one claim window: a group and more
+    monkeypatch.setattr(tasks.ingest, "runtime", lambda: pipe.rt)
+    tasks.ingest.drain.apply(task_id="drain-1")  # the task as a worker runs it, in this process
+    assert pipe.dispatch.drains == [0.0]  # a helper at once, not after the gather time
+    assert pending(pipe) == [] and pipe.status(job)["received"] == "300"
+    assert pipe.dispatch.flushes  # the batch it sealed is on its way

@@ -54,6 +54,7 @@ VARIABLES = (
     "WEBHOOK_TOKEN",
     "WEBHOOK_MAX_BYTES",
     "WEBHOOK_METHOD",
+    "WEBHOOK_DRAIN_GATHER_SECONDS",
     "DEADLETTER_CAP",
     "BACKFILL_MAX_QUEUED_USERS",
     "BACKFILL_FILE_MAX_STAGED_LINES",
@@ -76,6 +77,7 @@ DEFAULTS: dict[str, Any] = {
     "webhook_token": None,
     "webhook_max_bytes": DEFAULT_WEBHOOK_MAX_BYTES,
     "webhook_method": "POST",
+    "webhook_drain_gather_seconds": 0.25,
     "deadletter_cap": 100_000,
     "backfill_max_queued_users": 50_000,
     "backfill_file_max_staged_lines": 50_000,
@@ -140,6 +142,7 @@ def test_every_readme_variable_is_a_setting() -> None:
         ("SWEEP_INTERVAL_SECONDS", "0.5", "sweep_interval_seconds", 0.5),
         ("WEBHOOK_MAX_BYTES", "2048", "webhook_max_bytes", 2048),
         ("WEBHOOK_METHOD", " put ", "webhook_method", "PUT"),
+        ("WEBHOOK_DRAIN_GATHER_SECONDS", "0", "webhook_drain_gather_seconds", 0.0),
         ("BACKFILL_FILE_MAX_STAGED_LINES", "5000", "backfill_file_max_staged_lines", 5000),
     ],
 )

@@ -464,6 +464,20 @@ def test_settings_validate_tokens_size_and_method() -> None:
     assert TOKEN not in repr(s)
 
 
+def test_the_drain_gather_time_is_a_setting_the_receiver_uses() -> None:
+    assert (
+        WebhookSettings.from_env({"WEBHOOK_TOKEN": TOKEN}).drain_gather_seconds == inbox.DRAIN_GATHER_SECONDS
+    )
+    for bad in ("-1", "11", "soon", "nan"):
+        with pytest.raises(WebhookConfigError, match="WEBHOOK_DRAIN_GATHER_SECONDS"):
+            WebhookSettings.from_env({"WEBHOOK_TOKEN": TOKEN, "WEBHOOK_DRAIN_GATHER_SECONDS": bad})
+    settings = WebhookSettings.from_env({"WEBHOOK_TOKEN": TOKEN, "WEBHOOK_DRAIN_GATHER_SECONDS": "1.5"})
+    rx = Receiver(settings)
+    with rx.client:
+        assert rx.post(trigger("a@x.io")).status_code == 202
+    assert rx.dispatch.drains == [(1.5,)]
+
+
 def test_the_token_never_reaches_the_access_log() -> None:
     record = logging.LogRecord(
         "uvicorn.access",

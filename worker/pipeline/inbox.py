@@ -15,9 +15,11 @@ that is redelivered or retried (the same id) takes back what it held.
   audience triggers send one user per request unless batching is turned on. A Celery task per
   such chunk cost about 3 ms of CPU per transition and capped two worker processes at about 450
   transitions/s; drains 0.13-0.36 ms (``python -m bench webhooks``, bench/RESULTS.md). So the receiver asks for a drain instead (:func:`request_drain`: at most one
-  queued at a time, :data:`DRAIN_GATHER_SECONDS` after the request), and a drain claims every
-  pending chunk it can, oldest first, and ingests them together (:func:`groups`), until none is
-  left. Under load a drain finds many chunks; a request that finds one queued adds nothing.
+  queued at a time, :data:`DRAIN_GATHER_SECONDS` after the request), and a drain claims pending
+  chunks a group at a time (:func:`groups`), oldest first, and ingests each group together, until
+  none is left. Under load a drain finds many chunks; a request that finds one queued adds nothing,
+  and a drain that finds more than one group waiting asks for another drain at once, so a burst
+  spreads over every free ingest process.
 
 A chunk and the pending set are written one after the other, never in one MULTI: on a Redis
 Cluster they live on different slots (chunks spread over the nodes by their ids). The order is
@@ -43,6 +45,7 @@ from typing import Protocol
 
 import redis
 
+from worker.settings import DEFAULT_DRAIN_GATHER_SECONDS
 from worker.store import keys
 from worker.store.replies import text
 
@@ -53,8 +56,9 @@ ORPHAN_AFTER_MS = 60_000
 #: same task id, takes them back at once).
 CLAIM_LEASE_MS = 130_000
 #: A drain runs this long after the request that queued it, so the webhooks arriving meanwhile are
-#: ingested with it: one task for every webhook of that quarter second, at most that much later.
-DRAIN_GATHER_SECONDS = 0.25
+#: ingested with it: one task for every webhook of that quarter second, at most that much later
+#: (the receiver's ``WEBHOOK_DRAIN_GATHER_SECONDS``; this is its default).
+DRAIN_GATHER_SECONDS = DEFAULT_DRAIN_GATHER_SECONDS
 #: A queued drain counts as on its way this long (a lost message is replaced after it).
 DRAIN_QUEUED_TTL_MS = 30_000
 #: Pending chunks a drain looks at per claim.
@@ -141,14 +145,6 @@ def claim(
     pipe.execute()
     ours = set(renewed)
     return [c for c in chunk_ids if c not in holders or c in ours]
-
-
-def release(client: redis.Redis, chunk_ids: Sequence[str]) -> None:
-    """Give up claims taken and not used (a drain told to stop), so the next task takes them now."""
-    pipe = client.pipeline(transaction=False)
-    for chunk_id in chunk_ids:
-        pipe.delete(keys.inbox_claim(chunk_id))
-    pipe.execute()
 
 
 def groups(chunk_ids: Sequence[str], max_bytes: int | None = None) -> list[list[str]]:

@@ -185,47 +185,54 @@ def drain_inbox(
     on_sealed: Callable[[dict[str, list[int]]], None],
     budget_seconds: float = DRAIN_BUDGET_SECONDS,
     stop: Callable[[], bool] = lambda: False,
+    on_backlog: Callable[[], object] | None = None,
 ) -> DrainReport:
     """Claim pending inbox chunks as ``owner``, oldest first, and ingest them a group at a time
     (:func:`worker.pipeline.inbox.groups`) to the end of the pending set as it was when each window
-    was read, unless the budget is spent or ``stop()`` says so first (claimed chunks not ingested
-    by then are released at once).
+    was read, unless the budget is spent or ``stop()`` says so first.
 
-    Chunks other tasks hold are stepped over (a dead task's until its lease ends); a chunk is
-    dropped only once its group was ingested. ``on_sealed`` gets the batches each group sealed
-    (job id -> batch ids), so they are flushed while the drain goes on."""
+    A group is claimed just before it is ingested, so a drain holds at most one group: chunks other
+    tasks hold are stepped over (a dead task's until its lease ends), and a drain that finds more
+    waiting than its group calls ``on_backlog`` once, to ask for another drain that takes the next
+    groups in another process (one burst of one-user webhooks then spreads over every free ingest
+    process instead of queueing behind one). A chunk is dropped only once its group was ingested.
+    ``on_sealed`` gets the batches each group sealed (job id -> batch ids), so they are flushed
+    while the drain goes on."""
     report = DrainReport()
     inbox.drain_started(client)
     deadline = time.monotonic() + budget_seconds
-
-    def out_of_time() -> bool:
-        return time.monotonic() >= deadline or stop()
-
-    skipped = 0  # pending chunks at the front that others hold
+    help_asked = on_backlog is None
+    skipped = 0  # pending chunks at the front that others hold (or held when this pass looked)
+    claimed_this_pass = False
     while True:
-        if out_of_time():
+        if time.monotonic() >= deadline or stop():
             report.more = True
             return report
         window = inbox.pending_window(client, skipped)
-        if not window:
-            return report
-        mine = inbox.claim(client, window, owner)
-        skipped += len(window) - len(mine)
-        todo = inbox.groups(mine)
-        for n, group in enumerate(todo):
-            if n and out_of_time():
-                inbox.release(client, [c for rest in todo[n:] for c in rest])
-                report.more = True
-                return report
-            lines = inbox.read_chunks(client, group)
+        group = inbox.groups(window)[0] if window else []
+        more_waiting = len(window) > len(group) or len(window) == inbox.CLAIM_WINDOW
+        if not help_asked and more_waiting:
+            assert on_backlog is not None
+            on_backlog()
+            help_asked = True
+        mine = inbox.claim(client, group, owner)
+        skipped += len(group) - len(mine)
+        if mine:
+            claimed_this_pass = True
+            lines = inbox.read_chunks(client, mine)
             ingested = ingest_lines(client, jobs, lines)
-            inbox.drop_chunks(client, group)
-            report.chunks += len(group)
+            inbox.drop_chunks(client, mine)
+            report.chunks += len(mine)
             report.lines += len(lines)
             if any(ingested.sealed.values()):
                 on_sealed(ingested.sealed)
-        if len(window) < inbox.CLAIM_WINDOW:
-            # The end of the pending set: what arrives from now on queued a drain of its own when
-            # it came (the mark was cleared at this one's start), gathering for a quarter second.
-            # Looking again at once would take a few requests a time at a task's cost each round.
+        if more_waiting:
+            continue
+        # The end of the pending set: what arrives from now on queued a drain of its own when it
+        # came (the mark was cleared at this one's start), gathering for a moment; looking again at
+        # once would take a few requests a time at a task's cost each round. But chunks this pass
+        # stepped over may have moved in front of where it looked, when those holding them dropped
+        # theirs: so a pass that stepped over some and took some looks once more from the front.
+        if not (skipped and claimed_this_pass):
             return report
+        skipped, claimed_this_pass = 0, False

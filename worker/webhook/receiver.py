@@ -116,6 +116,8 @@ class WebhookSettings:
     #: For ``/metrics``: Celery queue depths (when the broker is Redis) and the limiter's wait.
     broker_url: str = ""
     rate_limit_per_second: float = DEFAULT_RATE_LIMIT_PER_SECOND
+    #: How long after a request the drain that ingests it starts (``WEBHOOK_DRAIN_GATHER_SECONDS``).
+    drain_gather_seconds: float = inbox.DRAIN_GATHER_SECONDS
 
     def __post_init__(self) -> None:
         if self.require_auth and not self.tokens:
@@ -145,7 +147,8 @@ class WebhookSettings:
     ) -> WebhookSettings:
         """The receiver's part of :class:`worker.settings.Settings` (validated there, like every
         process's): ``REDIS_URL``, ``WEBHOOK_TOKEN`` (comma-separated for rotation),
-        ``WEBHOOK_MAX_BYTES`` and ``WEBHOOK_METHOD`` (the method configured in Lytics, besides POST).
+        ``WEBHOOK_MAX_BYTES``, ``WEBHOOK_METHOD`` (the method configured in Lytics, besides POST)
+        and ``WEBHOOK_DRAIN_GATHER_SECONDS``.
         ``env`` defaults to the environment.
 
         ``insecure_no_auth`` only allows starting without a token: a token that is set is enforced.
@@ -163,6 +166,7 @@ class WebhookSettings:
             methods=tuple(dict.fromkeys(("POST", settings.webhook_method))),
             broker_url=settings.broker_url,
             rate_limit_per_second=settings.rate_limit_per_second,
+            drain_gather_seconds=settings.webhook_drain_gather_seconds,
         )
 
 
@@ -382,7 +386,7 @@ class Receiver:
         # The chunk is durable and registered as pending from here on: if the broker refuses the
         # task, the sweep re-drives the chunk (inbox.ORPHAN_AFTER_MS), so the answer stays 202.
         try:
-            inbox.request_drain(self.redis, self.dispatcher)
+            inbox.request_drain(self.redis, self.dispatcher, self.settings.drain_gather_seconds)
         except Exception as exc:
             log.warning(
                 "drain task for chunk %s not sent (%s); the sweep re-drives it", chunk_id, type(exc).__name__
