@@ -5,9 +5,10 @@ receiver stores each request as one inbox chunk. This measures what a transition
 workers, side by side in one run, for the two ways a chunk can be ingested:
 
 * ``task``: an ``export.ingest`` task per chunk (what the receiver queued before drains);
-* ``drain``: what the receiver does now (``inbox.request_drain`` after each chunk: one
-  ``export.drain`` at a time, a quarter second after the request that queued it, ingesting every
-  pending chunk).
+* ``drain``: what the receiver does now (``inbox.put_chunk_for_drain``: the chunk and, unless one
+  is queued, a drain's mark in one round trip; one ``export.drain`` at a time, a quarter second
+  after the request that queued it, ingesting the pending chunks a group at a time, and asking for
+  a helper in another process when more than a group waits).
 
 Each run: a fresh Redis database, the sandbox (one token, Attentive's 100 requests/s, jobs complete
 after 0.5 s), one ``celery worker`` with 2 prefork processes plus beat, one job. ``--users`` users
@@ -78,6 +79,15 @@ def measure_once(
                 else:
                     inbox.request_drain(data, dispatcher)
 
+            def receive(line: str) -> None:
+                """One request as the receiver stores it in this mode."""
+                if mode == "task":
+                    dispatcher.ingest(inbox.put_chunk(data, [line]))
+                else:
+                    _chunk, send = inbox.put_chunk_for_drain(data, [line])
+                    if send:
+                        inbox.send_drain(data, dispatcher, inbox.DRAIN_GATHER_SECONDS)
+
             # A burst is written first and dispatched after, so the workers find it all at once.
             written = [inbox.put_chunk(data, [line]) for line in lines] if pace == "burst" else []
             before = helpers._cpu_seconds(groups)
@@ -88,7 +98,7 @@ def measure_once(
             else:
                 interval = 1.0 / float(pace)
                 for i, line in enumerate(lines):
-                    dispatch(inbox.put_chunk(data, [line]))
+                    receive(line)
                     time.sleep(max(0.0, start + (i + 1) * interval - time.monotonic()))
             wait_for(lambda: int(data.hget(status, "received") or 0) >= users, 900, "every transition", 0.05)
             received = time.monotonic() - start

@@ -1,5 +1,6 @@
-"""A fake Redis that notes what a Redis Cluster would refuse: MULTI blocks and script calls whose keys
-span hash slots (CROSSSLOT there). Unit tests get it as ``fake_redis`` (tests/conftest.py), which
+"""A fake Redis that notes what a Redis Cluster would refuse: MULTI blocks, commands in a pipeline and
+script calls whose keys span hash slots (CROSSSLOT there; outside a pipeline redis-py's cluster client
+splits a multi-key DEL or EXISTS by slot itself). Unit tests get it as ``fake_redis`` (tests/conftest.py), which
 fails a test that caused one, so every code path the unit tests run is checked for Cluster without
 a cluster. Keys a script derives inside Lua are checked by the cluster test instead
 (tests/integration/test_redis_cluster.py, which watches every command scripts run).
@@ -40,6 +41,14 @@ def _slots(found: list[bytes]) -> set[int]:
     return {key_slot(k) for k in found}
 
 
+def _check_command(notes: list[str], args: Sequence[Any]) -> None:
+    """Note a pipelined command whose own keys span slots (``DEL a b`` with ``a`` and ``b`` apart):
+    redis-py's cluster pipeline refuses it."""
+    keys = command_keys(args)
+    if len(_slots(keys)) > 1:
+        notes.append(f"{str(args[0]).upper()} on {len(_slots(keys))} slots: {sorted(set(keys))}")
+
+
 class SlotCheckedPipeline(redis.client.Pipeline):
     """A pipeline that, when transactional, notes a WATCH/MULTI block touching several slots."""
 
@@ -49,6 +58,7 @@ class SlotCheckedPipeline(redis.client.Pipeline):
         super().__init__(*args, **kwargs)
 
     def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        _check_command(self._notes, args)
         if self.transaction:
             self._block_keys += command_keys(args)
         return super().execute_command(*args, **kwargs)

@@ -258,3 +258,24 @@ def test_the_drain_task_asks_for_a_helper_when_more_than_a_group_waits(
     assert pipe.dispatch.drains == [0.0]  # a helper at once, not after the gather time
     assert pending(pipe) == [] and pipe.status(job)["received"] == "300"
     assert pipe.dispatch.flushes  # the batch it sealed is on its way
+
+
+def test_the_receivers_write_is_one_round_trip_on_one_redis_and_the_chunk_comes_first_on_a_cluster(
+    pipe: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent: list[list[str]] = []
+    real_execute = redis.client.Pipeline.execute
+
+    def execute(self: redis.client.Pipeline, raise_on_error: bool = True) -> Any:
+        sent.append([str(args[0]) for args, _options in self.command_stack])
+        return real_execute(self, raise_on_error)
+
+    monkeypatch.setattr(redis.client.Pipeline, "execute", execute)
+    first, send = inbox.put_chunk_for_drain(pipe.redis, [json.dumps(enter("a@x.io"))])
+    assert send and sent == [["RPUSH", "ZADD", "SET"]]  # one connection keeps the order
+    sent.clear()
+    monkeypatch.setattr(inbox, "is_cluster", lambda client: True)
+    second, send = inbox.put_chunk_for_drain(pipe.redis, [json.dumps(enter("b@x.io"))])
+    assert not send  # a drain is marked as queued already
+    assert sent == [["RPUSH"], ["ZADD", "SET"]]  # nodes are written side by side: the chunk first
+    assert pending(pipe) == [first, second]

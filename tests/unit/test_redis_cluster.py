@@ -93,6 +93,12 @@ def test_the_fake_notes_a_multi_across_slots_and_lets_one_slot_through() -> None
     nontransactional.get(keys.open_since("b"))
     nontransactional.execute()  # a cluster client splits these by node
     assert len(client.cross_slot) == 1
+    nontransactional.delete(keys.inbox_chunk("c1"), keys.inbox_claim("c1"))  # one slot by design
+    nontransactional.execute()
+    assert len(client.cross_slot) == 1
+    nontransactional.delete(keys.inbox_chunk("c1"), keys.inbox_chunk("c2"))
+    nontransactional.execute()  # but not one command of a pipeline on two slots
+    assert len(client.cross_slot) == 2 and "DEL on 2 slots" in client.cross_slot[1]
 
 
 def test_the_fake_notes_a_script_declaring_keys_of_two_slots() -> None:

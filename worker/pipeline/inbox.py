@@ -47,6 +47,7 @@ import redis
 
 from worker.settings import DEFAULT_DRAIN_GATHER_SECONDS
 from worker.store import keys
+from worker.store.connection import is_cluster
 from worker.store.replies import text
 
 #: A chunk not ingested this long after it was written is re-driven by the sweep.
@@ -79,11 +80,35 @@ def put_chunk(client: redis.Redis, lines: Sequence[str | bytes]) -> str:
 
     The id ends with the chunk's size in bytes (characters for text), which a drain reads to
     bound what it holds in memory without asking Redis (:func:`groups`)."""
+    chunk_id, _marked = _write_chunk(client, lines, None)
+    return chunk_id
+
+
+def put_chunk_for_drain(
+    client: redis.Redis, lines: Sequence[str | bytes], countdown: float = DRAIN_GATHER_SECONDS
+) -> tuple[str, bool]:
+    """:func:`put_chunk`, and mark a drain as queued unless one is: (chunk id, whether this call set
+    the mark, and so must send the drain with :func:`send_drain`). The webhook receiver's write:
+    one round trip on one Redis (a pipeline keeps the order of its commands), two on a Cluster."""
+    return _write_chunk(client, lines, countdown)
+
+
+def _write_chunk(
+    client: redis.Redis, lines: Sequence[str | bytes], drain_countdown: float | None
+) -> tuple[str, bool]:
     size = sum(len(line) for line in lines)
     chunk_id = f"{int(time.time() * 1000)}-{secrets.token_hex(6)}-{size}"
-    client.rpush(keys.inbox_chunk(chunk_id), *lines)  # whole, before a drain can see it (module doc)
-    client.zadd(keys.inbox_pending(), {chunk_id: time.time() * 1000})
-    return chunk_id
+    pipe = client.pipeline(transaction=False)
+    pipe.rpush(keys.inbox_chunk(chunk_id), *lines)  # whole, before a drain can see it (module doc)
+    if is_cluster(client):
+        # The pending set is on another node, and a cluster pipeline sends to nodes side by side:
+        # the chunk must be stored before its entry can be seen.
+        pipe.execute()
+    pipe.zadd(keys.inbox_pending(), {chunk_id: time.time() * 1000})
+    if drain_countdown is not None:
+        pipe.set(keys.inbox_drain_queued(), 1, nx=True, px=_queued_ttl_ms(drain_countdown))
+    replies = pipe.execute()
+    return chunk_id, drain_countdown is not None and bool(replies[-1])
 
 
 def chunk_bytes(chunk_id: str) -> int | None:
@@ -99,15 +124,24 @@ def request_drain(
 
     A drain clears the mark when it starts (:func:`drain_started`), so a chunk written after that
     queues the next one: none waits for a drain that already looked."""
-    mark = keys.inbox_drain_queued()
-    if not client.set(mark, 1, nx=True, px=DRAIN_QUEUED_TTL_MS + int(countdown * 1000)):
+    if not client.set(keys.inbox_drain_queued(), 1, nx=True, px=_queued_ttl_ms(countdown)):
         return False
+    send_drain(client, dispatcher, countdown)
+    return True
+
+
+def send_drain(client: redis.Redis, dispatcher: DrainDispatcher, countdown: float) -> None:
+    """Send the drain whose queued mark this caller set; if the broker refuses it, clear the mark so
+    the next request tries again (the sweep re-drives the chunks anyway)."""
     try:
         dispatcher.drain(countdown)
     except BaseException:
-        client.delete(mark)  # the next request tries again; the sweep re-drives this chunk anyway
+        client.delete(keys.inbox_drain_queued())
         raise
-    return True
+
+
+def _queued_ttl_ms(countdown: float) -> int:
+    return DRAIN_QUEUED_TTL_MS + int(countdown * 1000)
 
 
 def drain_started(client: redis.Redis) -> None:
@@ -190,18 +224,19 @@ def drop_chunk(client: redis.Redis, chunk_id: str) -> None:
 
 
 def drop_chunks(client: redis.Redis, chunk_ids: Sequence[str]) -> None:
-    """Forget chunks once every transition in them is in a buffer (or counted as rejected): the
-    chunks first, then their pending entries and claims (one key per command: on a Redis Cluster
-    they are on different slots)."""
+    """Forget chunks once every transition in them is in a buffer (or counted as rejected): each
+    chunk with its claim (one DEL: a claim's key is on its chunk's slot), then their pending entries
+    (on a Redis Cluster the pending set is on another slot). A drain that claims an id between the
+    two finds its chunk gone, ingests nothing and drops it."""
     if not chunk_ids:
         return
     pipe = client.pipeline(transaction=False)
     for chunk_id in chunk_ids:
-        pipe.delete(keys.inbox_chunk(chunk_id))
+        # The command itself: redis-py's cluster pipeline refuses delete() of several keys, even
+        # keys of one slot, while Redis Cluster runs such a DEL.
+        pipe.execute_command("DEL", keys.inbox_chunk(chunk_id), keys.inbox_claim(chunk_id))  # type: ignore[no-untyped-call]
     pipe.execute()
     pipe.zrem(keys.inbox_pending(), *chunk_ids)
-    for chunk_id in chunk_ids:
-        pipe.delete(keys.inbox_claim(chunk_id))
     pipe.execute()
 
 

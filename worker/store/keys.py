@@ -263,8 +263,13 @@ def inbox_pending() -> str:
 
 
 def inbox_claim(chunk_id: str) -> str:
-    """STR with a TTL: the task ingesting the chunk (its Celery task id), so no other takes it."""
-    return f"{PREFIX}:inbox:{chunk_id}:claim"
+    """STR with a TTL: the task ingesting the chunk (its Celery task id), so no other takes it.
+
+    Its hash tag is the chunk's whole key name, so both share a Cluster slot and are deleted by one
+    DEL. (Claims of releases before this one were named ``aex:inbox:<id>:claim``: a task of such a
+    release still running during an upgrade is not seen, and may ingest a chunk a new drain takes
+    too, which changes nothing: the newest event wins.)"""
+    return f"{PREFIX}:inbox:{{{inbox_chunk(chunk_id)}}}:claim"
 
 
 def inbox_drain_queued() -> str:

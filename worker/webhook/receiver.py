@@ -382,11 +382,13 @@ class Receiver:
                 "no transition in the body can be used: " + "; ".join(details),
                 unusable=dict(unusable),
             )
-        chunk_id = inbox.put_chunk(self.redis, [text for _n, text in lines])
+        gather = self.settings.drain_gather_seconds
+        chunk_id, send = inbox.put_chunk_for_drain(self.redis, [text for _n, text in lines], gather)
         # The chunk is durable and registered as pending from here on: if the broker refuses the
         # task, the sweep re-drives the chunk (inbox.ORPHAN_AFTER_MS), so the answer stays 202.
         try:
-            inbox.request_drain(self.redis, self.dispatcher, self.settings.drain_gather_seconds)
+            if send:
+                inbox.send_drain(self.redis, self.dispatcher, gather)
         except Exception as exc:
             log.warning(
                 "drain task for chunk %s not sent (%s); the sweep re-drives it", chunk_id, type(exc).__name__
