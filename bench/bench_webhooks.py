@@ -82,7 +82,7 @@ def measure_once(
             def receive(line: str) -> None:
                 """One request as the receiver stores it in this mode."""
                 if mode == "task":
-                    dispatcher.ingest(inbox.put_chunk(data, [line]))
+                    dispatch(inbox.put_chunk(data, [line]))
                 else:
                     _chunk, send = inbox.put_chunk_for_drain(data, [line])
                     if send:

@@ -201,7 +201,6 @@ def drain_inbox(
     report = DrainReport()
     inbox.drain_started(client)
     deadline = time.monotonic() + budget_seconds
-    help_asked = on_backlog is None
     skipped = 0  # pending chunks at the front that others hold (or held when this pass looked)
     claimed_this_pass = False
     while True:
@@ -211,10 +210,9 @@ def drain_inbox(
         window = inbox.pending_window(client, skipped)
         group = inbox.groups(window)[0] if window else []
         more_waiting = len(window) > len(group) or len(window) == inbox.CLAIM_WINDOW
-        if not help_asked and more_waiting:
-            assert on_backlog is not None
+        if more_waiting and on_backlog is not None:
             on_backlog()
-            help_asked = True
+            on_backlog = None  # once per drain: the helper asks for the next one itself
         mine = inbox.claim(client, group, owner)
         skipped += len(group) - len(mine)
         if mine:
