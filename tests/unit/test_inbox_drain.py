@@ -134,6 +134,21 @@ def test_a_drain_that_finds_more_than_a_group_asks_once_for_another_and_holds_on
     assert helpers == ["asked"]  # all it found was one group: nobody else is needed
 
 
+def test_a_drain_that_only_steps_over_others_chunks_asks_for_no_helper(
+    pipe: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pipe.create_job()
+    chunks = one_line_chunks(pipe, users(6))
+    monkeypatch.setattr(inbox, "GROUP_BYTES", 3 * (inbox.chunk_bytes(chunks[0]) or 0))  # 3 a group
+    assert inbox.claim(pipe.redis, chunks, "others") == chunks  # two groups, both held
+    helpers: list[str] = []
+    assert drain(pipe, "d", on_backlog=lambda: helpers.append("asked")).chunks == 0
+    assert helpers == []  # it held nothing: it moved on by itself, nobody else is needed
+    one_line_chunks(pipe, users(3))  # one more group, behind the held ones: taken, nothing after it
+    assert drain(pipe, "e", on_backlog=lambda: helpers.append("asked")).chunks == 3
+    assert helpers == []
+
+
 def test_two_drains_side_by_side_share_a_burst_and_leave_nothing(
     pipe: Pipeline, monkeypatch: pytest.MonkeyPatch
 ) -> None:

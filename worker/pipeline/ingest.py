@@ -192,8 +192,8 @@ def drain_inbox(
     was read, unless the budget is spent or ``stop()`` says so first.
 
     A group is claimed just before it is ingested, so a drain holds at most one group: chunks other
-    tasks hold are stepped over (a dead task's until its lease ends), and a drain that finds more
-    waiting than its group calls ``on_backlog`` once, to ask for another drain that takes the next
+    tasks hold are stepped over (a dead task's until its lease ends), and a drain that claimed a
+    group with more waiting behind it calls ``on_backlog`` once, to ask for another drain that takes the next
     groups in another process (one burst of one-user webhooks then spreads over every free ingest
     process instead of queueing behind one). A chunk is dropped only once its group was ingested.
     ``on_sealed`` gets the batches each group sealed (job id -> batch ids), so they are flushed
@@ -207,14 +207,17 @@ def drain_inbox(
         if time.monotonic() >= deadline or stop():
             report.more = True
             return report
-        window = inbox.pending_window(client, skipped)
-        group = inbox.groups(window)[0] if window else []
-        more_waiting = len(window) > len(group) or len(window) == inbox.CLAIM_WINDOW
-        if more_waiting and on_backlog is not None:
-            on_backlog()
-            on_backlog = None  # once per drain: the helper asks for the next one itself
+        # One id past the window tells whether anything waits beyond this group.
+        window = inbox.pending_window(client, skipped, inbox.CLAIM_WINDOW + 1)
+        group = inbox.groups(window[: inbox.CLAIM_WINDOW])[0] if window else []
+        more_waiting = len(window) > len(group)
         mine = inbox.claim(client, group, owner)
         skipped += len(group) - len(mine)
+        if mine and more_waiting and on_backlog is not None:
+            # Busy with a group while more waits: a helper takes the next ones. A drain that only
+            # steps over others' chunks moves on itself and needs none.
+            on_backlog()
+            on_backlog = None  # once per drain: the helper asks for the next one itself
         if mine:
             claimed_this_pass = True
             lines = inbox.read_chunks(client, mine)
