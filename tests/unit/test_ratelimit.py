@@ -425,3 +425,92 @@ def test_the_pollers_keys_share_one_slot_for_redis_cluster() -> None:
     h = api_key_hash(API_KEY)
     names = [keys.ratelimit(h), keys.ratelimit_backoff(h), keys.poller_lock(h), keys.poll_share(h)]
     assert len({key_slot(n.encode()) for n in names}) == 1
+
+
+def test_poll_token_books_the_keys_next_token_while_sends_queue(
+    fake_redis: fakeredis.FakeRedis, clock: FakeClock
+) -> None:
+    rl = limiter(fake_redis, rate=100.0, burst=2)
+    lock = held_poller_lock(fake_redis, rl)
+    start = clock.time()
+    assert rl.try_acquire() == 0.0 and rl.try_acquire() == 0.0  # sends took the key's burst
+    # The key's next token is due in one interval: booked, slept for, and the check's alone.
+    assert rl.poll_token(lock, 10.0, share_burst=2, book_within=0.05) == 0.0
+    assert clock.time() == pytest.approx(start + 0.01) and rl.last_granted_at == pytest.approx(start + 0.01)
+    assert rl.try_acquire() == pytest.approx(0.01)  # a sender asking when it is due waits for the next
+
+
+def test_poll_token_books_nothing_beyond_its_horizon_or_through_a_429_hold(
+    fake_redis: fakeredis.FakeRedis, clock: FakeClock
+) -> None:
+    rl = limiter(fake_redis, rate=100.0, burst=2)
+    lock = held_poller_lock(fake_redis, rl)
+    assert rl.try_acquire() == 0.0 and rl.try_acquire() == 0.0
+    start = clock.time()
+    assert rl.poll_token(lock, 10.0, share_burst=2, book_within=0.005) == pytest.approx(0.01)
+    rl.penalize(1.0)
+    assert rl.poll_token(lock, 10.0, share_burst=2, book_within=0.05) == pytest.approx(1.0)
+    assert clock.time() == start  # nothing slept
+    # Neither refusal took a share token: the share's whole burst of two is left after the hold.
+    clock.advance(1.0)
+    assert rl.poll_token(lock, 10.0, share_burst=2, book_within=0.05) == 0.0
+    assert rl.poll_token(lock, 10.0, share_burst=2, book_within=0.05) == 0.0
+    assert rl.poll_token(lock, 10.0, share_burst=2, book_within=0.05) > 0.05
+
+
+def _max_in_window(times: list[float], window: float) -> int:
+    """The most of ``times`` in any closed window of ``window`` seconds."""
+    import bisect
+
+    ordered = sorted(times)
+    return max(
+        (bisect.bisect_right(ordered, t + window + 1e-9) - i for i, t in enumerate(ordered)), default=0
+    )
+
+
+def test_checks_get_their_share_from_senders_that_re_ask_the_moment_each_token_is_due(
+    fake_redis: fakeredis.FakeRedis, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four senders that ask again exactly when each wait ends, as flush tasks do, and a poller that
+    asks at its own pace (event simulation on one clock). Before bookings the poller took a key token
+    only if it asked first at the moment one came due, and got almost none; the share is a real
+    share now, and the key's limit holds on the times requests are sent."""
+    import heapq
+    import types
+
+    rate, burst, share_rate, share_burst, seconds = 90.0, 5, 9.0, 4, 20.0
+    monkeypatch.setattr(ratelimit, "time", types.SimpleNamespace(sleep=lambda s: None))  # use times are kept
+    senders = [limiter(fake_redis, rate=rate, burst=burst) for _ in range(4)]
+    poller_rl = limiter(fake_redis, rate=rate, burst=burst)
+    lock = held_poller_lock(fake_redis, poller_rl)
+    end = clock.now_us + int(seconds * 1e6)
+    events: list[tuple[int, int, int]] = [(clock.now_us + 3_000 * i, i, i) for i in range(5)]
+    sends: list[float] = []
+    checks: list[float] = []
+    seq = 5
+    while events:
+        at, _, who = heapq.heappop(events)
+        if at >= end:
+            continue
+        clock.now_us = at
+        if who < 4:
+            wait = senders[who].try_acquire()
+            if wait == 0.0:
+                sends.append(clock.time())
+                wait = 0.004  # the POST, then the sender asks for its next token
+        else:
+            wait = poller_rl.poll_token(lock, share_rate, share_burst=share_burst, book_within=0.05)
+            if wait == 0.0:
+                assert poller_rl.last_granted_at is not None
+                checks.append(poller_rl.last_granted_at)
+                wait = poller_rl.last_granted_at - clock.time() + 0.003  # the GET
+            else:
+                wait = max(wait, share_burst / share_rate)  # handed over, as the poller does
+        seq += 1
+        heapq.heappush(events, (clock.now_us + max(1, round(wait * 1e6)), seq, who))
+
+    assert len(checks) >= 0.8 * share_rate * seconds, (len(checks), len(sends))
+    assert len(checks) <= share_burst + share_rate * seconds
+    assert len(sends) >= 0.9 * (rate - share_rate) * seconds
+    for window in (0.05, 0.25, 1.0):
+        assert _max_in_window(sends + checks, window) <= burst + int(window * rate), window

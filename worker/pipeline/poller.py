@@ -20,11 +20,13 @@ task. So:
   queued with that countdown. (It used to sleep up to a quarter second per token; at the poll
   share's 9 tokens/s that held a prefork process for the whole budget, and the pipeline benchmark
   fell from 12,437 to about 3,000 transitions/s with one process, 22,259 to 11,393 with two.)
-  It does wait out a token due within :data:`SHORT_TOKEN_WAIT_SECONDS` (while sends wait, only
-  the key's next token, never a share token), and while sends wait it takes up to
-  :data:`POLL_SHARE_BURST` share tokens in a row, then hands over until that many are due again:
-  handing over after every check cost a Celery task per batch (one ``poll_key`` task per check in
-  the CPU benchmark, about a fifth of the CPU per transition).
+  On spare tokens it waits out a token due within :data:`SHORT_TOKEN_WAIT_SECONDS`. While sends
+  wait it books the key's next token instead (``RateLimiter.poll_token``): the sends re-ask for
+  each token as it comes due and the first to ask wins, so a check that only asked when its token
+  was due lost almost every race, and the share was not real (9 checks in 22 s of sending against
+  9 a second). It takes up to :data:`POLL_SHARE_BURST` share tokens in a row, then hands over
+  until that many are due again: handing over after every check cost a Celery task per batch (one
+  ``poll_key`` task per check in the CPU benchmark, about a fifth of the CPU per transition).
 
 The sweep (:func:`request_pollers`) queues a poller for every key with a check due, or one it can
 bring forward, and none running; a poller also queues its own successor when it stops with work left.
@@ -196,20 +198,20 @@ class _Tokens:
     def taker(self, sends_waiting: bool, lock: Lock, deadline: float) -> TakeToken:
         share = self.share_rate if sends_waiting else None
 
-        # While sends wait, only a wait for the key's next token (at most one interval, as the
-        # flush's sends take them) is slept; a share token's wait is handed over (a process
-        # sleeping between share tokens is one fewer for ingest and flushes).
-        short = SHORT_TOKEN_WAIT_SECONDS if share is None else min(SHORT_TOKEN_WAIT_SECONDS, 1 / self.rate)
-
         def take() -> float:
             # Renews the lock and takes the share's and the key's tokens in one script call; raises
-            # LockError (LockNotOwnedError) once another poller took over.
+            # LockError (LockNotOwnedError) once another poller took over. While sends wait, the key's
+            # token is booked (and slept for) if due within SHORT_TOKEN_WAIT_SECONDS, so a refusal is
+            # the share's or a 429 hold: handed over, never slept (a process sleeping between share
+            # tokens is one fewer for ingest and flushes). On spare tokens, a short wait is slept.
             sleeps = 0
             while True:
-                wait = self.main.poll_token(lock, share, share_burst=POLL_SHARE_BURST)
-                if wait == 0.0 or wait > short or sleeps == SHORT_WAITS_PER_TOKEN:
+                wait = self.main.poll_token(
+                    lock, share, share_burst=POLL_SHARE_BURST, book_within=SHORT_TOKEN_WAIT_SECONDS
+                )
+                if wait == 0.0 or share is not None or wait > SHORT_TOKEN_WAIT_SECONDS:
                     return wait
-                if time.monotonic() + wait >= deadline:
+                if sleeps == SHORT_WAITS_PER_TOKEN or time.monotonic() + wait >= deadline:
                     return wait
                 time.sleep(wait)
                 sleeps += 1
