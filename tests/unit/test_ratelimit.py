@@ -447,12 +447,16 @@ def test_poll_token_books_nothing_beyond_its_horizon_or_through_a_429_hold(
     lock = held_poller_lock(fake_redis, rl)
     assert rl.try_acquire() == 0.0 and rl.try_acquire() == 0.0
     start = clock.time()
+    # The key's next token is 10 ms away: beyond a 5 ms horizon, so refused, nothing booked or slept.
     assert rl.poll_token(lock, 10.0, share_burst=2, book_within=0.005) == pytest.approx(0.01)
-    rl.penalize(1.0)
-    assert rl.poll_token(lock, 10.0, share_burst=2, book_within=0.05) == pytest.approx(1.0)
-    assert clock.time() == start  # nothing slept
-    # Neither refusal took a share token: the share's whole burst of two is left after the hold.
-    clock.advance(1.0)
+    assert clock.time() == start
+    # A 30 ms hold after a 429: within a 50 ms horizon, yet refused (the hold is not booked through).
+    rl.penalize(0.03)
+    assert rl.poll_token(lock, 10.0, share_burst=2, book_within=0.05) == pytest.approx(0.03)
+    assert clock.time() == start
+    # Neither refusal took a share token: 30 ms later (a share token takes 100 ms to come due) the
+    # share's whole burst of two is there.
+    clock.advance(0.03)
     assert rl.poll_token(lock, 10.0, share_burst=2, book_within=0.05) == 0.0
     assert rl.poll_token(lock, 10.0, share_burst=2, book_within=0.05) == 0.0
     assert rl.poll_token(lock, 10.0, share_burst=2, book_within=0.05) > 0.05

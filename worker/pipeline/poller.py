@@ -202,8 +202,9 @@ class _Tokens:
             # Renews the lock and takes the share's and the key's tokens in one script call; raises
             # LockError (LockNotOwnedError) once another poller took over. While sends wait, the key's
             # token is booked (and slept for) if due within SHORT_TOKEN_WAIT_SECONDS, so a refusal is
-            # the share's or a 429 hold: handed over, never slept (a process sleeping between share
-            # tokens is one fewer for ingest and flushes). On spare tokens, a short wait is slept.
+            # the share's, a 429 hold's, or (below 20 requests/s, where one interval is longer) the
+            # key's: handed over, never slept (a process sleeping between share tokens is one fewer
+            # for ingest and flushes). On spare tokens, a short wait is slept.
             sleeps = 0
             while True:
                 wait = self.main.poll_token(

@@ -77,7 +77,7 @@ end
 local burst = tonumber(ARGV[2]) - tonumber(ARGV[3] or '0')
 local horizon = 0
 if KEYS[4] then
-  horizon = tonumber(ARGV[9])
+  horizon = tonumber(ARGV[9] or '0')
 end
 local wait, delay = take(KEYS[1], tonumber(ARGV[1]), burst, ARGV[4] == '1', horizon)
 if wait == 0 and KEYS[4] then
