@@ -190,6 +190,26 @@ def test_a_poller_on_spare_tokens_turns_to_the_share_soon_after_sends_start_wait
     assert report.checked < 30 and report.again_in is not None and report.again_in > 0
 
 
+def test_while_sends_queue_a_slow_keys_next_token_is_booked_for_a_check(
+    pipe: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At 10 requests/s the key's next token is 100 ms away while sends queue, twice the short
+    wait: the check books it rather than handing over to race the sends again."""
+    rate = 10.0
+    pipe = Pipeline(pipe.redis, monkeypatch, rate_limit_per_second=rate)
+    monkeypatch.setattr(pipe, "limiter", lambda: poller.RateLimiter(pipe.redis, KEY_HASH, rate))
+    job = pipe.create_job()
+    at_attentive(pipe, job, 3, "a")
+    pipe.sealed_batch(job, ["waiting@x.io"])  # a send waits for the key
+    sender = pipe.limiter()
+    while sender.try_acquire() == 0.0:
+        pass  # the sends took the key's whole burst
+
+    report = run_poller(pipe.rt, KEY_HASH, budget_seconds=5.0)
+
+    assert report.checked >= 1, report
+
+
 def test_one_read_gives_each_jobs_due_checks_earliest_check_waiting_sends_and_batches_out(
     pipe: Pipeline,
 ) -> None:

@@ -45,6 +45,7 @@ from redis.lock import Lock
 
 from worker import shutdown
 from worker.pipeline.attentive_calls import (
+    TOKEN_WAIT_SECONDS,
     block_for_key,
     key_usable_after,
     waiting_out_block,
@@ -194,6 +195,10 @@ class _Tokens:
         self.rate = rate = rt.settings.rate_limit_per_second
         self.main = RateLimiter(rt.redis, key_hash, rate)
         self.share_rate = rate * rt.settings.poll_share
+        # While sends queue, the key's next token is at most one interval away: book that far (a
+        # shorter horizon lost the races again below 20 requests/s), never further than a flush
+        # would sleep for a token.
+        self.book_within = min(max(SHORT_TOKEN_WAIT_SECONDS, self.main.interval_us / 1e6), TOKEN_WAIT_SECONDS)
 
     def taker(self, sends_waiting: bool, lock: Lock, deadline: float) -> TakeToken:
         share = self.share_rate if sends_waiting else None
@@ -201,14 +206,14 @@ class _Tokens:
         def take() -> float:
             # Renews the lock and takes the share's and the key's tokens in one script call; raises
             # LockError (LockNotOwnedError) once another poller took over. While sends wait, the key's
-            # token is booked (and slept for) if due within SHORT_TOKEN_WAIT_SECONDS, so a refusal is
-            # the share's, a 429 hold's, or (below 20 requests/s, where one interval is longer) the
-            # key's: handed over, never slept (a process sleeping between share tokens is one fewer
-            # for ingest and flushes). On spare tokens, a short wait is slept.
+            # token is booked (and slept for) if due within book_within, so a refusal is the share's
+            # or a 429 hold's (or the key's below 2 requests/s): handed over, never slept (a process
+            # sleeping between share tokens is one fewer for ingest and flushes). On spare tokens, a
+            # short wait is slept.
             sleeps = 0
             while True:
                 wait = self.main.poll_token(
-                    lock, share, share_burst=POLL_SHARE_BURST, book_within=SHORT_TOKEN_WAIT_SECONDS
+                    lock, share, share_burst=POLL_SHARE_BURST, book_within=self.book_within
                 )
                 if wait == 0.0 or share is not None or wait > SHORT_TOKEN_WAIT_SECONDS:
                     return wait

@@ -179,7 +179,7 @@ class RateLimiter:
             args[2] = max(0, self.burst - 2)  # spare capacity only, as try_acquire(spare_only=True)
         else:
             lease_keys.append(keys.poll_share(self.key_hash))
-            args += [_interval_us(share_per_second), share_burst, max(0, int(book_within * _US))]
+            args += [_interval_us(share_per_second), share_burst, max(0, math.ceil(book_within * _US))]
         wait_us, now_us, delay_us = self._acquire(keys=lease_keys, args=args)
         if int(wait_us) < 0:
             raise LockNotOwnedError("Cannot renew a lease that is no longer owned", lock_name=lease.name)
