@@ -82,9 +82,10 @@ def test_checks_stay_in_their_share_while_2000_batches_wait_at_attentive(
     assert gets <= RATE * SHARE * len(sending) + POLL_SHARE_BURST + 2, (gets, posts, sending)
     # ...and they got a real part of it: a check books the key's next token, so the sends, which
     # re-ask the moment each token is due, do not starve the share. Before bookings this test saw 0
-    # to 16 checks in 22 s; with them 7.5 to 7.8 a second alone, 5.2 with both cores busy. A third of
-    # the share leaves room for a slower machine.
-    assert gets >= RATE * SHARE / 3 * len(sending), (gets, posts, sending)
+    # to 16 checks in 22 s, and 1.3 a second at best; with them 7.5 to 7.8 a second alone and 2.6
+    # to 7.7 with two busy loops on both cores (the poller's successor then starts late). Two a
+    # second tells the two apart.
+    assert gets >= 2.0 * len(sending), (gets, posts, sending)
     # Once nothing waits, checks take spare tokens (the first checks that waited behind the sends
     # go now), and a checked batch's next check is spread over half the key: beyond that backlog of
     # 2,000, no more than 45 checks a second.
