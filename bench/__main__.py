@@ -6,7 +6,9 @@ section replaces the one between ``<!-- bench:<name> -->`` markers, so running o
 others' last figures. Every section is stamped with the machine and the date it was measured on.
 
 Usage: ``python -m bench`` (all but the long ones in ON_DEMAND) or ``python -m bench mapping sandbox``.
-Options after the name go to that one benchmark's ``run(argv)``: ``python -m bench scale --quick``.
+Options after the name go to that one benchmark's ``run(argv)``: ``python -m bench scale --quick``. A
+module whose options change what it measures names its section from them with ``section(argv)``
+(``scale --rate-limit 30`` records ``scale-backlog``, not over the 100/s run's ``scale``).
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ def main(argv: list[str]) -> int:
         module = importlib.import_module(f"bench.bench_{name}")
         body = module.run(options) if options else module.run()
         print(body, flush=True)
-        record(name, body)
+        record(module.section(options) if hasattr(module, "section") else name, body)
     print(f"results written to {RESULTS}")
     return 0
 
