@@ -1195,10 +1195,9 @@ def config_from(argv: Sequence[str]) -> ScaleConfig:
 def section(argv: Sequence[str] = ()) -> str:
     """The RESULTS.md section a run with these options records: ``scale`` at Attentive's rate,
     ``scale-backlog`` with the key's rate scaled down (a different measurement: the sender is the bound)."""
-    options = build_parser().parse_args(list(argv))
-    if options.render_from is not None:
-        return "scale" if load(options.render_from).cfg.rate_limit == ATTENTIVE_LIMIT else "scale-backlog"
-    return "scale" if config_from(argv).rate_limit == ATTENTIVE_LIMIT else "scale-backlog"
+    rendered = build_parser().parse_args(list(argv)).render_from
+    cfg = load(rendered).cfg if rendered is not None else config_from(argv)
+    return "scale" if cfg.rate_limit == ATTENTIVE_LIMIT else "scale-backlog"
 
 
 def run(argv: Sequence[str] = ()) -> str:

@@ -27,6 +27,11 @@ def one_line_chunks(pipe: Pipeline, emails: list[str]) -> list[str]:
     return [inbox.put_chunk(pipe.redis, [json.dumps(enter(e))]) for e in emails]
 
 
+def chunks_a_group(monkeypatch: pytest.MonkeyPatch, chunks: list[str], n: int) -> None:
+    """Groups of ``n`` of these one-line chunks (a drain claims one group at a time)."""
+    monkeypatch.setattr(inbox, "GROUP_BYTES", n * (inbox.chunk_bytes(chunks[0]) or 0))
+
+
 def pending(pipe: Pipeline) -> list[str]:
     return inbox.pending_window(pipe.redis, 0, 100_000)
 
@@ -103,7 +108,7 @@ def test_a_drain_stopped_between_groups_holds_no_claim_on_what_it_left(
 ) -> None:
     pipe.create_job()
     chunks = one_line_chunks(pipe, users(6))
-    monkeypatch.setattr(inbox, "GROUP_BYTES", inbox.chunk_bytes(chunks[0]) or 0)  # a group a chunk
+    chunks_a_group(monkeypatch, chunks, 1)
     asked = iter([False, False, True])  # the worker is told to stop during the second group
     report = drain(pipe, "d", stop=lambda: next(asked, True))
     assert (report.chunks, report.more) == (2, True)
@@ -116,7 +121,7 @@ def test_a_drain_that_finds_more_than_a_group_asks_once_for_another_and_holds_on
 ) -> None:
     pipe.create_job()
     chunks = one_line_chunks(pipe, users(9))
-    monkeypatch.setattr(inbox, "GROUP_BYTES", 3 * (inbox.chunk_bytes(chunks[0]) or 0))  # 3 a group
+    chunks_a_group(monkeypatch, chunks, 3)
     real_read = inbox.read_chunks
     held: list[list[str]] = []
 
@@ -139,7 +144,7 @@ def test_a_drain_that_only_steps_over_others_chunks_asks_for_no_helper(
 ) -> None:
     pipe.create_job()
     chunks = one_line_chunks(pipe, users(6))
-    monkeypatch.setattr(inbox, "GROUP_BYTES", 3 * (inbox.chunk_bytes(chunks[0]) or 0))  # 3 a group
+    chunks_a_group(monkeypatch, chunks, 3)
     assert inbox.claim(pipe.redis, chunks, "others") == chunks  # two groups, both held
     helpers: list[str] = []
     assert drain(pipe, "d", on_backlog=lambda: helpers.append("asked")).chunks == 0
@@ -178,7 +183,7 @@ def test_chunks_that_move_in_front_of_a_drain_while_it_works_are_still_taken(
     job = pipe.create_job()
     chunks = one_line_chunks(pipe, users(9))
     front, mine, rest = chunks[:3], chunks[3:6], chunks[6:]
-    monkeypatch.setattr(inbox, "GROUP_BYTES", 3 * (inbox.chunk_bytes(chunks[0]) or 0))  # 3 a group
+    chunks_a_group(monkeypatch, chunks, 3)
     assert inbox.claim(pipe.redis, front, "other") == front
     real_read = inbox.read_chunks
 
